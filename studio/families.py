@@ -151,7 +151,12 @@ class Family:
 
     def forward(self, module: Any, batch: Batch) -> torch.Tensor:
         """The output the family compares (pooled embeddings, logits), differentiable."""
-        return _hf_primary(module(**batch.inputs))
+        return self.from_primary(_hf_primary(module(**batch.inputs)), batch)
+
+    def from_primary(self, primary: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """The compared output from the model's first output (what an ONNX graph or engine returns):
+        logits as they are; encoders pool their last hidden state."""
+        return primary
 
     def loss(self, module: Any, batch: Batch, reference: torch.Tensor) -> tuple[torch.Tensor, str]:
         """A scalar training-style loss and its name; `reference` is the unmasked output (detached)."""
@@ -199,7 +204,10 @@ class FeatureExtraction(Family):
     def forward(self, module: Any, batch: Batch) -> torch.Tensor:
         out = module(**batch.inputs, output_hidden_states=True)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
-        return self.pool(hidden.float(), batch.inputs.get("attention_mask"))
+        return self.from_primary(hidden, batch)
+
+    def from_primary(self, primary: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return self.pool(primary.float(), batch.inputs.get("attention_mask"))
 
     def loss(self, module: Any, batch: Batch, reference: torch.Tensor) -> tuple[torch.Tensor, str]:
         """In-batch contrastive loss (InfoNCE) of each embedding against the detached original embeddings.
@@ -321,6 +329,20 @@ class Seq2Seq(Family):
 
     def forward(self, module: Any, batch: Batch) -> torch.Tensor:
         return module(**batch.inputs, labels=batch.labels).logits
+
+    @staticmethod
+    def decoder_input_ids(batch: Batch, config: Any) -> torch.Tensor:
+        """Teacher-forcing decoder inputs: the labels shifted right behind the decoder start token
+        (what the model computes internally from `labels`; an exported graph takes them explicitly)."""
+        labels = batch.labels
+        start = (
+            config.decoder_start_token_id
+            if config.decoder_start_token_id is not None
+            else config.pad_token_id
+        )
+        shifted = labels.new_full(labels.shape, start)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, config.pad_token_id)
 
     def loss(self, module: Any, batch: Batch, reference: torch.Tensor) -> tuple[torch.Tensor, str]:
         out = module(**batch.inputs, labels=batch.labels)

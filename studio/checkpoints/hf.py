@@ -74,6 +74,8 @@ def weight_files(path: Path) -> list[Path]:
     if shards:
         return shards
     bins = sorted(path.glob("pytorch_model*.bin"))
+    if not bins and (path / "model.pt").is_file():  # a studio variant holding quantized tensors
+        return [path / "model.pt"]
     return bins
 
 
@@ -143,6 +145,10 @@ def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
     has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
 
     def build() -> Any:
+        from studio.techniques.torch_io import TRANSFORMS_KEY, build_variant_module
+
+        if getattr(config, TRANSFORMS_KEY, None):
+            return build_variant_module(cls, path, config)
         return load_pretrained(cls, path)
 
     return LoadedModel(

@@ -1,0 +1,11 @@
+"""The built-in techniques. Importing this package registers every block (see base.register)."""
+
+from studio.techniques import (  # noqa: F401  (imported to register)
+    distill,
+    onnx_export,
+    onnx_passes,
+    precision,
+    prune,
+    quantize,
+    tensorrt,
+)

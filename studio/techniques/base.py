@@ -1,0 +1,178 @@
+"""Techniques: one class per block, a pydantic params model, and an explicit registry.
+
+A technique takes the pipeline's current `StageState` (a torch module in memory, or an ONNX / TensorRT
+file in the job's work folder) and returns the next one. Heavy libraries are imported inside `run`, so
+listing techniques (the GUI palette, `model-studio techniques`) stays fast.
+
+Torch techniques that change a model's structure (pruning, quantization) append a *transform record* to
+`StageState.transforms` and implement `restore`, which re-creates that structure on a freshly built model
+from the record alone. A saved torch variant is its config, its state dict and these records; reopening
+it replays the records and then loads the weights (see studio/techniques/torch_io.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from studio.checkpoints.base import LoadedModel
+from studio.errors import BadInput
+
+STAGES = ("torch", "onnx", "tensorrt")
+CATEGORIES = ("precision", "quantization", "pruning", "distillation", "export", "graph", "compile")
+
+
+class Params(BaseModel):
+    """Base of every technique's parameters: unknown fields are errors, every field has a description."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NoParams(Params):
+    pass
+
+
+@dataclass
+class StageState:
+    """What flows from step to step.
+
+    `model` describes the original checkpoint (family, tokenizer, config, pooling); `module` is the current
+    torch module (torch stage) and `path` the current file (onnx: the .onnx file; tensorrt: the engine).
+    """
+
+    kind: str
+    model: LoadedModel
+    module: Any = None
+    path: Path | None = None
+    transforms: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(
+        default_factory=dict
+    )  # facts later steps may need (e.g. "dtype": "bfloat16")
+
+
+@dataclass
+class RunContext:
+    """What a technique may use while it runs: data, the original model, a work folder, and reporting."""
+
+    original: LoadedModel  # the unchanged model: teacher for distillation, reference for fidelity
+    workdir: Path  # the job's temporary folder; write files here only
+    calibration: Sequence[Any] = ()  # studio.evaluation.data.Example list
+    sequence_length: int = 128
+    step_index: int = 0
+    later_steps: Sequence[str] = ()  # ids of the steps after this one
+    device: str = "cpu"
+    emit: Callable[[dict[str, Any]], None] = field(default=lambda _e: None)
+
+    def progress(self, fraction: float, message: str = "") -> None:
+        self.emit(
+            {"type": "progress", "step": self.step_index, "fraction": float(fraction), "message": message}
+        )
+
+    def log(self, message: str, level: str = "info") -> None:
+        self.emit({"type": "log", "step": self.step_index, "level": level, "message": message})
+
+    def metric(self, name: str, value: float, **extra: Any) -> None:
+        self.emit({"type": "metric", "step": self.step_index, "name": name, "value": float(value), **extra})
+
+    def step_dir(self, name: str) -> Path:
+        """A fresh folder for this step's files inside the work folder."""
+        path = self.workdir / f"step{self.step_index:02d}-{name}"
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+class Technique:
+    """A pipeline block. Subclasses set the class attributes and implement `run`."""
+
+    id: ClassVar[str]
+    title: ClassVar[str]
+    category: ClassVar[str]
+    input_kind: ClassVar[str]
+    output_kind: ClassVar[str]
+    description: ClassVar[str] = ""
+    Params: ClassVar[type[Params]] = NoParams
+    # Families the technique applies to; None means every family.
+    families: ClassVar[tuple[str, ...] | None] = None
+
+    def availability(self) -> tuple[bool, str | None]:
+        """(available, reason when not): e.g. TensorRT without an NVIDIA GPU."""
+        return True, None
+
+    def check(self, params: Params, model: LoadedModel) -> None:
+        """Refuse (BadInput) before anything runs when the technique cannot apply to this model."""
+        if self.families is not None and model.family not in self.families:
+            raise BadInput(
+                f"{self.id} does not apply to {model.family} models (it applies to: {', '.join(self.families)})"
+            )
+
+    def run(self, state: StageState, params: Params, ctx: RunContext) -> StageState:
+        raise NotImplementedError
+
+    @classmethod
+    def restore(cls, module: Any, record: dict[str, Any]) -> Any:
+        """Re-create on a fresh module the structure this technique recorded (no weights needed)."""
+        raise NotImplementedError(f"{cls.id} records no structure to restore")
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        ok, reason = cls().availability()
+        out = {
+            "id": cls.id,
+            "title": cls.title,
+            "category": cls.category,
+            "input_kind": cls.input_kind,
+            "output_kind": cls.output_kind,
+            "description": cls.description,
+            "families": list(cls.families) if cls.families else None,
+            "params": cls.Params.model_json_schema(),
+            "available": ok,
+        }
+        if not ok:
+            out["reason"] = reason
+        return out
+
+
+def initial_state(model: LoadedModel) -> StageState:
+    """The state a pipeline starts from: a private copy of the torch module (the original stays the teacher
+    and the fidelity reference), or the ONNX file itself."""
+    import copy
+
+    if model.format == "onnx":
+        return StageState("onnx", model, path=model.path)
+    return StageState("torch", model, module=copy.deepcopy(model.module))
+
+
+_REGISTRY: dict[str, type[Technique]] = {}
+
+
+def register(cls: type[Technique]) -> type[Technique]:
+    """Class decorator: add a technique to the registry; a second class with the same id is an error."""
+    if cls.id in _REGISTRY:
+        raise ValueError(f"technique id '{cls.id}' is already registered by {_REGISTRY[cls.id].__qualname__}")
+    if cls.input_kind not in STAGES or cls.output_kind not in STAGES:
+        raise ValueError(f"technique '{cls.id}' has an unknown stage kind")
+    if cls.category not in CATEGORIES:
+        raise ValueError(f"technique '{cls.id}' has an unknown category '{cls.category}'")
+    for name, f in cls.Params.model_fields.items():
+        if not f.description:
+            raise ValueError(f"technique '{cls.id}': parameter '{name}' has no description")
+    _REGISTRY[cls.id] = cls
+    return cls
+
+
+def registry() -> dict[str, type[Technique]]:
+    """Every registered technique by id (importing the technique modules registers them)."""
+    import studio.techniques  # noqa: F401  (registers the built-in techniques)
+
+    return dict(_REGISTRY)
+
+
+def get_technique(technique_id: str) -> type[Technique]:
+    reg = registry()
+    if technique_id not in reg:
+        raise BadInput(f"unknown technique '{technique_id}' (known: {', '.join(sorted(reg))})")
+    return reg[technique_id]

@@ -1,0 +1,120 @@
+"""Saving a torch-stage model as a variant folder, and building it again from that folder.
+
+A Hugging Face model is saved as a Hugging Face folder: config.json (with `studio_transforms`, the
+structure records of the techniques applied), the weights, and the original's tokenizer and
+sentence-transformers files. Weights go to model.safetensors when every tensor is a plain dense tensor,
+else to model.pt (quantized tensors), which opens with `torch.load(weights_only=True)`. Reopening builds the
+architecture from the config, replays the records (pruned heads, quantized layers, dtype) and loads the
+weights, so the folder reloads with `open_checkpoint` like any other.
+
+Other torch modules (TorchScript, ExportedProgram, pickled) are saved as an ExportedProgram (model.pt2).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from studio.errors import BadInput
+
+TRANSFORMS_KEY = "studio_transforms"
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "special_tokens_map.json",
+    "spiece.model",
+    "source.spm",
+    "target.spm",
+    "sentencepiece.bpe.model",
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
+)
+SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
+
+
+def copy_side_files(source: Path | None, folder: Path) -> None:
+    """Tokenizer and sentence-transformers files of the original, so the variant is self-contained."""
+    if source is None or not source.is_dir():
+        return
+    for name in SIDE_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, folder / name)
+    for name in SIDE_FOLDERS:
+        if (source / name).is_dir():
+            shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+
+
+def _plain(t: Any) -> bool:
+    import torch
+
+    return type(t) is torch.Tensor and not t.is_quantized
+
+
+def save_torch_variant(
+    module: Any,
+    transforms: list[dict[str, Any]],
+    folder: Path,
+    source: Path | None,
+    example_inputs: tuple[Any, ...] | None = None,
+) -> list[Path]:
+    """Write `module` into `folder`; returns the files written."""
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(module, "config") and hasattr(module, "save_pretrained"):
+        config = module.config.to_dict()
+        config[TRANSFORMS_KEY] = transforms
+        config.pop("_name_or_path", None)
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        state = module.state_dict()
+        if all(_plain(v) for v in state.values() if isinstance(v, torch.Tensor)):
+            from safetensors.torch import save_model
+
+            save_model(module, str(folder / "model.safetensors"))
+        else:
+            torch.save(state, folder / "model.pt")
+        copy_side_files(source, folder)
+    else:
+        if example_inputs is None:
+            raise BadInput("this torch module has no config; saving it needs example inputs to export it")
+        program = torch.export.export(module, example_inputs)
+        torch.export.save(program, str(folder / "model.pt2"))
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def build_variant_module(cls: type, path: Path, config: Any) -> Any:
+    """Architecture from the config, structure records replayed, then the saved weights loaded."""
+    import torch
+
+    from studio.checkpoints.torch_files import load_weights_only
+    from studio.techniques.base import get_technique
+
+    records = list(getattr(config, TRANSFORMS_KEY, None) or [])
+    module = cls._from_config(config)
+    for record in records:
+        module = get_technique(record["technique"]).restore(module, record)
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    elif (path / "model.pt").is_file():
+        state = load_weights_only(path / "model.pt")
+    else:
+        raise BadInput("no model.safetensors or model.pt in the variant folder", path=path)
+    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(module, "_tied_weights_keys", None) or [])  # a list or a dict, by version
+    missing = [k for k in missing if k not in tied and not k.endswith(tuple(tied))]
+    if missing or unexpected:
+        raise BadInput(
+            f"the saved weights do not fit the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            path=path,
+        )
+    if hasattr(module, "tie_weights"):
+        module.tie_weights()
+    return module.eval().to(torch.device("cpu"))
