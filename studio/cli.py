@@ -144,6 +144,153 @@ def _print_heads(heads: Any) -> None:
     print("  least important: " + ", ".join(f"layer {i} head {j} ({v:.2f})" for i, j, v in least))
 
 
+# ------------------------------------------------------------------------------------------------ techniques
+
+
+def cmd_techniques(args: argparse.Namespace) -> int:
+    from studio.techniques.base import registry
+
+    items = [cls.describe() for _, cls in sorted(registry().items())]
+    if args.json:
+        json.dump(items, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for t in items:
+        mark = "" if t["available"] else f"  [unavailable: {t['reason']}]"
+        print(f"{t['id']:<24} {t['input_kind']:>8} -> {t['output_kind']:<8} {t['title']}{mark}")
+        for name, prop in t["params"].get("properties", {}).items():
+            default = f" (default {prop['default']!r})" if "default" in prop else ""
+            print(f"    {name:<22} {prop.get('description', '')}{default}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def workspace_path(args: argparse.Namespace) -> Any:
+    from studio.variants import Workspace
+
+    return Workspace(getattr(args, "workspace", None))
+
+
+class RunDisplay:
+    """Prints worker events: a progress bar per step on a terminal, plain lines otherwise."""
+
+    def __init__(self, steps: list[str], quiet: bool) -> None:
+        self.steps = steps
+        self.quiet = quiet
+        self.tty = sys.stderr.isatty()
+        self.current: int | None = None
+        self.started = time.perf_counter()
+
+    def label(self, step: int | None) -> str:
+        if step is None or step < 0:
+            return "prepare"
+        if step >= len(self.steps):
+            return "evaluate"
+        return f"{step + 1}/{len(self.steps)} {self.steps[step]}"
+
+    def __call__(self, event: Any) -> None:
+        from studio.events import Log, Metric, Progress
+
+        if self.quiet:
+            return
+        if isinstance(event, Progress):
+            if self.tty:
+                width = 24
+                filled = int(max(0.0, min(1.0, event.fraction)) * width)
+                bar = "#" * filled + "-" * (width - filled)
+                if self.current is not None and self.current != event.step:
+                    sys.stderr.write("\n")
+                self.current = event.step
+                elapsed = time.perf_counter() - self.started
+                sys.stderr.write(
+                    f"\r{self.label(event.step):<32} [{bar}] {event.fraction * 100:5.1f}% "
+                    f"{elapsed:6.1f}s {event.message[:50]:<50}"
+                )
+                sys.stderr.flush()
+            elif event.fraction in (0.0, 1.0) and event.message:
+                print(f"[{self.label(event.step)}] {event.message}", file=sys.stderr)
+        elif isinstance(event, Log) and event.level in ("warning", "error"):
+            print(f"\n[{self.label(event.step)}] {event.level}: {event.message}", file=sys.stderr)
+        elif isinstance(event, Metric) and event.name == "step_seconds" and not self.tty:
+            pass
+
+    def done(self) -> None:
+        if self.tty and not self.quiet and self.current is not None:
+            sys.stderr.write("\n")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from studio.events import Done, Error
+    from studio.pipeline import load_recipe, plan
+    from studio.worker import WorkerClient
+
+    recipe = load_recipe(args.recipe)
+    planned = plan(recipe, path=args.recipe)
+    steps = [p.technique.id for p in planned.steps]
+    if args.dry_run:
+        if args.json:
+            json.dump({"valid": True, "steps": steps, "final_kind": planned.final_kind}, sys.stdout)
+            sys.stdout.write("\n")
+        else:
+            print(
+                f"{args.recipe}: valid; {len(steps)} steps ({' -> '.join(steps) or 'none'}), "
+                f"result is a {planned.final_kind} model"
+            )
+        return 0
+    ws = workspace_path(args)
+    client = WorkerClient(recipe.model_dump(mode="json"), ws.root, recipe_path=str(args.recipe))
+    display = RunDisplay(steps, quiet=False)
+    result = None
+    error = None
+    try:
+        for event in client.events():
+            display(event)
+            if isinstance(event, Done):
+                result = event.result
+            elif isinstance(event, Error):
+                error = event
+    except KeyboardInterrupt:
+        client.cancel()
+        display.done()
+        print("model-studio: cancelled; nothing was saved", file=sys.stderr)
+        return 130
+    display.done()
+    if error is not None:
+        where = f"{display.label(error.step)}: " if error.step is not None else ""
+        print(f"model-studio: error: {where}{error.message}", file=sys.stderr)
+        if error.detail and (args.debug or error.kind in ("crash", "internal")):
+            print(error.detail, file=sys.stderr)
+        return 2 if error.kind == "bad-input" else 3 if error.kind == "unavailable" else 1
+    assert result is not None
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print_run_summary(result)
+    return 0
+
+
+def print_run_summary(result: dict[str, Any]) -> None:
+    base = result["baseline"]
+    rows = [("original", base)] + [(v["id"], v) for v in result["variants"]]
+    print(f"{'variant':<26} {'kind':<9} {'size':>10} {'b1 p50':>10} {'bN p50':>10} {'quality':<40}")
+    for name, row in rows:
+        m = row["metrics"]
+        lat = m.get("latency_ms", {})
+        keys = sorted(lat, key=int)
+        b1 = f"{lat[keys[0]]['p50']:.2f} ms" if keys else "-"
+        bn = f"{lat[keys[-1]]['p50']:.2f} ms" if len(keys) > 1 else "-"
+        q = m.get("quality", {})
+        qtext = ", ".join(f"{k} {v:.4f}" for k, v in q.items() if isinstance(v, float)) or "reference"
+        print(
+            f"{name:<26} {row['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>10} {b1:>10} {bn:>10} {qtext:<40}"
+        )
+    for v in result["variants"]:
+        print(f"\nsaved {v['id']}: {v['artifact']}")
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -176,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-length", type=int, default=128, help="tokens per example (default 128)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default 16)")
     p.set_defaults(handler=cmd_inspect)
+
+    p = sub.add_parser("techniques", help="list the technique blocks and their parameters")
+    p.add_argument("--json", action="store_true", help="print the documented JSON")
+    p.set_defaults(handler=cmd_techniques)
+
+    p = sub.add_parser("run", help="run a recipe (YAML pipeline) in a worker process and save the variant")
+    p.add_argument("recipe", help="the recipe file")
+    p.add_argument("--json", action="store_true", help="print the result JSON")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe only")
+    p.add_argument("--workspace", help="workspace folder (default: $MODEL_STUDIO_HOME or the user data dir)")
+    p.set_defaults(handler=cmd_run)
     return parser
 
 

@@ -1,0 +1,306 @@
+"""Measuring a model the same way every time: latency, peak memory, size on disk, quality.
+
+The baseline (the original checkpoint) and every variant are measured on their own runtime (torch, ONNX
+Runtime, TensorRT) with the same batches. Baseline metrics are cached in the workspace per model and
+evaluation settings, since timing is the slow part; fidelity is always computed against baseline outputs
+produced in the same run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from studio.checkpoints.base import LoadedModel
+from studio.evaluation.data import Example
+from studio.evaluation.latency import time_calls
+from studio.evaluation.quality import QualityAccumulator, spearman_on_pairs
+from studio.events import Log, Progress
+from studio.families import Batch, family_for
+
+Runner = Callable[[Batch], Any]
+QUALITY_BATCH = 16
+
+
+# ------------------------------------------------------------------------------------------------ runners
+
+
+def torch_runner(module: Any, model: LoadedModel) -> Runner:
+    import torch
+
+    family = family_for(model)
+
+    def run(batch: Batch) -> Any:
+        with torch.inference_mode():
+            return family.forward(module, batch)
+
+    run.kind = "torch"  # type: ignore[attr-defined]
+    return run
+
+
+def runner_for(kind: str, target: Any, model: LoadedModel, threads: int | None = None) -> Runner:
+    """A callable batch -> compared output, for a torch module or an ONNX / TensorRT file."""
+    if kind == "torch":
+        return torch_runner(target, model)
+    from studio.evaluation.runners import make_runner
+
+    return make_runner(kind, target, model, threads=threads)
+
+
+def set_threads(threads: int | None) -> int:
+    import torch
+
+    n = threads or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def timing_examples(
+    examples: Sequence[Example], batch_size: int, model: LoadedModel, seq_len: int
+) -> list[Example]:
+    """`batch_size` examples of real text long enough to fill `seq_len` tokens after truncation."""
+    texts = [e.text for e in examples] or ["The quick brown fox jumps over the lazy dog."]
+    out = []
+    for i in range(batch_size):
+        parts, words = [], 0
+        j = i
+        while words < seq_len * 1.2:  # about 1.3 tokens per word: 1.2 x words is comfortably enough
+            text = texts[j % len(texts)]
+            parts.append(text)
+            words += len(text.split())
+            j += 1
+        out.append(
+            Example(text=" ".join(parts), target=examples[i % len(examples)].target if examples else None)
+        )
+    return out
+
+
+def quality_batches(model: LoadedModel, examples: Sequence[Example], seq_len: int) -> list[Batch]:
+    family = family_for(model)
+    return [
+        family.batch(model, examples[i : i + QUALITY_BATCH], seq_len)
+        for i in range(0, len(examples), QUALITY_BATCH)
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ memory
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every few milliseconds."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.before = 0
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.before = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.before) / 1e6
+
+
+# ------------------------------------------------------------------------------------------------ measuring
+
+
+def measure_runtime(
+    runner: Runner,
+    model: LoadedModel,
+    examples: Sequence[Example],
+    spec: Any,
+    sink: Callable[[Any], None],
+    label: str,
+    step: int,
+) -> dict[str, Any]:
+    """Latency per batch size, throughput and peak memory of one runner."""
+    family = family_for(model)
+    latency: dict[str, Any] = {}
+    throughput: dict[str, float] = {}
+    peak = 0.0
+    sizes = list(spec.batch_sizes)
+    for k, b in enumerate(sizes):
+        batch = family.batch(
+            model, timing_examples(examples, b, model, spec.sequence_length), spec.sequence_length
+        )
+        sink(Progress(step, k / len(sizes), f"{label}: timing batch {b}"))
+        with PeakRSS() as mem:
+            runner(batch)
+        peak = max(peak, mem.delta_mb)
+        stats = time_calls(lambda batch=batch: runner(batch), b)
+        latency[str(b)] = stats
+        throughput[str(b)] = stats["throughput_per_s"]
+        sink(
+            Log(
+                f"{label}: batch {b} p50 {stats['p50']:.2f} ms (95% CI {stats['ci95'][0]:.2f}-"
+                f"{stats['ci95'][1]:.2f}, {stats['runs']} runs)",
+                step=step,
+            )
+        )
+    return {"latency_ms": latency, "throughput_per_s": throughput, "peak_memory_mb": round(peak, 1)}
+
+
+def weights_size(model: LoadedModel) -> int:
+    """Bytes on disk of a checkpoint's weights (config and tokenizer files are not counted)."""
+    from studio.variants import folder_size
+
+    path = model.path
+    if path.is_file():
+        return path.stat().st_size
+    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data")
+    return sum(
+        p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in suffixes
+    ) or folder_size(path)
+
+
+def baseline_key(model: LoadedModel, recipe: Any, threads: int) -> str:
+    from studio.variants import machine_info
+
+    files = sorted(
+        p for p in ([model.path] if model.path.is_file() else model.path.rglob("*")) if p.is_file()
+    )
+    stamp = [(str(p), p.stat().st_size, int(p.stat().st_mtime)) for p in files]
+    payload = {
+        "model": recipe.model,
+        "task": recipe.task,
+        "files": stamp,
+        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        "evaluation": [recipe.data.evaluation, recipe.data.evaluation_examples],
+        "threads": threads,
+        "cpu": machine_info()["cpu"],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def evaluate_baseline(
+    workspace: Any,
+    model: LoadedModel,
+    recipe: Any,
+    examples: Sequence[Example],
+    sink: Callable[[Any], None],
+    step: int = -1,
+) -> dict[str, Any]:
+    """The original's metrics, measured once per model and settings and then read from the workspace."""
+    threads = set_threads(recipe.evaluate.threads)
+    key = baseline_key(model, recipe, threads)
+    cached = workspace.cached_baseline(key)
+    if cached is not None:
+        sink(Log(f"baseline metrics from the workspace cache ({cached['id']})", step=step))
+        return cached
+    kind = "onnx" if model.format == "onnx" else "torch"
+    runner = runner_for(kind, model.path if kind == "onnx" else model.module, model, threads)
+    metrics: dict[str, Any] = {"size_bytes": weights_size(model), "runtime": kind, "threads": threads}
+    if recipe.evaluate.latency:
+        metrics.update(measure_runtime(runner, model, examples, recipe.evaluate, sink, "original", step))
+    return workspace.record_baseline(recipe.model, key, metrics, str(model.path))
+
+
+def evaluate_variant(
+    runner: Runner,
+    kind: str,
+    artifact: Path,
+    model: LoadedModel,
+    recipe: Any,
+    examples: Sequence[Example],
+    sink: Callable[[Any], None],
+    step: int,
+) -> dict[str, Any]:
+    """Size, quality against the original (run in lockstep on the same batches) and latency of a variant."""
+    from studio.variants import folder_size
+
+    threads = set_threads(recipe.evaluate.threads)
+    started = time.perf_counter()
+    metrics: dict[str, Any] = {
+        "size_bytes": folder_weights_size(artifact),
+        "files_bytes": folder_size(artifact),
+        "runtime": kind,
+        "threads": threads,
+    }
+    base_runner = (
+        torch_runner(model.module, model)
+        if model.format != "onnx"
+        else runner_for("onnx", model.path, model, threads)
+    )
+    seq = recipe.evaluate.sequence_length
+    acc = QualityAccumulator(model.family, list(examples))
+    for i, batch in enumerate(quality_batches(model, examples, seq)):
+        acc.add(batch, base_runner(batch), runner(batch))
+        sink(Progress(step, 0.1 * (i + 1), "quality"))
+    base_q, var_q = acc.results()
+    pairs = [e for e in examples if e.text_pair is not None and e.score is not None]
+    if model.family == "feature-extraction" and pairs:
+        var_q["spearman"], base_q["spearman"] = (
+            pair_spearman(r, model, pairs, seq) for r in (runner, base_runner)
+        )
+    metrics["quality"] = var_q
+    metrics["baseline_quality"] = base_q
+    metrics["disagreements"] = acc.worst()
+    if recipe.evaluate.latency:
+        metrics.update(measure_runtime(runner, model, examples, recipe.evaluate, sink, "variant", step))
+    metrics["evaluation_seconds"] = round(time.perf_counter() - started, 2)
+    return metrics
+
+
+def pair_spearman(runner: Runner, model: LoadedModel, pairs: Sequence[Example], seq_len: int) -> float:
+    import torch.nn.functional as F
+
+    left = [Example(text=e.text) for e in pairs]
+    right = [Example(text=e.text_pair or "") for e in pairs]
+    sims: list[float] = []
+    for a, b in zip(
+        quality_batches(model, left, seq_len), quality_batches(model, right, seq_len), strict=True
+    ):
+        sims += F.cosine_similarity(runner(a).float(), runner(b).float(), dim=-1).tolist()
+    return spearman_on_pairs([e.score for e in pairs], sims)  # type: ignore[misc]
+
+
+def folder_weights_size(folder: Path) -> int:
+    """Bytes of the model files in a variant folder (weights, graphs, engines; not tokenizer files)."""
+    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".plan")
+    return sum(
+        p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and (p.suffix in suffixes or p.name.endswith(".onnx.data"))
+    )
+
+
+def evaluate_state(
+    state: Any,
+    artifact: Path,
+    model: LoadedModel,
+    recipe: Any,
+    examples: Sequence[Example],
+    sink: Callable[[Any], None],
+) -> dict[str, Any]:
+    """Evaluate the pipeline's final state on its own runtime."""
+    threads = set_threads(recipe.evaluate.threads)
+    target = state.module if state.kind == "torch" else artifact / state.path.name  # the saved copy
+    runner = runner_for(state.kind, target, model, threads)
+    return evaluate_variant(runner, state.kind, artifact, model, recipe, examples, sink, len(recipe.steps))

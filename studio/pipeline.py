@@ -1,0 +1,319 @@
+"""Recipes (the saved pipeline), their validation, and the run loop that emits events.
+
+A recipe is validated completely before anything runs: unknown techniques, parameters out of range,
+a step that cannot follow the previous one (stage kinds torch -> onnx -> tensorrt), a technique that does
+not apply to the model's family, one that is unavailable here, and unreadable data are each refused with
+a message naming the step and the field.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from studio.checkpoints.base import FAMILIES, LoadedModel
+from studio.errors import BadInput, Unavailable
+from studio.events import Event, Progress, from_dict
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Step(_Strict):
+    technique: str = Field(description="technique id, e.g. prune.heads (see `model-studio techniques`)")
+    params: dict[str, Any] = Field(default_factory=dict, description="the technique's parameters")
+
+
+class DataSpec(_Strict):
+    calibration: str = Field("builtin:sentences", description="examples techniques learn from")
+    evaluation: str = Field("builtin:sentences", description="examples variants are judged on")
+    calibration_examples: int = Field(
+        128, ge=1, le=100_000, description="how many calibration examples to use"
+    )
+    evaluation_examples: int = Field(64, ge=1, le=100_000, description="how many evaluation examples to use")
+
+
+class EvaluateSpec(_Strict):
+    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="batch sizes timed")
+    sequence_length: int = Field(128, ge=1, le=65_536, description="tokens per example (text models)")
+    latency: bool = Field(True, description="time the variants (off: quality and size only)")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads for timing (default: all cores)"
+    )
+    profile: bool = Field(False, description="also record the 10 slowest operators of one forward pass")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be a non-empty list of positive integers")
+        return v
+
+
+class Recipe(_Strict):
+    version: Literal[1] = Field(1, description="recipe format version")
+    model: str = Field("builtin:minilm", description="checkpoint path or builtin:minilm")
+    task: str | None = Field(None, description="model family; inferred from the checkpoint when omitted")
+    trust: bool = Field(False, description="allow unpickling a whole module (runs code from the file)")
+    data: DataSpec = Field(default_factory=DataSpec)
+    steps: list[Step] = Field(default_factory=list)
+    evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, v: str | None) -> str | None:
+        if v is not None and v not in FAMILIES:
+            raise ValueError(f"unknown task '{v}' (expected one of: {', '.join(FAMILIES)})")
+        return v
+
+    def to_yaml(self) -> str:
+        """The canonical text form: what the pipeline editor saves and `model-studio run` reads."""
+        data = self.model_dump(mode="json", exclude_defaults=False)
+        if data.get("task") is None:
+            data.pop("task")
+        if not data.get("trust"):
+            data.pop("trust")
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=100)
+
+
+def _field_path(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc)
+
+
+def _describe_validation(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        where = _field_path(err["loc"])
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown field"
+        parts.append(f"{prefix}field '{where}': {msg}" if where else f"{prefix}{msg}")
+    return "; ".join(parts)
+
+
+def parse_recipe(data: Any, path: str | Path | None = None) -> Recipe:
+    if not isinstance(data, dict):
+        raise BadInput("a recipe must be a YAML mapping (version, model, steps, ...)", path=path)
+    steps = data.get("steps")
+    if isinstance(steps, list):
+        for i, step in enumerate(steps, 1):
+            if not isinstance(step, dict) or "technique" not in step:
+                raise BadInput(f"step {i}: each step needs 'technique' (and optional 'params')", path=path)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise BadInput(f"invalid recipe: {_describe_validation(exc)}", path=path) from exc
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput("no such recipe file", path=path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise BadInput("the recipe is not UTF-8 text", path=path) from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(f"the recipe is not valid YAML{where}", path=path) from exc
+    return parse_recipe(data, path)
+
+
+# ------------------------------------------------------------------------------------------------ planning
+
+
+@dataclass
+class PlannedStep:
+    index: int  # 0-based
+    technique: Any  # Technique instance
+    params: Any  # its validated Params
+
+    @property
+    def label(self) -> str:
+        return f"step {self.index + 1} ({self.technique.id})"
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model: LoadedModel
+    steps: list[PlannedStep]
+    final_kind: str
+
+
+def stage_of(model: LoadedModel) -> str:
+    return "onnx" if model.format == "onnx" else "torch"
+
+
+def check_steps(
+    steps: list[Step], start_kind: str, model: LoadedModel | None = None
+) -> tuple[list[PlannedStep], list[tuple[int, str]]]:
+    """Validate steps one by one; returns the planned steps and every problem as (step index, message).
+
+    Used by `plan` (which raises on the first problem) and by the pipeline editor (which shows them all).
+    """
+    from studio.techniques.base import get_technique
+
+    planned: list[PlannedStep] = []
+    problems: list[tuple[int, str]] = []
+    kind = start_kind
+    previous = "the model"
+    for i, step in enumerate(steps):
+        label = f"step {i + 1} ({step.technique})"
+        try:
+            cls = get_technique(step.technique)
+        except BadInput as exc:
+            problems.append((i, f"step {i + 1}: {exc.problem}"))
+            continue
+        technique = cls()
+        try:
+            params = cls.Params.model_validate(step.params)
+        except ValidationError as exc:
+            problems.append((i, f"{label}: {_describe_validation(exc, 'params ')}"))
+            params = None
+        if cls.input_kind != kind:
+            problems.append(
+                (
+                    i,
+                    f"{label}: needs a {cls.input_kind} model but {previous} gives a {kind} model"
+                    + (" (torch steps must come before export.onnx)" if cls.input_kind == "torch" else ""),
+                )
+            )
+        ok, reason = technique.availability()
+        if not ok:
+            problems.append((i, f"{label}: not available here: {reason}"))
+        if model is not None and params is not None:
+            try:
+                technique.check(params, model)
+            except BadInput as exc:
+                problems.append((i, f"{label}: {exc.problem}"))
+        if params is not None:
+            planned.append(PlannedStep(i, technique, params))
+        kind = cls.output_kind
+        previous = label
+    return planned, problems
+
+
+def plan(recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None) -> Plan:
+    """Open the model (cheap: no weights) and validate every step; raises BadInput on the first problem."""
+    from studio.checkpoints import open_checkpoint
+
+    model = model or open_checkpoint(recipe.model, trust=recipe.trust)
+    if recipe.task is not None:
+        model.family = recipe.task
+    planned, problems = check_steps(recipe.steps, stage_of(model), model)
+    if problems:
+        raise BadInput(problems[0][1], path=path)
+    kind = planned[-1].technique.output_kind if planned else stage_of(model)
+    return Plan(recipe, model, planned, kind)
+
+
+# ------------------------------------------------------------------------------------------------ running
+
+Sink = Callable[[Event], None]
+
+
+def run_plan(plan_: Plan, workspace: Any, sink: Sink, *, job_id: str | None = None) -> dict[str, Any]:
+    """Run every step, evaluate the baseline and the result, and save the result as a variant.
+
+    The work happens in a temporary folder of the workspace; only a complete variant is moved into place.
+    Returns the result object of `model-studio run --json`.
+    """
+    from studio.evaluation.data import load_examples
+    from studio.evaluation.measure import evaluate_baseline, evaluate_state
+    from studio.techniques.base import RunContext, initial_state
+
+    recipe, model = plan_.recipe, plan_.model
+    n = len(plan_.steps)
+
+    def emit(data: dict[str, Any]) -> None:
+        sink(from_dict(data))
+
+    calibration = load_examples(recipe.data.calibration, recipe.data.calibration_examples)
+    evaluation = load_examples(recipe.data.evaluation, recipe.data.evaluation_examples)
+    with workspace.job_folder(job_id) as workdir:
+        sink(Progress(-1, 0.0, f"loading {recipe.model}"))
+        state = initial_state(model)
+        sink(Progress(-1, 1.0, f"loaded {recipe.model}"))
+        step_times: list[float] = []
+        for planned in plan_.steps:
+            ctx = RunContext(
+                original=model,
+                workdir=workdir,
+                calibration=calibration,
+                sequence_length=recipe.evaluate.sequence_length,
+                step_index=planned.index,
+                later_steps=[p.technique.id for p in plan_.steps[planned.index + 1 :]],
+                emit=emit,
+            )
+            ctx.progress(0.0, f"{planned.technique.title}")
+            started = time.perf_counter()
+            try:
+                state = planned.technique.run(state, planned.params, ctx)
+            except (BadInput, Unavailable) as exc:
+                exc.step = planned.index  # type: ignore[attr-defined]
+                raise
+            elapsed = time.perf_counter() - started
+            step_times.append(elapsed)
+            ctx.metric("step_seconds", elapsed)
+            ctx.progress(1.0, f"{planned.technique.title} done in {elapsed:.1f}s")
+
+        sink(Progress(n, 0.0, "evaluating the original"))
+        baseline = evaluate_baseline(workspace, model, recipe, evaluation, sink, step=n)
+        artifact = workdir / "artifact"
+        sink(Progress(n, 0.5, "saving and evaluating the variant"))
+        files = save_state(state, artifact, calibration, recipe.evaluate.sequence_length)
+        metrics = evaluate_state(state, artifact, model, recipe, evaluation, sink)
+        metrics["step_seconds"] = step_times
+        record = workspace.commit_variant(
+            artifact,
+            kind=state.kind,
+            parent=baseline["id"],
+            model=recipe.model,
+            recipe=recipe.model_dump(mode="json"),
+            metrics=metrics,
+            files=files,
+        )
+        sink(Progress(n, 1.0, f"saved variant {record['id']}"))
+    return {"baseline": baseline, "variants": [record]}
+
+
+def save_state(state: Any, folder: Path, calibration: list[Any], sequence_length: int) -> list[Path]:
+    """Write the final artifact of a run into `folder` (torch: a reloadable folder; onnx/tensorrt: the files)."""
+    import shutil
+
+    from studio.techniques.torch_io import copy_side_files, save_torch_variant
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if state.kind == "torch":
+        example = None
+        if not hasattr(state.module, "config"):
+            from studio.families import family_for
+
+            batch = family_for(state.model).batch(state.model, calibration[:2], sequence_length)
+            example = tuple(batch.inputs.values())
+        return save_torch_variant(
+            state.module,
+            state.transforms,
+            folder,
+            state.model.tokenizer_dir or (state.model.path if state.model.path.is_dir() else None),
+            example,
+        )
+    source_dir = state.path.parent
+    for item in source_dir.iterdir():
+        if item.is_file():
+            shutil.copy2(item, folder / item.name)
+        elif item.is_dir():
+            shutil.copytree(item, folder / item.name, dirs_exist_ok=True)
+    copy_side_files(state.model.tokenizer_dir, folder)
+    return sorted(p for p in folder.rglob("*") if p.is_file())
