@@ -1,0 +1,162 @@
+"""The pipeline being edited: an observable list of steps, changed only through undoable commands.
+
+Views never change the list directly: they push a command on the document's QUndoStack
+(`AddStep`, `MoveStep`, `RemoveStep`, `SetParams`), whose redo/undo call the model's mutators, which
+emit `step_added`, `step_moved`, `step_removed`, `params_changed`. Views follow those signals
+(orange-canvas-core's Scheme / document commands).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+from PySide6.QtGui import QUndoCommand
+
+from studio.pipeline import Recipe, Step, check_steps
+
+
+class PipelineModel(QObject):
+    step_added = Signal(int)  # index
+    step_moved = Signal(int, int)  # from, to
+    step_removed = Signal(int)  # index
+    params_changed = Signal(int)  # index
+    reset = Signal()  # the whole list was replaced (a recipe was opened)
+
+    def __init__(self, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self._steps: list[Step] = []
+        self.recipe = Recipe()  # data / evaluate settings and the model; steps live in _steps
+
+    # ---------------------------------------------------------------------------- reading
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def step(self, index: int) -> Step:
+        return self._steps[index]
+
+    def steps(self) -> list[Step]:
+        return [s.model_copy(deep=True) for s in self._steps]
+
+    def to_recipe(self, model: str | None = None) -> Recipe:
+        data = self.recipe.model_dump()
+        data["steps"] = [s.model_dump() for s in self._steps]
+        if model is not None:
+            data["model"] = model
+        return Recipe.model_validate(data)
+
+    def problems(self, start_kind: str = "torch", loaded: Any = None) -> dict[int, str]:
+        """Problems by step index (stage order, params, availability, family): shown at once in the editor."""
+        _, problems = check_steps(self._steps, start_kind, loaded)
+        out: dict[int, str] = {}
+        for index, message in problems:
+            out.setdefault(index, message)
+        return out
+
+    # ---------------------------------------------------------------------------- mutators (commands only)
+
+    def insert(self, index: int, step: Step) -> None:
+        self._steps.insert(index, step)
+        self.step_added.emit(index)
+
+    def pop(self, index: int) -> Step:
+        step = self._steps.pop(index)
+        self.step_removed.emit(index)
+        return step
+
+    def move(self, src: int, dst: int) -> None:
+        step = self._steps.pop(src)
+        self._steps.insert(dst, step)
+        self.step_moved.emit(src, dst)
+
+    def set_params(self, index: int, params: dict[str, Any]) -> None:
+        self._steps[index] = Step(technique=self._steps[index].technique, params=copy.deepcopy(params))
+        self.params_changed.emit(index)
+
+    def load(self, recipe: Recipe) -> None:
+        self.recipe = recipe.model_copy(deep=True)
+        self._steps = [s.model_copy(deep=True) for s in recipe.steps]
+        self.reset.emit()
+
+
+class AddStep(QUndoCommand):
+    def __init__(self, model: PipelineModel, index: int, step: Step) -> None:
+        super().__init__(f"Add {step.technique}")
+        self.model, self.index, self.step_ = model, index, step
+
+    def redo(self) -> None:
+        self.model.insert(self.index, self.step_.model_copy(deep=True))
+
+    def undo(self) -> None:
+        self.model.pop(self.index)
+
+
+class RemoveStep(QUndoCommand):
+    def __init__(self, model: PipelineModel, index: int) -> None:
+        super().__init__(f"Remove {model.step(index).technique}")
+        self.model, self.index = model, index
+        self.step_: Step | None = None
+
+    def redo(self) -> None:
+        self.step_ = self.model.pop(self.index)
+
+    def undo(self) -> None:
+        assert self.step_ is not None
+        self.model.insert(self.index, self.step_)
+
+
+class MoveStep(QUndoCommand):
+    def __init__(self, model: PipelineModel, src: int, dst: int) -> None:
+        super().__init__(f"Move {model.step(src).technique}")
+        self.model, self.src, self.dst = model, src, dst
+
+    def redo(self) -> None:
+        self.model.move(self.src, self.dst)
+
+    def undo(self) -> None:
+        self.model.move(self.dst, self.src)
+
+
+class SetParams(QUndoCommand):
+    """Parameter edits of the same step merge while typing, so one undo reverts one field edit session."""
+
+    ID = 4242
+
+    def __init__(self, model: PipelineModel, index: int, params: dict[str, Any]) -> None:
+        super().__init__(f"Edit {model.step(index).technique}")
+        self.model, self.index = model, index
+        self.old = copy.deepcopy(model.step(index).params)
+        self.new = copy.deepcopy(params)
+
+    def id(self) -> int:
+        return self.ID
+
+    def mergeWith(self, other: QUndoCommand) -> bool:
+        if not isinstance(other, SetParams) or other.index != self.index:
+            return False
+        if set(other.new) != set(self.new) and set(other.new) != set(self.old):
+            return False
+        self.new = copy.deepcopy(other.new)
+        return True
+
+    def redo(self) -> None:
+        self.model.set_params(self.index, self.new)
+
+    def undo(self) -> None:
+        self.model.set_params(self.index, self.old)
+
+
+class LoadRecipe(QUndoCommand):
+    def __init__(self, model: PipelineModel, recipe: Recipe) -> None:
+        super().__init__("Open pipeline")
+        self.model = model
+        self.old = model.to_recipe()
+        self.new = recipe
+
+    def redo(self) -> None:
+        self.model.load(self.new)
+
+    def undo(self) -> None:
+        self.model.load(self.old)
