@@ -291,6 +291,108 @@ def print_run_summary(result: dict[str, Any]) -> None:
         print(f"\nsaved {v['id']}: {v['artifact']}")
 
 
+# ------------------------------------------------------------------------------------------------ variants
+
+
+def cmd_variants(args: argparse.Namespace) -> int:
+    ws = workspace_path(args)
+    if args.action == "rm":
+        if not args.ids:
+            raise BadInput("variants rm needs at least one variant id")
+        for vid in args.ids:
+            row = ws.remove(vid)
+            print(f"removed {row['id']}")
+        return 0
+    rows = ws.list()
+    if args.json:
+        json.dump({"workspace": str(ws.root), "variants": rows}, sys.stdout, default=str)
+        sys.stdout.write("\n")
+        return 0
+    if not rows:
+        print(f"no variants yet in {ws.root} (run a recipe: model-studio run RECIPE)")
+        return 0
+    print(f"{'id':<32} {'kind':<9} {'size':>9} {'b1 p50':>10} {'quality':>10}  steps")
+    for r in rows:
+        m = r["metrics"]
+        lat = m.get("latency_ms", {})
+        b1 = f"{lat[min(lat, key=int)]['p50']:.2f}ms" if lat else "-"
+        q = m.get("quality", {})
+        qv = next((q[k] for k in ("fidelity_cosine", "top1_agreement") if k in q), None)
+        steps = " -> ".join(s["technique"] for s in r["recipe"].get("steps", [])) or r["model"]
+        flag = "  [FILES MISSING]" if r.get("missing") else ""
+        print(f"{r['id']:<32} {r['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>9} {b1:>10} "
+              f"{'-' if qv is None else f'{qv:.4f}':>10}  {steps}{flag}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from studio.compare import compare
+
+    ws = workspace_path(args)
+    result = compare(ws, args.a, args.b, weights=not args.no_weights, examples=args.examples, data=args.data)
+    if args.json:
+        json.dump(result, sys.stdout, default=str)
+        sys.stdout.write("\n")
+        return 0
+    a, b = result["a"], result["b"]
+    print(f"A = {a['id']} ({a['kind']})\nB = {b['id']} ({b['kind']})\n")
+    print(f"{'metric':<34} {'A':>12} {'B':>12} {'B/A':>8}  better")
+    for row in result["metrics"]:
+        ratio = "-" if row["ratio_b_over_a"] is None else f"{row['ratio_b_over_a']:.3f}"
+        print(f"{row['metric']:<34} {_fmt(row['a']):>12} {_fmt(row['b']):>12} {ratio:>8}  {row['better'] or ''}")
+    for batch, sig in result["latency_significance"].items():
+        verdict = "significant" if sig["significant"] else "not significant"
+        p = f", permutation p={sig['permutation_p']:.4f}" if "permutation_p" in sig else ""
+        print(f"\nlatency at batch {batch}: B is {sig['speedup_b_over_a']:.2f}x A's speed, {verdict} ({sig['method']}{p})")
+    weights = result.get("weights")
+    if weights:
+        print(f"\nweights: {weights['matched']} tensors matched by name, {len(weights['only_a'])} only in A, "
+              f"{len(weights['only_b'])} only in B")
+        for layer in weights["layers"][:12]:
+            if layer["change"] == "shape":
+                print(f"  {layer['name']:<56} shape {layer['shape_a']} -> {layer['shape_b']}")
+            elif layer["change"] == "values":
+                print(f"  {layer['name']:<56} rel. L2 {layer['relative_l2']:.4f}  max {layer['max_abs']:.3g}  "
+                      f"zeros {layer['sparsity_a'] * 100:.1f}% -> {layer['sparsity_b'] * 100:.1f}%")
+    if result.get("disagreements"):
+        print("\nexamples where A and B disagree most (lowest score first):")
+        for d in result["disagreements"]:
+            print(f"  {d['score']:.4f}  {d['text'][:90]}  {d['detail']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from studio.export import export_variant
+
+    out = export_variant(workspace_path(args), args.variant, args.format, args.out)
+    if args.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(f"exported {out['id']} as {out['format']} to {out['out']} ({len(out['files'])} files)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from studio.report import write_report
+
+    ws = workspace_path(args)
+    rows = [ws.get(v) for v in args.ids] if args.ids else ws.list()
+    if not rows:
+        raise BadInput(f"no variants to report in {ws.root}")
+    path = write_report(rows, args.out)
+    print(f"wrote {path} ({len(rows)} variants)")
+    return 0
+
+
+def cmd_screenshots(args: argparse.Namespace) -> int:
+    from studio.gui_entry import screenshots
+
+    for path in screenshots(args):
+        print(path)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
 
@@ -334,6 +436,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="validate the recipe only")
     p.add_argument("--workspace", help="workspace folder (default: $MODEL_STUDIO_HOME or the user data dir)")
     p.set_defaults(handler=cmd_run)
+
+    ws_help = "workspace folder (default: $MODEL_STUDIO_HOME or the user data dir)"
+    p = sub.add_parser("variants", help="list the variants of the workspace, or remove some (variants rm ID)")
+    p.add_argument("action", nargs="?", choices=("list", "rm"), default="list")
+    p.add_argument("ids", nargs="*", help="variant ids (for rm); a unique prefix is enough")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_variants)
+
+    p = sub.add_parser("compare", help="compare two variants: metrics, significance, weights, examples")
+    p.add_argument("a", help="variant id (or baseline id)")
+    p.add_argument("b", help="variant id")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--no-weights", action="store_true", help="skip per-layer weight differences")
+    p.add_argument("--examples", type=int, default=32, help="examples run to find disagreements (0: skip)")
+    p.add_argument("--data", help="examples to compare on (default: the recipe's evaluation data)")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_compare)
+
+    p = sub.add_parser("export", help="copy a variant out of the workspace as ONNX, TensorRT or a transformers folder")
+    p.add_argument("variant")
+    p.add_argument("--format", required=True, choices=("onnx", "tensorrt", "hf"))
+    p.add_argument("--out", required=True, help="a new folder")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_export)
+
+    p = sub.add_parser("report", help="write a self-contained HTML report of variants")
+    p.add_argument("ids", nargs="*", help="variant ids (default: all)")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser("screenshots", help="render each main view offscreen to PNG files")
+    p.add_argument("dir", help="output folder")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_screenshots)
     return parser
 
 

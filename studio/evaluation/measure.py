@@ -31,26 +31,11 @@ QUALITY_BATCH = 16
 # ------------------------------------------------------------------------------------------------ runners
 
 
-def torch_runner(module: Any, model: LoadedModel) -> Runner:
-    import torch
-
-    family = family_for(model)
-
-    def run(batch: Batch) -> Any:
-        with torch.inference_mode():
-            return family.forward(module, batch)
-
-    run.kind = "torch"  # type: ignore[attr-defined]
-    return run
-
-
 def runner_for(kind: str, target: Any, model: LoadedModel, threads: int | None = None) -> Runner:
     """A callable batch -> compared output, for a torch module or an ONNX / TensorRT file."""
-    if kind == "torch":
-        return torch_runner(target, model)
     from studio.evaluation.runners import make_runner
 
-    return make_runner(kind, target, model, threads=threads)
+    return make_runner(kind, model, artifact=target, threads=threads)
 
 
 def set_threads(threads: int | None) -> int:
@@ -243,16 +228,14 @@ def evaluate_variant(
         "runtime": kind,
         "threads": threads,
     }
-    base_runner = (
-        torch_runner(model.module, model)
-        if model.format != "onnx"
-        else runner_for("onnx", model.path, model, threads)
-    )
+    base_kind = "onnx" if model.format == "onnx" else "torch"
+    base_runner = runner_for(base_kind, model.path if base_kind == "onnx" else model.module, model, threads)
     seq = recipe.evaluate.sequence_length
     acc = QualityAccumulator(model.family, list(examples))
-    for i, batch in enumerate(quality_batches(model, examples, seq)):
+    batches = quality_batches(model, examples, seq)
+    for i, batch in enumerate(batches):
         acc.add(batch, base_runner(batch), runner(batch))
-        sink(Progress(step, 0.1 * (i + 1), "quality"))
+        sink(Progress(step, 0.3 * (i + 1) / len(batches), "quality against the original"))
     base_q, var_q = acc.results()
     pairs = [e for e in examples if e.text_pair is not None and e.score is not None]
     if model.family == "feature-extraction" and pairs:

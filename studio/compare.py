@@ -1,0 +1,202 @@
+"""A/B comparison of two variants (or a variant and its original): metrics side by side with ratios and
+latency significance, per-layer weight differences, and the examples where the two disagree most."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from studio.errors import BadInput
+from studio.evaluation.latency import significant
+
+# Names the same weight gets in different artifacts: quantized packed params, ONNX initializers, pruning.
+_NAME_RULES = [
+    (re.compile(r"\._packed_params\._packed_params\.0$"), ".weight"),
+    (re.compile(r"\._packed_params\._packed_params\.1$"), ".bias"),
+    (re.compile(r"\.weight_orig$"), ".weight"),
+]
+
+
+def canonical_name(name: str) -> str:
+    for pattern, repl in _NAME_RULES:
+        name = pattern.sub(repl, name)
+    return name
+
+
+def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Comparable numbers of a variant's metrics, under stable dotted names with units."""
+    out: dict[str, float] = {}
+    if "size_bytes" in metrics:
+        out["size_mb"] = metrics["size_bytes"] / 1e6
+    if "peak_memory_mb" in metrics:
+        out["peak_memory_mb"] = float(metrics["peak_memory_mb"])
+    for b, lat in (metrics.get("latency_ms") or {}).items():
+        for k in ("p50", "p95", "p99", "mean"):
+            if k in lat:
+                out[f"latency_ms.b{b}.{k}"] = float(lat[k])
+    for b, v in (metrics.get("throughput_per_s") or {}).items():
+        out[f"throughput_per_s.b{b}"] = float(v)
+    for k, v in (metrics.get("quality") or {}).items():
+        if isinstance(v, (int, float)):
+            out[f"quality.{k}"] = float(v)
+    return out
+
+
+LOWER_IS_BETTER = ("size_mb", "peak_memory_mb", "latency_ms", "quality.kl_divergence", "quality.perplexity",
+                   "quality.rmse")
+
+
+def _quality_of(row: dict[str, Any]) -> dict[str, Any]:
+    """A baseline's quality is the reference itself; take the reference values its children recorded."""
+    if row["kind"] == "baseline":
+        return {}
+    return row["metrics"].get("quality", {})
+
+
+def metric_table(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    ma = _flat_metrics({**a["metrics"], "quality": _quality_of(a) or b["metrics"].get("baseline_quality", {})})
+    mb = _flat_metrics({**b["metrics"], "quality": _quality_of(b) or a["metrics"].get("baseline_quality", {})})
+    rows = []
+    for name in sorted(set(ma) | set(mb), key=_metric_order):
+        va, vb = ma.get(name), mb.get(name)
+        ratio = vb / va if va not in (None, 0) and vb is not None else None
+        better = None
+        if va is not None and vb is not None and not math.isclose(va, vb, rel_tol=1e-6, abs_tol=1e-9):
+            lower = name.startswith(LOWER_IS_BETTER)
+            better = "B" if (vb < va) == lower else "A"
+        rows.append({"metric": name, "a": va, "b": vb, "ratio_b_over_a": ratio, "better": better})
+    return rows
+
+
+def _metric_order(name: str) -> tuple[int, str]:
+    order = ("size", "latency", "throughput", "peak", "quality")
+    return next((i for i, p in enumerate(order) if name.startswith(p)), len(order)), name
+
+
+def latency_significance(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    la, lb = a["metrics"].get("latency_ms", {}), b["metrics"].get("latency_ms", {})
+    for batch in sorted(set(la) & set(lb), key=int):
+        res = significant(la[batch], lb[batch])
+        res["speedup_b_over_a"] = la[batch]["p50"] / lb[batch]["p50"] if lb[batch]["p50"] else None
+        out[batch] = res
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ weights
+
+
+def artifact_path(row: dict[str, Any]) -> Path:
+    path = Path(row["artifact"])
+    if row["kind"] == "baseline" and not path.exists():
+        return Path(row["model"])
+    return path
+
+
+def open_row(row: dict[str, Any]) -> Any:
+    from studio.checkpoints import open_checkpoint
+
+    if row.get("missing"):
+        raise BadInput(f"variant {row['id']}: its files are gone from the workspace ({row['artifact']})")
+    if row["kind"] == "baseline":
+        return open_checkpoint(row["model"], trust=bool(row.get("recipe", {}).get("trust")))
+    return open_checkpoint(artifact_path(row))
+
+
+def _tensors(model: Any) -> Iterator[tuple[str, Any]]:
+    for ref in model.tensors():
+        yield canonical_name(ref.name), ref
+
+
+def weight_differences(a_model: Any, b_model: Any, limit: int | None = None) -> dict[str, Any]:
+    """Per-layer differences of weights present in both (by canonical name): relative L2 change, max abs
+    change, sparsity before and after; shape changes (pruning) and layers present in one only are listed."""
+    a_refs = dict(_tensors(a_model))
+    b_refs = dict(_tensors(b_model))
+    layers = []
+    for name, ra in a_refs.items():
+        rb = b_refs.get(name)
+        if rb is None or ra.numel < 2:
+            continue
+        if tuple(ra.shape) != tuple(rb.shape):
+            layers.append({"name": name, "shape_a": list(ra.shape), "shape_b": list(rb.shape),
+                           "change": "shape", "relative_l2": None})
+            continue
+        ta, tb = _dense(ra.load()), _dense(rb.load())
+        diff = (tb - ta).double()
+        norm = float(ta.double().norm())
+        layers.append({
+            "name": name,
+            "shape_a": list(ra.shape),
+            "shape_b": list(rb.shape),
+            "change": "values" if bool((diff != 0).any()) else "none",
+            "relative_l2": float(diff.norm()) / norm if norm > 0 else float(diff.norm()),
+            "max_abs": float(diff.abs().max()),
+            "changed_share": float((diff != 0).double().mean()),
+            "sparsity_a": float((ta == 0).double().mean()),
+            "sparsity_b": float((tb == 0).double().mean()),
+            "dtype_a": ra.dtype,
+            "dtype_b": rb.dtype,
+        })
+    layers.sort(key=lambda r: -(r["relative_l2"] if r["relative_l2"] is not None else math.inf))
+    return {
+        "matched": sum(1 for n in a_refs if n in b_refs),
+        "only_a": sorted(n for n in a_refs if n not in b_refs)[:50],
+        "only_b": sorted(n for n in b_refs if n not in a_refs)[:50],
+        "layers": layers[:limit] if limit else layers,
+    }
+
+
+def _dense(t: Any) -> Any:
+    if getattr(t, "is_quantized", False):
+        t = t.dequantize()
+    return t.float()
+
+
+# ------------------------------------------------------------------------------------------------ examples
+
+
+def disagreements(a_row: dict[str, Any], b_row: dict[str, Any], data: str, n: int, seq_len: int,
+                  k: int = 5) -> list[dict[str, Any]]:
+    """Run A and B on the same examples in lockstep and return the k where they differ most."""
+    from studio.evaluation.data import load_examples
+    from studio.evaluation.measure import quality_batches, runner_for
+    from studio.evaluation.quality import QualityAccumulator
+
+    examples = load_examples(data, n)
+    runners = []
+    models = []
+    for row in (a_row, b_row):
+        model = open_row(row)
+        kind = "onnx" if model.format == "onnx" else "tensorrt" if row["kind"] == "tensorrt" else "torch"
+        target = model.module if kind == "torch" else model.path
+        runners.append(runner_for(kind, target, model))
+        models.append(model)
+    ref_model = models[0] if models[0].format != "onnx" or models[1].format == "onnx" else models[1]
+    acc = QualityAccumulator(ref_model.family, examples)
+    for batch in quality_batches(ref_model, examples, seq_len):
+        acc.add(batch, runners[0](batch), runners[1](batch))
+    return acc.worst(k)
+
+
+def compare(workspace: Any, a: str, b: str, *, weights: bool = True, examples: int = 32,
+            data: str | None = None) -> dict[str, Any]:
+    ra, rb = workspace.get(a), workspace.get(b)
+    out: dict[str, Any] = {
+        "a": {k: ra[k] for k in ("id", "kind", "parent", "model", "artifact")},
+        "b": {k: rb[k] for k in ("id", "kind", "parent", "model", "artifact")},
+        "metrics": metric_table(ra, rb),
+        "latency_significance": latency_significance(ra, rb),
+    }
+    recipe = rb["recipe"] or ra["recipe"] or {}
+    seq_len = int(recipe.get("evaluate", {}).get("sequence_length", 128))
+    data = data or recipe.get("data", {}).get("evaluation", "builtin:sentences")
+    if weights:
+        out["weights"] = weight_differences(open_row(ra), open_row(rb))
+    if examples:
+        out["disagreements"] = disagreements(ra, rb, data, examples, seq_len)
+        out["disagreements_data"] = {"data": data, "examples": examples, "sequence_length": seq_len}
+    return out

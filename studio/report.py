@@ -1,0 +1,175 @@
+"""`model-studio report`: one self-contained HTML file (tables + PNG plots inlined) to send to a colleague.
+
+Plots are drawn with matplotlib's Agg backend (no Qt in the core): latency per batch size with p95
+whiskers, size on disk, quality, and the latency / quality Pareto front.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+
+def quality_score(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, float | None]:
+    """The headline quality number of a row: fidelity cosine, top-1 agreement, or 1 for the original."""
+    q = row["metrics"].get("quality", {})
+    for key in ("fidelity_cosine", "top1_agreement", "output_cosine"):
+        if key in q:
+            return key, float(q[key])
+    if row["kind"] == "baseline":
+        return "reference", 1.0
+    return "-", None
+
+
+def label(row: dict[str, Any]) -> str:
+    if row["kind"] == "baseline":
+        return "original"
+    steps = [s["technique"] for s in (row.get("recipe") or {}).get("steps", [])]
+    return f"{row['id'][-6:]} " + ("+".join(s.split(".")[-1] for s in steps) or row["kind"])
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (lower latency x, higher quality y), sorted by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    names = [label(r) for r in rows]
+    out: dict[str, str] = {}
+    batches = sorted({b for r in rows for b in r["metrics"].get("latency_ms", {})}, key=int)
+    if batches:
+        fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.2), squeeze=False)
+        for ax, b in zip(axes[0], batches, strict=True):
+            p50 = [r["metrics"].get("latency_ms", {}).get(b, {}).get("p50", 0) for r in rows]
+            p95 = [r["metrics"].get("latency_ms", {}).get(b, {}).get("p95", 0) for r in rows]
+            ax.bar(names, p50, color="#4c72b0", label="p50")
+            ax.errorbar(names, p50, yerr=[[0] * len(p50), [max(0, h - m) for h, m in zip(p95, p50, strict=True)]],
+                        fmt="none", ecolor="black", capsize=4, label="p95")
+            ax.set_title(f"latency, batch {b}")
+            ax.set_ylabel("ms per batch")
+            ax.tick_params(axis="x", rotation=30)
+            ax.legend()
+        out["latency"] = _png(fig)
+        plt.close(fig)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar(names, [r["metrics"].get("size_bytes", 0) / 1e6 for r in rows], color="#55a868")
+    ax.set_title("size on disk")
+    ax.set_ylabel("MB")
+    ax.tick_params(axis="x", rotation=30)
+    out["size"] = _png(fig)
+    plt.close(fig)
+    scored = [(r, quality_score(r, rows)) for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.bar([label(r) for r, _ in scored], [s or 0 for _, (_, s) in scored], color="#c44e52")
+    keys = sorted({k for _, (k, s) in scored if s is not None and k != "reference"})
+    ax.set_title("quality against the original")
+    ax.set_ylabel(", ".join(keys) or "quality")
+    ax.set_ylim(min([s for _, (_, s) in scored if s is not None] + [1.0]) * 0.98, 1.005)
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.tick_params(axis="x", rotation=30)
+    out["quality"] = _png(fig)
+    plt.close(fig)
+    if batches:
+        b = batches[0]
+        pts, kept = [], []
+        for r, (_, s) in scored:
+            lat = r["metrics"].get("latency_ms", {}).get(b, {}).get("p50")
+            if lat is not None and s is not None:
+                pts.append((lat, s))
+                kept.append(r)
+        if pts:
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            sizes = [max(20, r["metrics"].get("size_bytes", 0) / 1e6 * 3) for r in kept]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=sizes, alpha=0.6, label="variant (area = size)")
+            for (x, y), r in zip(pts, kept, strict=True):
+                ax.annotate(label(r), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
+            front = pareto_front(pts)
+            ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], "k--", label="Pareto front")
+            ax.set_xlabel(f"latency p50 at batch {b} (ms)")
+            ax.set_ylabel("quality")
+            ax.set_title("latency vs quality")
+            ax.ticklabel_format(axis="y", useOffset=False)
+            ax.legend(fontsize=8)
+            out["pareto"] = _png(fig)
+            plt.close(fig)
+    return out
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return html.escape(str(v))
+
+
+def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> str:
+    from studio.variants import environment
+
+    batches = sorted({b for r in rows for b in r["metrics"].get("latency_ms", {})}, key=int)
+    head = ["variant", "kind", "steps", "size MB"] + [f"b{b} p50 ms" for b in batches] + [
+        f"b{b} p95 ms" for b in batches] + ["peak MB", "quality"]
+    body = []
+    for r in rows:
+        m = r["metrics"]
+        lat = m.get("latency_ms", {})
+        steps = " → ".join(s["technique"] for s in (r.get("recipe") or {}).get("steps", [])) or "-"
+        q = ", ".join(f"{k} {_fmt(v)}" for k, v in m.get("quality", {}).items() if isinstance(v, (int, float)))
+        cells = [label(r), r["kind"], steps, m.get("size_bytes", 0) / 1e6]
+        cells += [lat.get(b, {}).get("p50", "-") for b in batches] + [lat.get(b, {}).get("p95", "-") for b in batches]
+        cells += [m.get("peak_memory_mb", "-"), q or "reference"]
+        body.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+    imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
+                   for k, v in plots(rows).items())
+    env = environment()
+    machine = env["machine"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    disagreements = ""
+    for r in rows:
+        worst = r["metrics"].get("disagreements") or []
+        if worst:
+            items = "".join(f"<li>{_fmt(w['score'])}: {html.escape(w['text'][:160])} {html.escape(w['detail'])}</li>"
+                            for w in worst)
+            disagreements += f"<h3>{html.escape(label(r))}: examples that changed most</h3><ol>{items}</ol>"
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:1200px}}table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:nth-child(-n+3),th{{text-align:left}}
+figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p>{time.strftime("%Y-%m-%d %H:%M")} · {html.escape(machine["cpu"])} ({machine["cores"]} cores{", GPU " + html.escape(
+        machine["gpu"]) if machine["gpu"] else ""}) · {html.escape(versions)}</p>
+<h2>Variants</h2><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{"".join(body)}</table>
+<h2>Plots</h2>{imgs}
+<h2>What changed</h2>{disagreements or "<p>No per-example differences recorded.</p>"}
+</body></html>
+"""
+
+
+def write_report(rows: list[dict[str, Any]], out: str | Path) -> Path:
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    tmp.write_text(render(rows), encoding="utf-8")
+    os.replace(tmp, out)
+    return out
