@@ -320,8 +320,10 @@ def cmd_variants(args: argparse.Namespace) -> int:
         qv = next((q[k] for k in ("fidelity_cosine", "top1_agreement") if k in q), None)
         steps = " -> ".join(s["technique"] for s in r["recipe"].get("steps", [])) or r["model"]
         flag = "  [FILES MISSING]" if r.get("missing") else ""
-        print(f"{r['id']:<32} {r['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>9} {b1:>10} "
-              f"{'-' if qv is None else f'{qv:.4f}':>10}  {steps}{flag}")
+        print(
+            f"{r['id']:<32} {r['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>9} {b1:>10} "
+            f"{'-' if qv is None else f'{qv:.4f}':>10}  {steps}{flag}"
+        )
     return 0
 
 
@@ -339,21 +341,29 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(f"{'metric':<34} {'A':>12} {'B':>12} {'B/A':>8}  better")
     for row in result["metrics"]:
         ratio = "-" if row["ratio_b_over_a"] is None else f"{row['ratio_b_over_a']:.3f}"
-        print(f"{row['metric']:<34} {_fmt(row['a']):>12} {_fmt(row['b']):>12} {ratio:>8}  {row['better'] or ''}")
+        print(
+            f"{row['metric']:<34} {_fmt(row['a']):>12} {_fmt(row['b']):>12} {ratio:>8}  {row['better'] or ''}"
+        )
     for batch, sig in result["latency_significance"].items():
         verdict = "significant" if sig["significant"] else "not significant"
         p = f", permutation p={sig['permutation_p']:.4f}" if "permutation_p" in sig else ""
-        print(f"\nlatency at batch {batch}: B is {sig['speedup_b_over_a']:.2f}x A's speed, {verdict} ({sig['method']}{p})")
+        print(
+            f"\nlatency at batch {batch}: B is {sig['speedup_b_over_a']:.2f}x A's speed, {verdict} ({sig['method']}{p})"
+        )
     weights = result.get("weights")
     if weights:
-        print(f"\nweights: {weights['matched']} tensors matched by name, {len(weights['only_a'])} only in A, "
-              f"{len(weights['only_b'])} only in B")
+        print(
+            f"\nweights: {weights['matched']} tensors matched by name, {len(weights['only_a'])} only in A, "
+            f"{len(weights['only_b'])} only in B"
+        )
         for layer in weights["layers"][:12]:
             if layer["change"] == "shape":
                 print(f"  {layer['name']:<56} shape {layer['shape_a']} -> {layer['shape_b']}")
             elif layer["change"] == "values":
-                print(f"  {layer['name']:<56} rel. L2 {layer['relative_l2']:.4f}  max {layer['max_abs']:.3g}  "
-                      f"zeros {layer['sparsity_a'] * 100:.1f}% -> {layer['sparsity_b'] * 100:.1f}%")
+                print(
+                    f"  {layer['name']:<56} rel. L2 {layer['relative_l2']:.4f}  max {layer['max_abs']:.3g}  "
+                    f"zeros {layer['sparsity_a'] * 100:.1f}% -> {layer['sparsity_b'] * 100:.1f}%"
+                )
     if result.get("disagreements"):
         print("\nexamples where A and B disagree most (lowest score first):")
         for d in result["disagreements"]:
@@ -382,6 +392,30 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise BadInput(f"no variants to report in {ws.root}")
     path = write_report(rows, args.out)
     print(f"wrote {path} ({len(rows)} variants)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from studio.bench import format_table, run_bench, write_result
+
+    bar = Progress("bench")
+    result = run_bench(
+        batch_sizes=tuple(args.batch_sizes),
+        sequence_length=args.sequence_length,
+        rounds=args.rounds,
+        threads=args.threads,
+        examples=args.examples,
+        only=args.only,
+        progress=bar,
+    )
+    bar.done()
+    path = write_result(result, Path(args.out) if args.out else None, workspace_path(args).root)
+    if args.json:
+        json.dump(result, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        print(format_table(result))
+        print(f"\nresults: {path}")
     return 0
 
 
@@ -455,7 +489,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", help=ws_help)
     p.set_defaults(handler=cmd_compare)
 
-    p = sub.add_parser("export", help="copy a variant out of the workspace as ONNX, TensorRT or a transformers folder")
+    p = sub.add_parser(
+        "export", help="copy a variant out of the workspace as ONNX, TensorRT or a transformers folder"
+    )
     p.add_argument("variant")
     p.add_argument("--format", required=True, choices=("onnx", "tensorrt", "hf"))
     p.add_argument("--out", required=True, help="a new folder")
@@ -468,6 +504,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the HTML file to write")
     p.add_argument("--workspace", help=ws_help)
     p.set_defaults(handler=cmd_report)
+
+    p = sub.add_parser(
+        "bench", help="time the usual recipes and the studio's own on builtin:minilm, side by side"
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--sequence-length", type=int, default=128)
+    p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (default 12)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--examples", type=int, default=64, help="sentences for fidelity (default 64)")
+    p.add_argument("--only", nargs="+", help="recipe name fragments to include (default: all)")
+    p.add_argument("--out", help="JSON results file (default: <workspace>/bench/bench-<time>.json)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser("screenshots", help="render each main view offscreen to PNG files")
     p.add_argument("dir", help="output folder")

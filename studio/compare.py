@@ -45,8 +45,14 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-LOWER_IS_BETTER = ("size_mb", "peak_memory_mb", "latency_ms", "quality.kl_divergence", "quality.perplexity",
-                   "quality.rmse")
+LOWER_IS_BETTER = (
+    "size_mb",
+    "peak_memory_mb",
+    "latency_ms",
+    "quality.kl_divergence",
+    "quality.perplexity",
+    "quality.rmse",
+)
 
 
 def _quality_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -57,8 +63,12 @@ def _quality_of(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def metric_table(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    ma = _flat_metrics({**a["metrics"], "quality": _quality_of(a) or b["metrics"].get("baseline_quality", {})})
-    mb = _flat_metrics({**b["metrics"], "quality": _quality_of(b) or a["metrics"].get("baseline_quality", {})})
+    ma = _flat_metrics(
+        {**a["metrics"], "quality": _quality_of(a) or b["metrics"].get("baseline_quality", {})}
+    )
+    mb = _flat_metrics(
+        {**b["metrics"], "quality": _quality_of(b) or a["metrics"].get("baseline_quality", {})}
+    )
     rows = []
     for name in sorted(set(ma) | set(mb), key=_metric_order):
         va, vb = ma.get(name), mb.get(name)
@@ -122,25 +132,34 @@ def weight_differences(a_model: Any, b_model: Any, limit: int | None = None) -> 
         if rb is None or ra.numel < 2:
             continue
         if tuple(ra.shape) != tuple(rb.shape):
-            layers.append({"name": name, "shape_a": list(ra.shape), "shape_b": list(rb.shape),
-                           "change": "shape", "relative_l2": None})
+            layers.append(
+                {
+                    "name": name,
+                    "shape_a": list(ra.shape),
+                    "shape_b": list(rb.shape),
+                    "change": "shape",
+                    "relative_l2": None,
+                }
+            )
             continue
         ta, tb = _dense(ra.load()), _dense(rb.load())
         diff = (tb - ta).double()
         norm = float(ta.double().norm())
-        layers.append({
-            "name": name,
-            "shape_a": list(ra.shape),
-            "shape_b": list(rb.shape),
-            "change": "values" if bool((diff != 0).any()) else "none",
-            "relative_l2": float(diff.norm()) / norm if norm > 0 else float(diff.norm()),
-            "max_abs": float(diff.abs().max()),
-            "changed_share": float((diff != 0).double().mean()),
-            "sparsity_a": float((ta == 0).double().mean()),
-            "sparsity_b": float((tb == 0).double().mean()),
-            "dtype_a": ra.dtype,
-            "dtype_b": rb.dtype,
-        })
+        layers.append(
+            {
+                "name": name,
+                "shape_a": list(ra.shape),
+                "shape_b": list(rb.shape),
+                "change": "values" if bool((diff != 0).any()) else "none",
+                "relative_l2": float(diff.norm()) / norm if norm > 0 else float(diff.norm()),
+                "max_abs": float(diff.abs().max()),
+                "changed_share": float((diff != 0).double().mean()),
+                "sparsity_a": float((ta == 0).double().mean()),
+                "sparsity_b": float((tb == 0).double().mean()),
+                "dtype_a": ra.dtype,
+                "dtype_b": rb.dtype,
+            }
+        )
     layers.sort(key=lambda r: -(r["relative_l2"] if r["relative_l2"] is not None else math.inf))
     return {
         "matched": sum(1 for n in a_refs if n in b_refs),
@@ -159,8 +178,9 @@ def _dense(t: Any) -> Any:
 # ------------------------------------------------------------------------------------------------ examples
 
 
-def disagreements(a_row: dict[str, Any], b_row: dict[str, Any], data: str, n: int, seq_len: int,
-                  k: int = 5) -> list[dict[str, Any]]:
+def disagreements(
+    a_row: dict[str, Any], b_row: dict[str, Any], data: str, n: int, seq_len: int, k: int = 5
+) -> list[dict[str, Any]]:
     """Run A and B on the same examples in lockstep and return the k where they differ most."""
     from studio.evaluation.data import load_examples
     from studio.evaluation.measure import quality_batches, runner_for
@@ -182,8 +202,9 @@ def disagreements(a_row: dict[str, Any], b_row: dict[str, Any], data: str, n: in
     return acc.worst(k)
 
 
-def compare(workspace: Any, a: str, b: str, *, weights: bool = True, examples: int = 32,
-            data: str | None = None) -> dict[str, Any]:
+def compare(
+    workspace: Any, a: str, b: str, *, weights: bool = True, examples: int = 32, data: str | None = None
+) -> dict[str, Any]:
     ra, rb = workspace.get(a), workspace.get(b)
     out: dict[str, Any] = {
         "a": {k: ra[k] for k in ("id", "kind", "parent", "model", "artifact")},

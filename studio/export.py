@@ -27,7 +27,9 @@ def export_variant(workspace: Any, vid: str, fmt: str, out: str | Path) -> dict[
     want = _KIND_FOR_FORMAT[fmt]
     kind = row["kind"]
     if kind == "baseline":
-        raise BadInput(f"{row['id']} is the original model, not a variant; export the original from its own files")
+        raise BadInput(
+            f"{row['id']} is the original model, not a variant; export the original from its own files"
+        )
     if kind != want:
         hint = {
             "onnx": "add export.onnx to the pipeline to get an ONNX variant",
@@ -53,8 +55,13 @@ def export_variant(workspace: Any, vid: str, fmt: str, out: str | Path) -> dict[
         raise
     files = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
     main = row["artifact"] and Path(row["artifact"]).name
-    return {"id": row["id"], "format": fmt, "out": str(out), "artifact": str(out / main) if main else str(out),
-            "files": files}
+    return {
+        "id": row["id"],
+        "format": fmt,
+        "out": str(out),
+        "artifact": str(out / main) if main else str(out),
+        "files": files,
+    }
 
 
 def _check_transformers_loads(folder: Path, row: dict[str, Any]) -> None:

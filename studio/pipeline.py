@@ -223,6 +223,43 @@ def plan(recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path |
 Sink = Callable[[Event], None]
 
 
+def execute_steps(plan_: Plan, workdir: Path, calibration: list[Any], sink: Sink) -> tuple[Any, list[float]]:
+    """Run the plan's steps from the original model; returns the final StageState and each step's seconds."""
+    from studio.techniques.base import RunContext, initial_state
+
+    recipe, model = plan_.recipe, plan_.model
+
+    def emit(data: dict[str, Any]) -> None:
+        sink(from_dict(data))
+
+    sink(Progress(-1, 0.0, f"loading {recipe.model}"))
+    state = initial_state(model)
+    sink(Progress(-1, 1.0, f"loaded {recipe.model}"))
+    step_times: list[float] = []
+    for planned in plan_.steps:
+        ctx = RunContext(
+            original=model,
+            workdir=workdir,
+            calibration=calibration,
+            sequence_length=recipe.evaluate.sequence_length,
+            step_index=planned.index,
+            later_steps=[p.technique.id for p in plan_.steps[planned.index + 1 :]],
+            emit=emit,
+        )
+        ctx.progress(0.0, f"{planned.technique.title}")
+        started = time.perf_counter()
+        try:
+            state = planned.technique.run(state, planned.params, ctx)
+        except (BadInput, Unavailable) as exc:
+            exc.step = planned.index  # type: ignore[attr-defined]
+            raise
+        elapsed = time.perf_counter() - started
+        step_times.append(elapsed)
+        ctx.metric("step_seconds", elapsed)
+        ctx.progress(1.0, f"{planned.technique.title} done in {elapsed:.1f}s")
+    return state, step_times
+
+
 def run_plan(plan_: Plan, workspace: Any, sink: Sink, *, job_id: str | None = None) -> dict[str, Any]:
     """Run every step, evaluate the baseline and the result, and save the result as a variant.
 
@@ -231,43 +268,13 @@ def run_plan(plan_: Plan, workspace: Any, sink: Sink, *, job_id: str | None = No
     """
     from studio.evaluation.data import load_examples
     from studio.evaluation.measure import evaluate_baseline, evaluate_state
-    from studio.techniques.base import RunContext, initial_state
 
     recipe, model = plan_.recipe, plan_.model
     n = len(plan_.steps)
-
-    def emit(data: dict[str, Any]) -> None:
-        sink(from_dict(data))
-
     calibration = load_examples(recipe.data.calibration, recipe.data.calibration_examples)
     evaluation = load_examples(recipe.data.evaluation, recipe.data.evaluation_examples)
     with workspace.job_folder(job_id) as workdir:
-        sink(Progress(-1, 0.0, f"loading {recipe.model}"))
-        state = initial_state(model)
-        sink(Progress(-1, 1.0, f"loaded {recipe.model}"))
-        step_times: list[float] = []
-        for planned in plan_.steps:
-            ctx = RunContext(
-                original=model,
-                workdir=workdir,
-                calibration=calibration,
-                sequence_length=recipe.evaluate.sequence_length,
-                step_index=planned.index,
-                later_steps=[p.technique.id for p in plan_.steps[planned.index + 1 :]],
-                emit=emit,
-            )
-            ctx.progress(0.0, f"{planned.technique.title}")
-            started = time.perf_counter()
-            try:
-                state = planned.technique.run(state, planned.params, ctx)
-            except (BadInput, Unavailable) as exc:
-                exc.step = planned.index  # type: ignore[attr-defined]
-                raise
-            elapsed = time.perf_counter() - started
-            step_times.append(elapsed)
-            ctx.metric("step_seconds", elapsed)
-            ctx.progress(1.0, f"{planned.technique.title} done in {elapsed:.1f}s")
-
+        state, step_times = execute_steps(plan_, workdir, calibration, sink)
         sink(Progress(n, 0.0, "evaluating the original"))
         baseline = evaluate_baseline(workspace, model, recipe, evaluation, sink, step=n)
         artifact = workdir / "artifact"

@@ -65,8 +65,15 @@ def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
             p50 = [r["metrics"].get("latency_ms", {}).get(b, {}).get("p50", 0) for r in rows]
             p95 = [r["metrics"].get("latency_ms", {}).get(b, {}).get("p95", 0) for r in rows]
             ax.bar(names, p50, color="#4c72b0", label="p50")
-            ax.errorbar(names, p50, yerr=[[0] * len(p50), [max(0, h - m) for h, m in zip(p95, p50, strict=True)]],
-                        fmt="none", ecolor="black", capsize=4, label="p95")
+            ax.errorbar(
+                names,
+                p50,
+                yerr=[[0] * len(p50), [max(0, h - m) for h, m in zip(p95, p50, strict=True)]],
+                fmt="none",
+                ecolor="black",
+                capsize=4,
+                label="p95",
+            )
             ax.set_title(f"latency, batch {b}")
             ax.set_ylabel("ms per batch")
             ax.tick_params(axis="x", rotation=30)
@@ -102,7 +109,9 @@ def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
         if pts:
             fig, ax = plt.subplots(figsize=(6, 3.6))
             sizes = [max(20, r["metrics"].get("size_bytes", 0) / 1e6 * 3) for r in kept]
-            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=sizes, alpha=0.6, label="variant (area = size)")
+            ax.scatter(
+                [p[0] for p in pts], [p[1] for p in pts], s=sizes, alpha=0.6, label="variant (area = size)"
+            )
             for (x, y), r in zip(pts, kept, strict=True):
                 ax.annotate(label(r), (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
             front = pareto_front(pts)
@@ -127,20 +136,30 @@ def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> st
     from studio.variants import environment
 
     batches = sorted({b for r in rows for b in r["metrics"].get("latency_ms", {})}, key=int)
-    head = ["variant", "kind", "steps", "size MB"] + [f"b{b} p50 ms" for b in batches] + [
-        f"b{b} p95 ms" for b in batches] + ["peak MB", "quality"]
+    head = (
+        ["variant", "kind", "steps", "size MB"]
+        + [f"b{b} p50 ms" for b in batches]
+        + [f"b{b} p95 ms" for b in batches]
+        + ["peak MB", "quality"]
+    )
     body = []
     for r in rows:
         m = r["metrics"]
         lat = m.get("latency_ms", {})
         steps = " → ".join(s["technique"] for s in (r.get("recipe") or {}).get("steps", [])) or "-"
-        q = ", ".join(f"{k} {_fmt(v)}" for k, v in m.get("quality", {}).items() if isinstance(v, (int, float)))
+        q = ", ".join(
+            f"{k} {_fmt(v)}" for k, v in m.get("quality", {}).items() if isinstance(v, (int, float))
+        )
         cells = [label(r), r["kind"], steps, m.get("size_bytes", 0) / 1e6]
-        cells += [lat.get(b, {}).get("p50", "-") for b in batches] + [lat.get(b, {}).get("p95", "-") for b in batches]
+        cells += [lat.get(b, {}).get("p50", "-") for b in batches] + [
+            lat.get(b, {}).get("p95", "-") for b in batches
+        ]
         cells += [m.get("peak_memory_mb", "-"), q or "reference"]
         body.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
-    imgs = "".join(f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
-                   for k, v in plots(rows).items())
+    imgs = "".join(
+        f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
+        for k, v in plots(rows).items()
+    )
     env = environment()
     machine = env["machine"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
@@ -148,8 +167,10 @@ def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> st
     for r in rows:
         worst = r["metrics"].get("disagreements") or []
         if worst:
-            items = "".join(f"<li>{_fmt(w['score'])}: {html.escape(w['text'][:160])} {html.escape(w['detail'])}</li>"
-                            for w in worst)
+            items = "".join(
+                f"<li>{_fmt(w['score'])}: {html.escape(w['text'][:160])} {html.escape(w['detail'])}</li>"
+                for w in worst
+            )
             disagreements += f"<h3>{html.escape(label(r))}: examples that changed most</h3><ol>{items}</ol>"
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
@@ -157,8 +178,9 @@ def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> st
 td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:nth-child(-n+3),th{{text-align:left}}
 figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(title)}</h1>
-<p>{time.strftime("%Y-%m-%d %H:%M")} · {html.escape(machine["cpu"])} ({machine["cores"]} cores{", GPU " + html.escape(
-        machine["gpu"]) if machine["gpu"] else ""}) · {html.escape(versions)}</p>
+<p>{time.strftime("%Y-%m-%d %H:%M")} · {html.escape(machine["cpu"])} ({machine["cores"]} cores{
+        ", GPU " + html.escape(machine["gpu"]) if machine["gpu"] else ""
+    }) · {html.escape(versions)}</p>
 <h2>Variants</h2><table><tr>{"".join(f"<th>{h}</th>" for h in head)}</tr>{"".join(body)}</table>
 <h2>Plots</h2>{imgs}
 <h2>What changed</h2>{disagreements or "<p>No per-example differences recorded.</p>"}

@@ -1,0 +1,250 @@
+"""`model-studio bench`: a fixed set of recipes on builtin:minilm, measured side by side in one process.
+
+The set is the recipe files in resources/recipes/bench/ (the usual recipes: torch FP32, BF16 and dynamic
+INT8; ONNX FP32, optimized, optimized + INT8 per-tensor and per-channel) plus the studio's own recipes in
+resources/recipes/ (the targets of the performance work). Each is built with the same code `model-studio run`
+uses, then all are timed *interleaved*: round after round, every variant runs a few batches in turn
+(rotating the order), so a slow phase of the machine hits all of them alike. Speedups are ratios of medians
+measured in this one run. Nothing here asserts a time: it prints numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from studio.evaluation.latency import summarise
+from studio.resources import resource
+
+REFERENCE = "01-torch-fp32"
+USUAL_INT8 = "06-onnx-optimized-int8"
+
+# Targets of the performance issue, checked for the studio's own recipes (resources/recipes/*.yaml).
+TARGETS = {
+    "low-latency": {"min_cosine": 0.995, "b1_speedup_vs_usual_int8": 1.6},
+    "high-throughput": {"min_cosine": 0.995, "b32_speedup_vs_fp32": 5.0},
+    "small": {"min_cosine": 0.99, "max_size_share_of_fp32": 0.20},
+}
+
+
+@dataclass
+class Entry:
+    name: str
+    recipe_path: Path
+    runner: Any = None
+    kind: str = ""
+    size_bytes: int = 0
+    quality: dict[str, float] = field(default_factory=dict)
+    samples: dict[int, list[float]] = field(default_factory=dict)
+    build_seconds: float = 0.0
+    error: str | None = None
+
+
+def recipe_files(include_studio: bool = True) -> list[Path]:
+    files = sorted(resource("recipes", "bench").glob("*.yaml"))
+    if include_studio:
+        files += sorted(p for p in resource("recipes").glob("*.yaml"))
+    return files
+
+
+def build(entry: Entry, workdir: Path, evaluation: list[Any], base: Any, seq_len: int, threads: int) -> None:
+    """Run the recipe's steps, save the artifact (for its size), make its runner and measure its fidelity."""
+    from studio.evaluation.measure import folder_weights_size, quality_batches, runner_for
+    from studio.evaluation.quality import QualityAccumulator
+    from studio.pipeline import execute_steps, load_recipe, plan, save_state
+
+    recipe = load_recipe(entry.recipe_path)
+    recipe = recipe.model_copy(
+        update={"evaluate": recipe.evaluate.model_copy(update={"sequence_length": seq_len})}
+    )
+    planned = plan(recipe, base["model"])
+    started = time.perf_counter()
+    from studio.evaluation.data import load_examples
+
+    calibration = load_examples(recipe.data.calibration, recipe.data.calibration_examples)
+    folder = workdir / entry.name
+    folder.mkdir()
+    state, _ = execute_steps(planned, folder, calibration, lambda _e: None)
+    artifact = folder / "artifact"
+    save_state(state, artifact, calibration, seq_len)
+    entry.build_seconds = time.perf_counter() - started
+    entry.kind = state.kind
+    entry.size_bytes = folder_weights_size(artifact)
+    target = state.module if state.kind == "torch" else artifact / state.path.name
+    entry.runner = runner_for(state.kind, target, planned.model, threads)
+    acc = QualityAccumulator(planned.model.family, evaluation)
+    for batch in quality_batches(planned.model, evaluation, seq_len):
+        acc.add(batch, base["runner"](batch), entry.runner(batch))
+    entry.quality = acc.results()[1]
+
+
+def run_bench(
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    sequence_length: int = 128,
+    rounds: int = 12,
+    calls_per_round: dict[int, int] | None = None,
+    threads: int | None = None,
+    examples: int = 64,
+    only: list[str] | None = None,
+    progress: Any = None,
+) -> dict[str, Any]:
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.evaluation.measure import runner_for, set_threads, timing_examples
+    from studio.families import family_for
+    from studio.variants import environment
+
+    report = progress or (lambda _f, _m: None)
+    threads = set_threads(threads)
+    calls_per_round = calls_per_round or {b: (8 if b == 1 else 1) for b in batch_sizes}
+    model = open_checkpoint("builtin:minilm")
+    evaluation = load_examples("builtin:sentences", examples)
+    base = {"model": model, "runner": runner_for("torch", model.module, model, threads)}
+    files = [p for p in recipe_files() if not only or any(o in p.stem for o in only)]
+    entries = [Entry(p.stem, p) for p in files]
+    with tempfile.TemporaryDirectory(prefix="studio-bench-") as tmp:
+        for i, entry in enumerate(entries):
+            report(i / len(entries) * 0.4, f"building {entry.name}")
+            try:
+                build(entry, Path(tmp), evaluation, base, sequence_length, threads)
+            except Exception as exc:  # one broken recipe must not hide the others' numbers
+                entry.error = f"{type(exc).__name__}: {exc}"
+        live = [e for e in entries if e.error is None]
+        family = family_for(model)
+        batches = {
+            b: family.batch(model, timing_examples(evaluation, b, model, sequence_length), sequence_length)
+            for b in batch_sizes
+        }
+        for e in live:  # warm-up: first calls allocate, compile kernels, fill caches
+            for b in batch_sizes:
+                for _ in range(2):
+                    e.runner(batches[b])
+            e.samples = {b: [] for b in batch_sizes}
+        for r in range(rounds):
+            report(0.4 + 0.6 * r / rounds, f"timing round {r + 1}/{rounds}")
+            order = live[r % len(live) :] + live[: r % len(live)] if live else []
+            for e in order:
+                for b in batch_sizes:
+                    for _ in range(calls_per_round.get(b, 1)):
+                        t0 = time.perf_counter()
+                        e.runner(batches[b])
+                        e.samples[b].append((time.perf_counter() - t0) * 1000.0)
+    return summarise_bench(entries, batch_sizes, sequence_length, threads, rounds, environment())
+
+
+def summarise_bench(
+    entries: list[Entry],
+    batch_sizes: tuple[int, ...],
+    seq_len: int,
+    threads: int,
+    rounds: int,
+    env: dict[str, Any],
+) -> dict[str, Any]:
+    rows: dict[str, dict[str, Any]] = {}
+    for e in entries:
+        row: dict[str, Any] = {
+            "recipe": str(e.recipe_path.name),
+            "kind": e.kind,
+            "size_bytes": e.size_bytes,
+            "quality": e.quality,
+            "build_seconds": round(e.build_seconds, 2),
+        }
+        if e.error:
+            row["error"] = e.error
+        else:
+            row["latency_ms"] = {str(b): summarise(e.samples[b], b) for b in batch_sizes}
+        rows[e.name] = row
+
+    def p50(name: str, b: int) -> float | None:
+        lat = rows.get(name, {}).get("latency_ms", {}).get(str(b))
+        return lat["p50"] if lat else None
+
+    for name, row in rows.items():
+        if "latency_ms" not in row:
+            continue
+        for ref_name, key in ((REFERENCE, "speedup_vs_fp32"), (USUAL_INT8, "speedup_vs_usual_int8")):
+            row[key] = {
+                str(b): (p50(ref_name, b) / p50(name, b)) if p50(ref_name, b) and p50(name, b) else None
+                for b in batch_sizes
+            }
+        row["targets"] = check_targets(name, row, rows.get(REFERENCE, {}))
+    return {
+        "model": "builtin:minilm",
+        "sequence_length": seq_len,
+        "threads": threads,
+        "rounds": rounds,
+        "method": "interleaved rounds in one process; p50 of per-call times; speedups are ratios of p50s",
+        "environment": env,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "variants": rows,
+    }
+
+
+def check_targets(name: str, row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
+    target_name = next((t for t in TARGETS if name.endswith(t) or name == t), None)
+    if target_name is None:
+        return {}
+    t = TARGETS[target_name]
+    cos = row["quality"].get("fidelity_cosine", 0.0)
+    out: dict[str, Any] = {"target": target_name, "cosine_ok": cos >= t["min_cosine"]}
+    if "b1_speedup_vs_usual_int8" in t:
+        s = (row.get("speedup_vs_usual_int8") or {}).get("1")
+        out["speed_ok"] = s is not None and s >= t["b1_speedup_vs_usual_int8"]
+        out["need"] = (
+            f"cosine >= {t['min_cosine']}, b1 >= {t['b1_speedup_vs_usual_int8']}x the usual ONNX INT8"
+        )
+    if "b32_speedup_vs_fp32" in t:
+        s = (row.get("speedup_vs_fp32") or {}).get("32")
+        out["speed_ok"] = s is not None and s >= t["b32_speedup_vs_fp32"]
+        out["need"] = f"cosine >= {t['min_cosine']}, b32 >= {t['b32_speedup_vs_fp32']}x torch FP32"
+    if "max_size_share_of_fp32" in t:
+        share = row["size_bytes"] / ref["size_bytes"] if ref.get("size_bytes") else None
+        out["size_share"] = share
+        out["speed_ok"] = share is not None and share <= t["max_size_share_of_fp32"]
+        out["need"] = f"cosine >= {t['min_cosine']}, size <= {t['max_size_share_of_fp32'] * 100:.0f}% of FP32"
+    out["met"] = bool(out["cosine_ok"] and out.get("speed_ok"))
+    return out
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [
+        f"builtin:minilm, sequence length {result['sequence_length']}, {result['threads']} threads, "
+        f"{result['environment']['machine']['cpu']}; {result['method']}",
+        "",
+        f"{'variant':<40} {'b1 p50':>9} {'b32 p50':>9} {'size MB':>8} {'cosine':>8} {'x fp32 b1':>9} "
+        f"{'x fp32 b32':>10} {'x int8 b1':>9} {'x int8 b32':>10}  target",
+    ]
+
+    def cell(v: float | None, spec: str) -> str:
+        return "-" if v is None else format(v, spec)
+
+    for name, row in result["variants"].items():
+        if "error" in row:
+            lines.append(f"{name:<40} ERROR {row['error'][:100]}")
+            continue
+        lat = row["latency_ms"]
+        sp, si = row.get("speedup_vs_fp32", {}), row.get("speedup_vs_usual_int8", {})
+        t = row.get("targets") or {}
+        mark = ("MET" if t.get("met") else "MISSED") + f" ({t['need']})" if t else ""
+        lines.append(
+            f"{name:<40} {cell(lat.get('1', {}).get('p50'), '.2f'):>9} {cell(lat.get('32', {}).get('p50'), '.1f'):>9} "
+            f"{row['size_bytes'] / 1e6:>8.1f} {cell(row['quality'].get('fidelity_cosine'), '.4f'):>8} "
+            f"{cell(sp.get('1'), '.2f'):>9} {cell(sp.get('32'), '.2f'):>10} {cell(si.get('1'), '.2f'):>9} "
+            f"{cell(si.get('32'), '.2f'):>10}  {mark}"
+        )
+    return "\n".join(lines)
+
+
+def write_result(result: dict[str, Any], out: Path | None, workspace_root: Path) -> Path:
+    path = out or workspace_root / "bench" / f"bench-{result['created'].replace(':', '')}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
