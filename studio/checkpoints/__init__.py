@@ -78,6 +78,11 @@ def _open_folder(path: Path, source: str) -> LoadedModel:
         from studio.checkpoints.safetensors_files import open_safetensors
 
         return open_safetensors(shards, source=source, path=path)
+    programs = [p for p in entries if p.suffix == ".pt2"]
+    if len(programs) == 1:  # a saved variant of a non-transformers torch model
+        from studio.checkpoints.torch_files import open_torch_file
+
+        return open_torch_file(programs[0], source=source, trust=False)
     onnx_files = sorted(p for p in entries if p.suffix == ".onnx")
     if len(onnx_files) == 1:
         from studio.checkpoints.onnx_file import open_onnx

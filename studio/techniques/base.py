@@ -97,6 +97,8 @@ class Technique:
     Params: ClassVar[type[Params]] = NoParams
     # Families the technique applies to; None means every family.
     families: ClassVar[tuple[str, ...] | None] = None
+    # Parameters a new block starts with in the editor, when the Params defaults alone do not validate.
+    starter_params: ClassVar[dict[str, Any]] = {}
 
     def availability(self) -> tuple[bool, str | None]:
         """(available, reason when not): e.g. TensorRT without an NVIDIA GPU."""
@@ -129,6 +131,7 @@ class Technique:
             "description": cls.description,
             "families": list(cls.families) if cls.families else None,
             "params": cls.Params.model_json_schema(),
+            "starter_params": dict(cls.starter_params),
             "available": ok,
         }
         if not ok:

@@ -83,7 +83,12 @@ def save_torch_variant(
     else:
         if example_inputs is None:
             raise BadInput("this torch module has no config; saving it needs example inputs to export it")
-        program = torch.export.export(module, example_inputs)
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        dynamic = tuple({0: batch} if getattr(x, "dim", lambda: 0)() > 0 else None for x in example_inputs)
+        try:
+            program = torch.export.export(module, example_inputs, dynamic_shapes=dynamic)
+        except Exception:  # some graphs specialise the batch size; a fixed-shape program still reloads
+            program = torch.export.export(module, example_inputs)
         torch.export.save(program, str(folder / "model.pt2"))
     return sorted(p for p in folder.rglob("*") if p.is_file())
 
@@ -107,9 +112,14 @@ def build_variant_module(cls: type, path: Path, config: Any) -> Any:
         state = load_weights_only(path / "model.pt")
     else:
         raise BadInput("no model.safetensors or model.pt in the variant folder", path=path)
+    # safetensors keeps one name per shared tensor (e.g. lm_head.weight): give the tied source its value
+    # before loading, or tie_weights() would copy a random embedding over the loaded head.
+    tied = dict(getattr(module, "all_tied_weights_keys", None) or {})
+    for target, source in tied.items():
+        if source not in state and target in state:
+            state[source] = state[target]
     missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    tied = set(getattr(module, "_tied_weights_keys", None) or [])  # a list or a dict, by version
-    missing = [k for k in missing if k not in tied and not k.endswith(tuple(tied))]
+    missing = [k for k in missing if k not in tied]
     if missing or unexpected:
         raise BadInput(
             f"the saved weights do not fit the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})",
