@@ -155,6 +155,10 @@ def stage_of(model: LoadedModel) -> str:
     return "onnx" if model.format == "onnx" else "torch"
 
 
+def _a(kind: str) -> str:
+    return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
+
+
 def check_steps(
     steps: list[Step], start_kind: str, model: LoadedModel | None = None
 ) -> tuple[list[PlannedStep], list[tuple[int, str]]]:
@@ -185,7 +189,7 @@ def check_steps(
             problems.append(
                 (
                     i,
-                    f"{label}: needs a {cls.input_kind} model but {previous} gives a {kind} model"
+                    f"{label}: needs {_a(cls.input_kind)} model but {previous} gives {_a(kind)} model"
                     + (" (torch steps must come before export.onnx)" if cls.input_kind == "torch" else ""),
                 )
             )

@@ -1,0 +1,140 @@
+"""The run panel with real worker processes (`python -m studio.worker`) on the real MiniLM.
+
+Runs are kept small: no latency timing, 8 evaluation examples of 32 tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+
+import pytest
+
+pytest.importorskip("pytestqt")
+
+from PySide6.QtCore import QCoreApplication, QSettings
+
+from studio.gui.document import StudioDocument
+from studio.gui.run_panel import RunPanel
+from studio.pipeline import Recipe
+from studio.variants import Workspace
+
+pytestmark = pytest.mark.gui
+
+SMALL = {
+    "model": "builtin:minilm",
+    "data": {"evaluation_examples": 8, "calibration_examples": 8},
+    "evaluate": {"latency": False, "sequence_length": 32},
+}
+
+
+@pytest.fixture(autouse=True)
+def _private_settings(tmp_path):
+    QCoreApplication.setOrganizationName("model-studio-tests")
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+
+
+@pytest.fixture
+def workspace(tmp_path):
+    return Workspace(tmp_path / "ws")
+
+
+@pytest.fixture
+def document(workspace):
+    return StudioDocument(workspace=workspace)
+
+
+@pytest.fixture
+def panel(qtbot, document):
+    widget = RunPanel(document)
+    qtbot.addWidget(widget)
+    widget.resize(1280, 760)
+    widget.show()
+    yield widget
+    widget.shutdown()
+
+
+def load(document, **extra):
+    document.load_recipe(Recipe.model_validate({**SMALL, **extra}))
+
+
+def test_a_crash_is_reported_then_the_empty_pipeline_runs_to_the_end(qtbot, panel, document, workspace):
+    load(document)
+    assert panel.progress_values() == [0, 0]  # "Load model" and "Evaluate"
+    panel.extra_job_fields = {"crash_for_test": "SIGKILL"}  # the worker kills itself with a real signal
+    with qtbot.waitSignal(panel.failed, timeout=60_000) as blocker:
+        assert panel.run()
+    assert "SIGKILL" in blocker.args[0]
+    assert "SIGKILL" in panel.error_label.text() and panel.error_banner.isVisibleTo(panel)
+    assert not panel.is_running() and panel.run_button.isEnabled()
+    assert list((workspace.root / "tmp").iterdir()) == []
+
+    panel.extra_job_fields = {}
+    changed = []
+    document.variants_changed.connect(lambda: changed.append(True))
+    with qtbot.waitSignal(panel.started):
+        assert panel.run()
+    assert panel.is_running() and not panel.run_button.isEnabled() and panel.cancel_button.isEnabled()
+    with qtbot.waitSignal(panel.finished, timeout=180_000) as blocker:
+        pass
+    result = blocker.args[0]
+    assert changed == [True]
+    assert not panel.is_running() and panel.run_button.isEnabled()
+    assert not panel.error_banner.isVisibleTo(panel)
+    assert panel.progress_values() == [100, 100]
+    (variant,) = result["variants"]
+    assert variant["id"] in [v["id"] for v in workspace.list()]
+    assert variant["metrics"]["quality"]["fidelity_cosine"] == pytest.approx(1.0, abs=1e-3)
+    assert variant["id"] in panel.result_label.text() and panel.result_label.isVisibleTo(panel)
+    assert "loaded builtin:minilm" in panel.log_view.toPlainText()
+    assert list((workspace.root / "tmp").iterdir()) == []
+
+
+def test_loss_curve_while_distilling_then_cancel_leaves_nothing(qtbot, panel, document, workspace):
+    load(document, steps=[{"technique": "distill", "params": {"steps": 200, "batch_size": 1}}])
+    assert panel.loss_plot.isVisibleTo(panel)
+    plot = panel.loss_plot.getPlotItem()
+    assert plot.getAxis("bottom").labelText == "iteration" and plot.getAxis("left").labelText == "loss"
+    before = workspace.list()
+    assert panel.run()
+    job = workspace.root / "tmp" / panel.job_id
+    qtbot.waitUntil(lambda: len(panel.loss_points().get(0, ([], []))[0]) >= 2, timeout=180_000)
+    assert job.exists()  # the worker is inside the run: its work folder exists
+    (curve,) = [item for item in panel.loss_plot.getPlotItem().listDataItems()]
+    xs, ys = curve.getData()  # what the plot draws
+    assert list(xs[:2]) == [0, 1]
+    assert all(math.isfinite(y) and y > -1e-4 for y in ys), ys  # 1 - cosine: tiny negative when equal
+    assert 0 < panel.progress_values()[1] < 100  # the distill row moves with its steps
+
+    pid = panel.process.processId()
+    started = time.perf_counter()
+    with qtbot.waitSignal(panel.cancelled, timeout=2000):
+        panel.cancel()
+    assert time.perf_counter() - started < 2.0
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert not job.exists() and list((workspace.root / "tmp").iterdir()) == []
+    assert workspace.list() == before
+    assert not panel.is_running() and panel.run_button.isEnabled()
+    assert "Cancelled" in panel.status_label.text()
+
+
+def test_an_invalid_pipeline_is_refused_before_starting(qtbot, panel, document):
+    load(document, steps=[{"technique": "export.onnx"}, {"technique": "prune.magnitude"}])
+    with qtbot.waitSignal(panel.failed, timeout=1000) as blocker:
+        assert not panel.run()
+    assert "needs a torch model" in blocker.args[0]
+    assert not panel.is_running() and panel.process is None
+    assert "needs a torch model" in panel.error_label.text()
+
+
+def test_run_settings_edit_the_recipe(qtbot, panel, document):
+    load(document)
+    spin = panel.evaluate_form.editor("sequence_length")
+    assert spin.value() == 32
+    spin.setValue(64)
+    assert document.recipe().evaluate.sequence_length == 64
+    document.load_recipe(Recipe.model_validate({**SMALL, "evaluate": {"sequence_length": 16}}))
+    assert panel.evaluate_form.editor("sequence_length").value() == 16
