@@ -146,7 +146,9 @@ def initial_state(model: LoadedModel) -> StageState:
 
     if model.format == "onnx":
         return StageState("onnx", model, path=model.path)
-    return StageState("torch", model, module=copy.deepcopy(model.module))
+    # A reopened studio variant keeps its structure records, so saving it again still rebuilds it.
+    done = getattr(model.config, "studio_transforms", None) or []
+    return StageState("torch", model, module=copy.deepcopy(model.module), transforms=copy.deepcopy(list(done)))
 
 
 _REGISTRY: dict[str, type[Technique]] = {}

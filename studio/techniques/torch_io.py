@@ -73,7 +73,7 @@ def save_torch_variant(
         config.pop("_name_or_path", None)
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         state = module.state_dict()
-        if all(_plain(v) for v in state.values() if isinstance(v, torch.Tensor)):
+        if all(_plain(v) for v in state.values()):  # tuples (packed params) or quantized tensors -> model.pt
             from safetensors.torch import save_model
 
             save_model(module, str(folder / "model.safetensors"))

@@ -1,0 +1,327 @@
+"""The layers that quantize.dynamic_int8 and quantize.weight_only put into a torch model.
+
+Imported only when a quantization technique runs or a quantized variant is rebuilt (it imports torch).
+
+Every layer keeps its state as *plain* tensors (int8 / uint8 codes, float scales, float bias), never as
+torch quantized tensors (`qint8`, deprecated in torch 2.13) nor tensor subclasses: a quantized variant is
+then written to model.safetensors, reopens without unpickling anything, and stays readable by the weight
+inspection like any other checkpoint. Each layer's `__init__` builds it from shapes alone, which is what
+`Technique.restore` needs; the codes and scales arrive with the state dict.
+
+- `DynamicInt8Linear`: int8 weights (symmetric, per output channel or per tensor), activations quantized
+  per batch at run time; the matmul is FBGEMM's `quantized::linear_dynamic`, the same kernel
+  `torch.ao.quantization.quantize_dynamic` uses. The weights are packed for the kernel when loaded and
+  unpacked only to save, so they are held once.
+- `Int8Embedding`: int8 embedding rows with one scale per row (weight-only, dequantized on lookup), so an
+  encoder's vocabulary table, often half its size, shrinks too.
+- `WeightOnlyLinear`: 8- or 4-bit group-wise round-to-nearest weights (two 4-bit codes per byte),
+  dequantized in `forward` and multiplied in the activations' precision: smaller on disk and in memory,
+  not faster on CPU.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@contextmanager
+def _quiet_quantized_ops() -> Iterator[None]:
+    """torch 2.13 warns that quantized tensor constructors are deprecated; they exist only for a moment
+    here, to hand FBGEMM its packed weights, and never reach a saved file."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
+
+
+def vnni_available() -> bool:
+    """AVX512-VNNI (or AMX) accumulates u8 x s8 products straight into int32."""
+    for name in ("_is_vnni_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, name, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except (RuntimeError, AttributeError):
+            continue
+    return False
+
+
+def _missing(state_dict: dict, prefix: str, names: tuple[str, ...], missing_keys: list[str]) -> bool:
+    absent = [prefix + n for n in names if prefix + n not in state_dict]
+    missing_keys.extend(absent)
+    return bool(absent)
+
+
+def _unexpected(state_dict: dict, prefix: str, known: tuple[str, ...], unexpected_keys: list[str]) -> None:
+    for key in state_dict:
+        if key.startswith(prefix) and key[len(prefix) :] not in known:
+            unexpected_keys.append(key)
+
+
+class DynamicInt8Linear(nn.Module):
+    """A Linear layer with int8 weights and dynamically quantized int8 activations (FBGEMM).
+
+    FBGEMM's default (`reduce_range=True`) quantizes activations to 7 bits so that u8 x s8 pair sums
+    cannot saturate the int16 accumulator of AVX2's VPMADDUBSW. With AVX512-VNNI the products go straight
+    into int32 and the 8th bit is free accuracy (MiniLM: mean cosine 0.978 -> 0.994), so the full range is
+    used where the CPU has VNNI; this is decided on the machine that runs the model, not stored.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, per_channel: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.per_channel = per_channel
+        self.has_bias = bias
+        self.reduce_range = not vnni_available()
+        scales = torch.ones(out_features if per_channel else 1)
+        self._pack(
+            torch.zeros(out_features, in_features, dtype=torch.int8),
+            scales,
+            torch.zeros(out_features) if bias else None,
+        )
+
+    def _pack(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> None:
+        scales = scales.detach().to(torch.float64).reshape(-1)
+        codes = codes.detach().to(torch.int8).contiguous()
+        with _quiet_quantized_ops():
+            if self.per_channel:
+                zeros = torch.zeros(len(scales), dtype=torch.long)
+                qweight = torch._make_per_channel_quantized_tensor(codes, scales, zeros, 0)
+            else:
+                qweight = torch._make_per_tensor_quantized_tensor(codes, float(scales[0]), 0)
+            b = None if bias is None else bias.detach().to(torch.float32).contiguous()
+            self._packed = torch.ops.quantized.linear_prepack(qweight, b)
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, per_channel: bool
+    ) -> DynamicInt8Linear:
+        """Quantize a float weight [out, in] with torch.ao's weight observers (symmetric int8, as
+        `per_channel_dynamic_qconfig` / `default_dynamic_qconfig` do)."""
+        from torch.ao.quantization.observer import MinMaxObserver, PerChannelMinMaxObserver
+
+        w = weight.detach().to(torch.float32)
+        if per_channel:
+            observer = PerChannelMinMaxObserver(
+                ch_axis=0, dtype=torch.qint8, qscheme=torch.per_channel_symmetric
+            )
+        else:
+            observer = MinMaxObserver(dtype=torch.qint8, qscheme=torch.per_tensor_symmetric)
+        observer(w)
+        scales, _zero = observer.calculate_qparams()
+        scales = scales.to(torch.float32).reshape(-1)
+        per_row = scales.reshape(-1, 1) if per_channel else scales.reshape(1, 1)
+        codes = torch.round(w / per_row).clamp(observer.quant_min, observer.quant_max).to(torch.int8)
+        layer = cls(w.shape[1], w.shape[0], bias is not None, per_channel)
+        layer._pack(codes, scales, bias)
+        return layer
+
+    def unpacked(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(int8 codes [out, in], float32 scales [out] or [1], bias or None)."""
+        with _quiet_quantized_ops():
+            qweight, bias = torch.ops.quantized.linear_unpack(self._packed)
+            codes = qweight.int_repr()
+            if self.per_channel:
+                scales = qweight.q_per_channel_scales().to(torch.float32)
+            else:
+                scales = torch.tensor([qweight.q_scale()], dtype=torch.float32)
+        return codes, scales, bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.quantized.linear_dynamic(x.to(torch.float32), self._packed, self.reduce_range)
+        return y.to(x.dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        codes, scales, bias = self.unpacked()
+        destination[prefix + "weight_int8"] = codes
+        destination[prefix + "weight_scale"] = scales
+        if bias is not None:
+            destination[prefix + "bias"] = bias.detach().clone()
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        names = ("weight_int8", "weight_scale", *(("bias",) if self.has_bias else ()))
+        _unexpected(state_dict, prefix, names, unexpected_keys)
+        if _missing(state_dict, prefix, names, missing_keys):
+            return
+        codes, scales = state_dict[prefix + "weight_int8"], state_dict[prefix + "weight_scale"]
+        n_scales = self.out_features if self.per_channel else 1
+        if tuple(codes.shape) != (self.out_features, self.in_features) or scales.numel() != n_scales:
+            error_msgs.append(
+                f"size mismatch for {prefix}weight_int8: {tuple(codes.shape)} / {scales.numel()} scales, "
+                f"expected ({self.out_features}, {self.in_features}) / {n_scales}"
+            )
+            return
+        self._pack(codes, scales, state_dict.get(prefix + "bias"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.has_bias}, "
+            f"per_channel={self.per_channel}, reduce_range={self.reduce_range}"
+        )
+
+
+class Int8Embedding(nn.Module):
+    """An embedding table stored as int8 rows with one scale per row (symmetric), dequantized on lookup."""
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.num_embeddings = num_embeddings
+        self.embedding_dim = embedding_dim
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, dtype=dtype))
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
+        w = weight.detach()
+        layer = cls(w.shape[0], w.shape[1], w.dtype)
+        w = w.to(torch.float32)
+        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(layer.weight_scale.dtype).tiny)
+        scales = scales.to(layer.weight_scale.dtype)  # codes are rounded against the stored scale
+        codes = torch.round(w / scales.to(torch.float32).unsqueeze(1)).clamp(-127, 127)
+        layer.weight_int8.copy_(codes.to(torch.int8))
+        layer.weight_scale.copy_(scales)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(ids, self.weight_int8).to(self.weight_scale.dtype)
+        return rows * F.embedding(ids, self.weight_scale.unsqueeze(1))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+class WeightOnlyLinear(nn.Module):
+    """A Linear layer whose weight is stored as 8- or 4-bit codes with one scale per group of
+    `group_size` input columns (and a zero point per group when asymmetric).
+
+    Buffers: `qweight` (int8 [out, in] for symmetric 8 bit, uint8 [out, in] for asymmetric 8 bit,
+    uint8 [out, in/2] for 4 bit: column 2j in the low nibble, 2j+1 in the high one), `scales`
+    [out, in/group] in the weight's float dtype, `zeros` uint8 [out, in/group] (asymmetric only).
+    Symmetric 4-bit codes are stored with an offset of 8; symmetric scales may be negative.
+    """
+
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor | None
+    bias: nn.Parameter | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        dtype: torch.dtype = torch.float32,
+    ):
+        super().__init__()
+        if bits not in (4, 8):
+            raise ValueError(f"bits must be 8 or 4, not {bits}")
+        if group_size <= 0 or in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide the input width {in_features}")
+        if bits == 4 and in_features % 2:
+            raise ValueError(f"4-bit codes are packed in pairs: the input width {in_features} is odd")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.symmetric = symmetric
+        groups = in_features // group_size
+        if bits == 4:
+            qweight = torch.zeros(out_features, in_features // 2, dtype=torch.uint8)
+        else:
+            qweight = torch.zeros(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype))
+        if symmetric:
+            self.register_buffer("zeros", None)
+        else:
+            self.register_buffer("zeros", torch.zeros(out_features, groups, dtype=torch.uint8))
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, dtype=dtype), requires_grad=False) if bias else None
+        )
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, symmetric: bool
+    ) -> WeightOnlyLinear:
+        """Round-to-nearest quantization of a float weight [out, in], group by group."""
+        out_features, in_features = weight.shape
+        dtype = weight.dtype
+        layer = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, dtype)
+        tiny = torch.finfo(dtype).tiny
+        w = weight.detach().to(torch.float32).reshape(out_features, -1, group_size)
+        if symmetric:
+            # The group's largest-magnitude weight maps to the code -2^(bits-1) exactly (the scale takes
+            # its sign), so all 2^bits codes are used: MiniLM int4/g32 cosine 0.960 -> 0.970 compared with
+            # scale = max|w| / 7.
+            qmin = -(2 ** (bits - 1))
+            extreme = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+            magnitude = (extreme.abs() / -qmin).clamp(min=tiny)
+            scales = torch.where(extreme > 0, -magnitude, magnitude).to(dtype)
+            codes = torch.round(w / scales.to(torch.float32).unsqueeze(-1)).clamp(qmin, -qmin - 1)
+            if bits == 4:
+                codes = codes + 8
+        else:
+            levels = 2**bits - 1
+            lo = w.amin(dim=-1).clamp(max=0)  # the range holds 0, so zero weights stay exact
+            hi = w.amax(dim=-1).clamp(min=0)
+            scales = ((hi - lo) / levels).clamp(min=tiny).to(dtype)
+            s = scales.to(torch.float32)
+            zeros = torch.round(-lo / s).clamp(0, levels)
+            codes = (torch.round(w / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, levels)
+            assert layer.zeros is not None  # asymmetric layers are built with zero points
+            layer.zeros.copy_(zeros.to(torch.uint8))
+        codes = codes.reshape(out_features, in_features)
+        if bits == 4:
+            nibbles = codes.to(torch.uint8)
+            layer.qweight.copy_(nibbles[:, 0::2] | (nibbles[:, 1::2] << 4))
+        else:
+            layer.qweight.copy_(codes.to(layer.qweight.dtype))
+        layer.scales.copy_(scales)
+        if bias is not None and layer.bias is not None:
+            layer.bias.data.copy_(bias.detach().to(dtype))
+        return layer
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes [out, in] (unpacked, offsets not yet removed)."""
+        q = self.qweight
+        if self.bits == 4:
+            q = torch.stack((q & 0x0F, q >> 4), dim=-1).reshape(self.out_features, self.in_features)
+        return q
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The float weight [out, in] these codes stand for."""
+        groups = self.in_features // self.group_size
+        q = self.codes().reshape(self.out_features, groups, self.group_size).to(torch.float32)
+        if self.zeros is not None:
+            q = q - self.zeros.to(torch.float32).unsqueeze(-1)
+        elif self.bits == 4:
+            q = q - 8
+        w = (q * self.scales.to(torch.float32).unsqueeze(-1)).reshape(self.out_features, self.in_features)
+        return w.to(dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int{self.bits} {kind}, group_size={self.group_size}"
+        )
