@@ -116,8 +116,14 @@ def accepted_inputs(model: LoadedModel) -> tuple[str, ...]:
     except (TypeError, ValueError):
         return TEXT_INPUTS
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and "input_ids" not in params:
-        return TEXT_INPUTS
-    return tuple(k for k in TEXT_INPUTS if k in params)
+        names = TEXT_INPUTS
+    else:
+        names = tuple(k for k in TEXT_INPUTS if k in params)
+    # GPT-2's forward takes token_type_ids but adds a token embedding for them: only models with a
+    # segment embedding (BERT's type_vocab_size) should get the tokenizer's segment ids.
+    if not getattr(model.config, "type_vocab_size", 0):
+        names = tuple(k for k in names if k != "token_type_ids")
+    return names
 
 
 def _hf_primary(out: Any) -> torch.Tensor:
@@ -315,6 +321,12 @@ class Seq2Seq(Family):
             labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
             self.objective = "seq2seq loss against the given references"
         else:
+            if model.format == "onnx":
+                raise BadInput(
+                    "a seq2seq ONNX graph cannot generate its own targets here: give evaluation data with "
+                    "references (a 'target' field, e.g. builtin:translation-en-de)",
+                    path=model.path,
+                )
             with torch.no_grad():
                 gen = model.module.generate(
                     **b.inputs, max_new_tokens=min(self.max_new_tokens, seq_len), do_sample=False, num_beams=1

@@ -83,7 +83,8 @@ class LoadedModel:
     family: str
     tensor_source: Callable[[], Iterator[TensorRef]] = field(repr=False)
     module_factory: Callable[[], Any] | None = field(default=None, repr=False)
-    config: Any | None = field(default=None, repr=False)  # transformers PretrainedConfig when known
+    # The transformers PretrainedConfig, built on first use (building it imports torch: seconds).
+    config_factory: Callable[[], Any] | None = field(default=None, repr=False)
     architecture: str | None = None
     tokenizer_dir: Path | None = None  # folder with tokenizer files, when the model takes text
     pooling: str | None = None  # feature-extraction: "mean" or "cls"
@@ -96,6 +97,10 @@ class LoadedModel:
     @property
     def runnable(self) -> bool:
         return self.module_factory is not None
+
+    @cached_property
+    def config(self) -> Any | None:
+        return self.config_factory() if self.config_factory is not None else None
 
     @cached_property
     def module(self) -> Any:

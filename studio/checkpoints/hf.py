@@ -21,8 +21,7 @@ TOKENIZER_FILES = (
 )
 
 
-def read_config(path: Path) -> Any:
-    """The transformers config of a folder; unknown model types and broken JSON become BadInput."""
+def read_raw_config(path: Path) -> dict[str, Any]:
     cfg_file = path / "config.json"
     try:
         raw = json.loads(cfg_file.read_text())
@@ -32,6 +31,13 @@ def read_config(path: Path) -> Any:
         raise BadInput("config.json is not a JSON object", path=cfg_file)
     if "model_type" not in raw:
         raise BadInput("config.json has no 'model_type': cannot tell the architecture", path=cfg_file)
+    return raw
+
+
+def read_config(path: Path) -> Any:
+    """The transformers config of a folder; unknown model types and broken JSON become BadInput."""
+    cfg_file = path / "config.json"
+    raw = read_raw_config(path)
     from transformers import AutoConfig
 
     try:
@@ -44,21 +50,31 @@ def read_config(path: Path) -> Any:
         ) from exc
 
 
-def model_class(config: Any, path: Path) -> type:
-    """The transformers class named by config.architectures (AutoModel when none is named)."""
+def architecture_name(config: Any, path: Path) -> str:  # config: a PretrainedConfig or the raw dict
+    """The transformers class named by config.architectures (AutoModel when none is named), checked
+    against transformers' export list without importing the modeling code (that import takes seconds)."""
     import transformers
 
-    archs = list(getattr(config, "architectures", None) or [])
+    archs = list((config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None))
+                 or [])
     if not archs:
-        return transformers.AutoModel
+        return "AutoModel"
     name = archs[0]
-    cls = getattr(transformers, name, None)
-    if cls is None or not hasattr(cls, "from_pretrained"):
+    if name not in getattr(transformers, "__all__", ()) or not name[:1].isupper():
         raise BadInput(
             f"unknown architecture '{name}' in config.json: transformers {transformers.__version__} has no such "
             "class (remote code is never run)",
             path=path / "config.json",
         )
+    return name
+
+
+def model_class(config: Any, path: Path) -> type:
+    import transformers
+
+    cls = getattr(transformers, architecture_name(config, path))
+    if not hasattr(cls, "from_pretrained"):
+        raise BadInput(f"'{cls.__name__}' in config.json is not a model class", path=path / "config.json")
     return cls
 
 
@@ -123,10 +139,14 @@ def load_pretrained(cls: type, path: Path) -> Any:
 
 
 def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
+    from types import SimpleNamespace
+
     from studio.families import family_from_architecture
 
-    config = read_config(path)
-    cls = model_class(config, path)
+    raw = read_raw_config(path)
+    arch = architecture_name(raw, path)
+    if arch == "AutoModel":
+        read_config(path)  # no class named: transformers must at least know the model type
     files = weight_files(path)
     if not files:
         raise BadInput("no weights in the folder (no *.safetensors or pytorch_model.bin)", path=path)
@@ -138,7 +158,7 @@ def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
 
             check_safetensors(f)
 
-    family = family_from_architecture(cls.__name__, config)
+    family = family_from_architecture(arch, SimpleNamespace(**raw))
     pooling, normalize = sentence_transformers_pooling(path)
     if family == "feature-extraction" and pooling is None:
         pooling = "mean"
@@ -147,20 +167,23 @@ def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
     def build() -> Any:
         from studio.techniques.torch_io import TRANSFORMS_KEY, build_variant_module
 
+        config = model.config
+        cls = model_class(config, path)
         if getattr(config, TRANSFORMS_KEY, None):
             return build_variant_module(cls, path, config)
         return load_pretrained(cls, path)
 
-    return LoadedModel(
+    model = LoadedModel(
         source=source,
         path=path,
         format=format,
         family=family,
         tensor_source=lambda: iter_weights(files),
         module_factory=build,
-        config=config,
-        architecture=cls.__name__,
+        config_factory=lambda: read_config(path),
+        architecture=arch,
         tokenizer_dir=path if has_tokenizer else None,
         pooling=pooling,
         normalize=normalize,
     )
+    return model

@@ -61,6 +61,21 @@ def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
         )
 
 
+def config_from_json(text: str) -> Any:
+    """The transformers config export.onnx stored in the graph's metadata (family details, token ids)."""
+    import json
+
+    from transformers import AutoConfig
+
+    data = json.loads(text)
+    try:
+        return AutoConfig.for_model(data.pop("model_type"), **data)
+    except (KeyError, ValueError):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(**data)
+
+
 def open_onnx(path: Path, *, source: str) -> LoadedModel:
     from studio.checkpoints.hf import TOKENIZER_FILES
     from studio.families import family_from_onnx
@@ -70,10 +85,14 @@ def open_onnx(path: Path, *, source: str) -> LoadedModel:
         raise BadInput("the ONNX model has an empty graph", path=path)
     inputs = [i.name for i in model.graph.input]
     props = {p.key: p.value for p in model.metadata_props}
+    raw_config = props.get("studio.config")
     return LoadedModel(
         source=source,
         path=path,
         format="onnx",
+        pooling=props.get("studio.pooling") or None,
+        normalize=props.get("studio.normalize", "").lower() in ("1", "true", "yes"),
+        config_factory=(lambda: config_from_json(raw_config)) if raw_config else None,
         family=props.get("studio.family") or family_from_onnx(model),
         tensor_source=lambda: iter_onnx_tensors(path),
         architecture=props.get("studio.architecture") or model.graph.name or None,

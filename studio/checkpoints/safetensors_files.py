@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from studio.checkpoints.base import LoadedModel, TensorRef
 from studio.errors import BadInput
@@ -98,22 +98,32 @@ def _read_rows(path: Path, data_start: int, info: dict, start: int, stop: int) -
     return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:])
 
 
+class _LazyFile:
+    """A safetensors file opened (memory-mapped, which imports torch) only when a tensor is first loaded."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._handle: Any = None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if self._handle is None:
+            self._handle = _safe_open(self.path)
+        return self._handle.get_tensor(name)
+
+
 def iter_safetensors(files: list[Path]) -> Iterator[TensorRef]:
+    """Tensor descriptions come from the JSON header alone: listing a checkpoint reads no weights."""
     for path in files:
         data_start, header = read_header(path)
-        handle = None
+        lazy = _LazyFile(path)
         for name, info in header.items():
-            if handle is None:
-                handle = _safe_open(path)
             known = info["dtype"] in _DTYPES
             yield TensorRef(
                 name=name,
                 shape=tuple(info["shape"]),
                 dtype=_DTYPES.get(info["dtype"], info["dtype"].lower()),
-                load=lambda h=handle, n=name: h.get_tensor(n),
-                load_rows=(lambda a, b, i=info, p=path, d=data_start: _read_rows(p, d, i, a, b))
-                if known
-                else None,
+                load=lambda f=lazy, n=name: f.tensor(n),
+                load_rows=(lambda a, b, i=info, p=path, d=data_start: _read_rows(p, d, i, a, b)) if known else None,
             )
 
 

@@ -1,1 +1,519 @@
-"""(being written)"""
+"""export.onnx: the torch model as an ONNX graph, verified against torch on real inputs.
+
+The graph has one output, the tensor the family compares through `from_primary` (the last hidden state
+of encoders, logits otherwise), so every later stage (ONNX passes, TensorRT, evaluation) is fed and judged
+like the torch model. The helpers at the bottom (saving with external data, metadata, side files) are
+shared by the ONNX passes in onnx_passes.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import shutil
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import Field, model_validator
+
+from studio.errors import BadInput
+from studio.techniques.base import Params, RunContext, StageState, Technique, register
+
+if TYPE_CHECKING:
+    from studio.checkpoints.base import LoadedModel
+    from studio.families import Batch, Family
+
+TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx's TorchScript exporter stops at opset 20
+TWO_GB = 2**31 - 1  # protobuf's limit on one serialized message: larger models keep weights outside
+FAIL_FACTOR = 100.0  # a difference this many times the tolerance is a wrong graph, not rounding
+HALF_RTOL = 1e-2  # half graphs: about 3 significant digits survive a deep network
+SEQ2SEQ_INPUT = "decoder_input_ids"
+
+
+class ExportOnnxParams(Params):
+    opset: int = Field(
+        17,
+        ge=14,
+        le=23,
+        description="ONNX opset version (14-20 with the TorchScript exporter, 18-23 advised with dynamo)",
+    )
+    exporter: Literal["torchscript", "dynamo"] = Field(
+        "torchscript",
+        description="torchscript: torch.onnx.export(dynamo=False), the graphs ONNX Runtime's fusions know "
+        "best; dynamo: the torch.export-based exporter (onnxscript)",
+    )
+    dynamic_axes: bool = Field(
+        True, description="dynamic batch and sequence axes (off: the graph only takes the traced shapes)"
+    )
+    verify: bool = Field(
+        True, description="run torch and ONNX Runtime on calibration examples and compare the outputs"
+    )
+    atol: float = Field(
+        1e-3,
+        gt=0,
+        description="largest acceptable absolute difference of the compared outputs (half graphs: at "
+        "least 1% of the output's magnitude); above it a warning, far above it (100x, or >10% of the "
+        "magnitude) the step fails",
+    )
+
+    @model_validator(mode="after")
+    def _opset_fits_exporter(self) -> ExportOnnxParams:
+        if self.exporter == "torchscript" and self.opset > TORCHSCRIPT_MAX_OPSET:
+            raise ValueError(
+                f"the TorchScript exporter supports opset {TORCHSCRIPT_MAX_OPSET} at most "
+                f"(got {self.opset}); use exporter 'dynamo' for newer opsets"
+            )
+        return self
+
+
+@register
+class ExportOnnx(Technique):
+    id = "export.onnx"
+    title = "Export to ONNX"
+    category = "export"
+    input_kind = "torch"
+    output_kind = "onnx"
+    description = (
+        "Exports the model to an ONNX graph whose output is what the studio compares (last hidden state "
+        "or logits; no KV cache), with dynamic batch and sequence axes, and checks it against torch."
+    )
+    Params = ExportOnnxParams
+
+    def run(self, state: StageState, params: ExportOnnxParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+        import torch
+
+        from studio.families import family_for
+
+        model = state.model
+        family = family_for(model)
+        module = state.module
+        if module is None:
+            raise BadInput("export.onnx needs a torch model")
+        out_dir = ctx.step_dir("export")
+        path = out_dir / "model.onnx"
+
+        dtype = module_dtype(module) or state.info.get("dtype", "float32")
+        info = dict(state.info)
+        if dtype == "bfloat16":
+            # ONNX Runtime's CPU provider has almost no bfloat16 kernels; float16 runs everywhere.
+            import copy
+
+            module = copy.deepcopy(module).to(torch.float16)
+            dtype = "float16"
+            ctx.log("the model is bfloat16: exported as float16, which ONNX Runtime can run on CPU")
+        if dtype in ("float16", "bfloat16", "float32"):
+            info["dtype"] = dtype
+
+        ctx.progress(0.05, "preparing inputs")
+        # One batch serves tracing and verification (seq2seq models generate their targets: once is enough).
+        batch = family.batch(model, export_examples(ctx), ctx.sequence_length)
+        trace_batch = sub_batch(batch, [0, 1])
+        names = input_names(family, trace_batch)
+        trace_args = tuple(example_feeds(trace_batch, names, model))
+
+        # Eager attention: ONNX Runtime's fusions recognise its pattern (not SDPA's), and the TorchScript
+        # exporter's SDPA translation computes half-precision attention in float32, giving an invalid graph.
+        optimize_later = "onnx.optimize" in ctx.later_steps
+        eager = optimize_later or params.exporter == "torchscript"
+        start = time.perf_counter()
+        with attention_implementation(module, "eager" if eager else None) as switched:
+            if switched:
+                ctx.log(
+                    "exported with eager attention"
+                    + (
+                        ", whose pattern the later onnx.optimize step can fuse (SDPA's it cannot)"
+                        if optimize_later
+                        else " (the TorchScript exporter's SDPA translation breaks half-precision graphs)"
+                    )
+                )
+            wrapper = primary_wrapper(module, family, names)
+            ctx.progress(0.15, f"exporting with the {params.exporter} exporter")
+            export_graph(wrapper, trace_args, names, family, params, out_dir, path)
+        seconds = time.perf_counter() - start
+        ctx.metric("export_seconds", seconds)
+        if params.exporter == "dynamo" and "onnx.optimize" in ctx.later_steps:
+            ctx.log(
+                "ONNX Runtime's transformer fusions are written for TorchScript-exported graphs: "
+                "with the dynamo exporter fewer of them may apply",
+                level="warning",
+            )
+
+        props = metadata_for(model, info, params)
+        set_metadata(path, props)
+        copy_model_side_files(model, out_dir)
+        size = onnx_size(path)
+        ctx.metric("onnx_size_bytes", size)
+        opset = graph_opset(path)
+        ctx.log(f"wrote {path.name} ({size / 1e6:.1f} MB, opset {opset}, {dtype}) in {seconds:.1f} s")
+        if opset != params.opset:
+            ctx.log(
+                f"the {params.exporter} exporter wrote opset {opset} (asked: {params.opset})", level="warning"
+            )
+
+        if params.verify:
+            ctx.progress(0.7, "verifying against torch")
+            verify_export(module, path, model, family, batch, dtype, params.atol, ctx)
+        ctx.progress(1.0, "exported")
+        info["onnx_exporter"] = params.exporter
+        info["torch_transforms"] = [r.get("technique") for r in state.transforms]
+        return StageState(kind="onnx", model=model, path=path, info=info)
+
+
+# ---------------------------------------------------------------------------------------------- the graph
+
+
+def module_dtype(module: Any) -> str | None:
+    """The dtype of the module's floating-point weights ("float32", "float16", ...), None if it has none."""
+    for p in [*module.parameters(), *module.buffers()] if hasattr(module, "parameters") else []:
+        if p.is_floating_point():
+            return str(p.dtype).removeprefix("torch.")
+    return None
+
+
+def export_examples(ctx: RunContext, n: int = 8) -> list[Any]:
+    examples = list(ctx.calibration)[:n]
+    if len(examples) < 4:
+        from studio.evaluation.data import load_examples
+
+        examples += load_examples("builtin:sentences", n - len(examples))
+    return examples
+
+
+def sub_batch(batch: Batch, rows: Sequence[int]) -> Batch:
+    """Some rows of a batch, without the padding columns none of them needs (a smaller batch and a
+    shorter sequence: a second shape for the dynamic axes, without tokenizing or generating again)."""
+    import torch
+
+    from studio.families import Batch
+
+    index = torch.tensor(list(rows))
+    inputs = {k: v[index] for k, v in batch.inputs.items()}
+    mask = inputs.get("attention_mask")
+    if mask is not None and mask.dim() == 2 and mask.any():
+        used = mask.bool().any(0).nonzero().squeeze(1)  # padding may be on either side
+        start, stop = int(used.min()), max(int(used.max()) + 1, int(used.min()) + 2)
+        inputs = {k: v[:, start:stop] if v.dim() == 2 else v for k, v in inputs.items()}
+    labels = None if batch.labels is None else batch.labels[index]
+    if labels is not None and labels.dim() == 2:
+        used = (labels != -100).any(0).nonzero()
+        labels = labels[:, : max(int(used.max()) + 1 if len(used) else 1, 2)]
+    return Batch(inputs=inputs, labels=labels)
+
+
+def input_names(family: Family, batch: Batch) -> list[str]:
+    names = list(batch.inputs)
+    if family.name == "seq2seq":
+        names.append(SEQ2SEQ_INPUT)
+    return names
+
+
+def example_feeds(batch: Batch, names: Sequence[str], model: LoadedModel) -> list[Any]:
+    from studio.families import Seq2Seq
+
+    return [
+        Seq2Seq.decoder_input_ids(batch, model.config) if n == SEQ2SEQ_INPUT else batch.inputs[n]
+        for n in names
+    ]
+
+
+@contextlib.contextmanager
+def attention_implementation(module: Any, implementation: str | None) -> Any:
+    """Switch a transformers model's attention implementation for the export, and back afterwards
+    (the pipeline's torch module is left as it was). Yields whether it switched."""
+    config = getattr(module, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if (
+        implementation is None
+        or current in (None, implementation)
+        or not hasattr(module, "set_attn_implementation")
+    ):
+        yield False
+        return
+    module.set_attn_implementation(implementation)
+    try:
+        yield True
+    finally:
+        module.set_attn_implementation(current)
+
+
+def primary_wrapper(module: Any, family: Family, names: Sequence[str]) -> Any:
+    """A module taking the inputs positionally (in `names` order) and returning only the compared
+    tensor: the last hidden state for encoders, logits otherwise; no cache, no extra outputs."""
+    import inspect
+
+    import torch
+
+    try:
+        accepted: set[str] = set(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        accepted = set()
+    extra: dict[str, Any] = {}
+    if "use_cache" in accepted:
+        extra["use_cache"] = False
+    if "return_dict" in accepted:
+        extra["return_dict"] = True
+    plain = family.name == "image-classification" and not hasattr(module, "config")
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    encoder = family.name == "feature-extraction"
+
+    class Primary(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = module
+
+        def forward(self, *args: torch.Tensor) -> torch.Tensor:
+            # Float inputs (images) stay float32 in the graph and are cast inside it, as the runner feeds them.
+            args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
+            if plain:
+                out = self.model(*args)
+            elif encoder:
+                out = self.model(**dict(zip(names, args, strict=True)), output_hidden_states=True, **extra)
+                return out.last_hidden_state if hasattr(out, "last_hidden_state") else out.hidden_states[-1]
+            else:
+                out = self.model(**dict(zip(names, args, strict=True)), **extra)
+            if isinstance(out, torch.Tensor):
+                return out
+            if getattr(out, "logits", None) is not None:
+                return out.logits
+            if hasattr(out, "last_hidden_state"):
+                return out.last_hidden_state
+            return out[0]
+
+    return Primary().eval()
+
+
+def output_name(family: Family) -> str:
+    return "last_hidden_state" if family.name == "feature-extraction" else "logits"
+
+
+def dynamic_dims(family: Family, names: Sequence[str]) -> tuple[dict[str, dict[int, str]], dict[int, str]]:
+    """Named dynamic axes of each input and of the output."""
+    text = family.takes_text
+    inputs = {
+        n: (
+            {0: "batch", 1: "decoder_sequence" if n == SEQ2SEQ_INPUT else "sequence"}
+            if text
+            else {0: "batch"}
+        )
+        for n in names
+    }
+    if family.name in ("feature-extraction", "causal-lm"):
+        output = {0: "batch", 1: "sequence"}
+    elif family.name == "seq2seq":
+        output = {0: "batch", 1: "decoder_sequence"}
+    else:
+        output = {0: "batch"}
+    return inputs, output
+
+
+def export_graph(
+    wrapper: Any,
+    args: tuple[Any, ...],
+    names: list[str],
+    family: Family,
+    params: ExportOnnxParams,
+    out_dir: Path,
+    path: Path,
+) -> None:
+    """Export into a scratch folder, then keep one `model.onnx` (+ one `model.onnx.data` over 2 GB)."""
+    import torch
+
+    scratch = out_dir / "_export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir()
+    target = scratch / "model.onnx"
+    out = output_name(family)
+    in_dims, out_dims = dynamic_dims(family, names)
+    weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
+    captured = io.StringIO()
+    try:
+        # The exporters print progress and warn about tracing; the worker's stdout is its event stream.
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.inference_mode(False):
+            warnings.simplefilter("ignore")
+            if params.exporter == "torchscript":
+                torch.onnx.export(
+                    wrapper,
+                    args,
+                    str(target),
+                    dynamo=False,
+                    input_names=names,
+                    output_names=[out],
+                    opset_version=params.opset,
+                    dynamic_axes={**in_dims, out: out_dims} if params.dynamic_axes else None,
+                    do_constant_folding=True,
+                )
+            else:
+                shapes = None
+                if params.dynamic_axes:
+                    from torch.export import Dim
+
+                    # one entry: the wrapper's *args parameter, a tuple of per-input dims
+                    shapes = (tuple({i: Dim.DYNAMIC for i in in_dims[n]} for n in names),)
+                program = torch.onnx.export(
+                    wrapper,
+                    args,
+                    None,
+                    dynamo=True,
+                    input_names=names,
+                    output_names=[out],
+                    opset_version=params.opset,
+                    dynamic_shapes=shapes,
+                    verbose=False,
+                )
+                if program is None:
+                    raise BadInput("the dynamo ONNX exporter returned no program")
+                program.save(str(target), external_data=weight_bytes > TWO_GB // 2)
+    except BadInput:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"the {params.exporter} ONNX exporter failed: {first}") from exc
+    files = [p for p in scratch.iterdir() if p.is_file()]
+    if files == [target]:
+        target.replace(path)
+    else:  # the exporter wrote weights beside the graph: gather them into one data file
+        import onnx
+
+        save_onnx(onnx.load(str(target)), path)
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------- verify
+
+
+def verify_export(
+    module: Any,
+    path: Path,
+    model: LoadedModel,
+    family: Family,
+    batch: Batch,
+    dtype: str,
+    atol: float,
+    ctx: RunContext,
+) -> float:
+    """Compare torch and ONNX Runtime on the batch and on its shorter half (other batch and sequence
+    sizes: the dynamic axes); report the largest absolute difference and fail when the graph is wrong."""
+    import torch
+
+    from studio.evaluation.runners import OnnxRunner, TorchRunner
+
+    torch_run = TorchRunner(module, model)
+    onnx_run = OnnxRunner(path, model, device="cpu")
+    n = len(next(iter(batch.inputs.values())))
+    mask = batch.inputs.get("attention_mask")
+    order = torch.argsort(mask.sum(1)).tolist() if mask is not None and mask.dim() == 2 else list(range(n))
+    diff, scale = 0.0, 0.0
+    for chunk in (batch, sub_batch(batch, sorted(order[: max(1, n // 2)]))):
+        ref, out = torch_run(chunk), onnx_run(chunk)
+        if ref.shape != out.shape:
+            raise BadInput(f"the ONNX graph returns shape {tuple(out.shape)}, torch {tuple(ref.shape)}")
+        if not torch.isfinite(out).all() and torch.isfinite(ref).all():
+            raise BadInput("the ONNX graph returns NaN or infinite values where torch does not", path=path)
+        diff = max(diff, float((ref - out).abs().max()))
+        scale = max(scale, float(ref.abs().max()))
+    half = dtype in ("float16", "bfloat16")
+    tolerance = max(atol, HALF_RTOL * scale) if half else atol
+    ctx.metric("onnx_max_abs_diff", diff)
+    summary = f"largest difference to torch {diff:.2e} (outputs up to {scale:.3g}, tolerance {tolerance:.1e})"
+    if diff <= tolerance:
+        ctx.log(f"verified: {summary}")
+    elif diff > FAIL_FACTOR * tolerance or diff > 0.1 * scale:
+        raise BadInput(
+            f"the exported graph does not reproduce the torch model: {summary}; try the other exporter "
+            "or opset, or raise atol if this difference is expected",
+            path=path,
+        )
+    else:
+        ctx.log(f"verification: {summary}, above the tolerance", level="warning")
+    return diff
+
+
+# ---------------------------------------------------------------------------------------------- shared
+
+
+def metadata_for(model: LoadedModel, info: dict[str, Any], params: ExportOnnxParams) -> dict[str, str]:
+    """What a reopened graph needs to be fed and judged like the original (read by the ONNX loader)."""
+    props = {
+        "studio.family": model.family,
+        "studio.architecture": model.architecture or "",
+        "studio.pooling": model.pooling or "",
+        "studio.normalize": "true" if model.normalize else "false",
+        "studio.dtype": str(info.get("dtype", "float32")),
+        "studio.exporter": params.exporter,
+    }
+    if model.config is not None and hasattr(model.config, "to_dict"):
+        props["studio.config"] = json.dumps(model.config.to_dict(), default=str, sort_keys=True)
+    return props
+
+
+def set_metadata(path: Path, props: dict[str, str]) -> None:
+    """Write metadata_props into the graph file (external weights, if any, are left where they are)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    current = {p.key: p.value for p in proto.metadata_props}
+    current.update(props)
+    del proto.metadata_props[:]
+    for key, value in current.items():
+        proto.metadata_props.add(key=key, value=value)
+    onnx.save(proto, str(path))
+
+
+def graph_opset(path: Path) -> int:
+    from studio.checkpoints.onnx_file import load_onnx_graph
+
+    return max(
+        (o.version for o in load_onnx_graph(path).opset_import if o.domain in ("", "ai.onnx")), default=0
+    )
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    from studio.checkpoints.onnx_file import load_onnx_graph
+
+    return {p.key: p.value for p in load_onnx_graph(path).metadata_props}
+
+
+def save_onnx(proto: Any, path: Path) -> None:
+    """One file when it fits protobuf's 2 GB limit, else the graph plus one `<name>.data` weights file."""
+    import onnx
+
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    if proto.ByteSize() < TWO_GB:
+        onnx.save_model(proto, str(path))
+    else:
+        onnx.save_model(
+            proto,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+            size_threshold=1024,
+        )
+
+
+def uses_external_data(path: Path) -> bool:
+    from onnx.external_data_helper import uses_external_data as uses
+
+    from studio.checkpoints.onnx_file import load_onnx_graph
+
+    return any(uses(t) for t in load_onnx_graph(path).graph.initializer)
+
+
+def onnx_size(path: Path) -> int:
+    """Bytes on disk of the graph and its external weights."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+
+
+def copy_model_side_files(model: LoadedModel, folder: Path) -> None:
+    from studio.techniques.torch_io import copy_side_files
+
+    sources = [model.path if model.path.is_dir() else None, model.tokenizer_dir]
+    for source in dict.fromkeys(s for s in sources if s is not None):
+        if source != folder:
+            copy_side_files(source, folder)

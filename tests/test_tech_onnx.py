@@ -1,0 +1,355 @@
+"""ONNX blocks on real models: export (verified, dynamic axes), fusion, dynamic/static INT8, float16,
+and the runners that feed torch and ONNX Runtime the same way."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from studio.checkpoints import open_checkpoint
+from studio.errors import BadInput
+from studio.evaluation.data import load_examples
+from studio.evaluation.runners import OnnxRunner, TorchRunner, make_runner
+from studio.families import family_for
+from studio.techniques.base import RunContext, StageState, get_technique, initial_state
+from studio.techniques.onnx_passes import DYNAMIC_OP_TYPES, op_counts
+
+SEQ = 32
+
+
+class Events(list):
+    def __call__(self, event: dict) -> None:
+        self.append(event)
+
+    def metric(self, name: str) -> float:
+        return next(e["value"] for e in reversed(self) if e["type"] == "metric" and e["name"] == name)
+
+    def logs(self) -> str:
+        return "\n".join(e["message"] for e in self if e["type"] == "log")
+
+
+def run_step(state, technique_id, workdir, *, later=(), index=0, examples=None, **params):
+    events = Events()
+    ctx = RunContext(
+        original=state.model,
+        workdir=workdir,
+        calibration=examples if examples is not None else load_examples("builtin:sentences", 8),
+        sequence_length=SEQ,
+        step_index=index,
+        later_steps=list(later),
+        emit=events,
+    )
+    cls = get_technique(technique_id)
+    return cls().run(state, cls.Params(**params), ctx), events
+
+
+def cosine(a, b) -> float:
+    import torch.nn.functional as F
+
+    return float(F.cosine_similarity(a.float(), b.float(), dim=-1).mean())
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return open_checkpoint("builtin:minilm")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("onnx")
+
+
+@pytest.fixture(scope="module")
+def sentences():
+    return load_examples("builtin:sentences", 16)
+
+
+@pytest.fixture(scope="module")
+def reference(minilm, sentences):
+    """Original torch embeddings of 16 sentences."""
+    batch = family_for(minilm).batch(minilm, sentences, SEQ)
+    return batch, TorchRunner(minilm.module, minilm)(batch)
+
+
+@pytest.fixture(scope="module")
+def exported(minilm, work):
+    return run_step(initial_state(minilm), "export.onnx", work, later=["onnx.optimize"])
+
+
+@pytest.fixture(scope="module")
+def optimized(exported, work):
+    return run_step(exported[0], "onnx.optimize", work, index=1)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def test_export_is_verified_and_carries_metadata_and_side_files(minilm, exported):
+    from studio.techniques.onnx_export import read_metadata
+
+    state, events = exported
+    assert state.kind == "onnx" and state.path.name == "model.onnx"
+    assert events.metric("onnx_max_abs_diff") < 1e-4
+    assert "eager attention" in events.logs()
+    assert minilm.module.config._attn_implementation == "sdpa"  # the torch model is left as it was
+    props = read_metadata(state.path)
+    assert props["studio.family"] == "feature-extraction"
+    assert props["studio.architecture"] == "BertModel"
+    assert (props["studio.pooling"], props["studio.normalize"]) == ("mean", "true")
+    for name in ("tokenizer.json", "vocab.txt", "modules.json", "1_Pooling"):
+        assert (state.path.parent / name).exists(), name
+    reopened = open_checkpoint(state.path)
+    assert reopened.family == "feature-extraction" and reopened.tokenizer_dir == state.path.parent
+    # the file alone (its own tokenizer files, the inputs its graph declares) gives the same embeddings
+    texts = load_examples("builtin:sentences", 4)
+    alone = make_runner("onnx", reopened, threads=1)
+    options = alone.session.get_session_options()
+    assert options.intra_op_num_threads == 1
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    embeddings = alone(family_for(reopened).batch(reopened, texts, SEQ))
+    assert (
+        cosine(embeddings, TorchRunner(minilm.module, minilm)(family_for(minilm).batch(minilm, texts, SEQ)))
+        > 0.9999
+    )
+    graph = [i.name for i in OnnxRunner(state.path, minilm).session.get_inputs()]
+    assert sorted(graph) == ["attention_mask", "input_ids", "token_type_ids"]
+
+
+def test_dynamic_axes_run_at_other_batch_and_sequence_sizes(minilm, exported):
+    family = family_for(minilm)
+    texts = load_examples("builtin:sentences", 40)
+    onnx_run, torch_run = make_runner(exported[0]), make_runner("torch", minilm)
+    shapes = set()
+    for chunk, seq in ((texts[:3], 12), (texts[8:40], 64)):
+        batch = family.batch(minilm, chunk, seq)
+        shapes.add(tuple(batch.inputs["input_ids"].shape))
+        out, ref = onnx_run(batch), torch_run(batch)
+        assert out.shape == ref.shape
+        assert float((out - ref).abs().max()) < 1e-4
+    assert len(shapes) == 2 and len({s[0] for s in shapes}) == 2 and len({s[1] for s in shapes}) == 2
+
+
+def test_export_param_validation():
+    params = get_technique("export.onnx").Params
+    with pytest.raises(ValidationError, match="opset"):
+        params(opset=21)  # TorchScript exporter stops at 20
+    with pytest.raises(ValidationError):
+        params(opset=9)
+    assert params(opset=21, exporter="dynamo").opset == 21
+
+
+# ---------------------------------------------------------------------------------------------- passes
+
+
+def test_optimize_fuses_attention_layernorm_and_gelu(exported, optimized, reference, minilm):
+    state, events = optimized
+    counts = op_counts(state.path)
+    assert counts["Attention"] == 6
+    assert counts["SkipLayerNormalization"] >= 6
+    assert counts["BiasGelu"] + counts["Gelu"] + counts["FastGelu"] >= 6
+    assert events.metric("fused_Attention") == 6
+    assert sum(counts.values()) < sum(op_counts(exported[0].path).values()) / 4
+    batch, ref = reference
+    assert float((make_runner(state)(batch) - ref).abs().max()) < 1e-4
+
+
+def test_quantize_dynamic_per_channel_is_small_and_faithful(exported, optimized, reference, work):
+    source = optimized[0].path
+    before = sha(source)
+    state, _ = run_step(
+        optimized[0],
+        "onnx.quantize_dynamic",
+        work,
+        index=2,
+        per_channel=True,
+        op_types=["MatMul", "Attention", "EmbedLayerNormalization", "Gather"],
+    )
+    assert sha(source) == before and state.path != source  # the input file is untouched
+    assert state.path.stat().st_size < 0.30 * exported[0].path.stat().st_size
+    counts = op_counts(state.path)
+    assert counts["MatMulInteger"] == 18 and counts["QAttention"] == 6
+    batch, ref = reference
+    assert cosine(make_runner(state)(batch), ref) >= 0.98
+    assert (state.path.parent / "tokenizer.json").is_file()
+
+
+def test_quantize_dynamic_default_op_types_and_refusals(exported, work):
+    state, _ = run_step(exported[0], "onnx.quantize_dynamic", work, index=3)
+    assert op_counts(state.path)["MatMulInteger"] > 0
+    assert state.info["quantization"] == "dynamic-int8"
+    params = get_technique("onnx.quantize_dynamic").Params
+    with pytest.raises(ValidationError, match="Softmax"):
+        params(op_types=["Softmax"])
+    with pytest.raises(BadInput, match="already quantized"):
+        run_step(state, "onnx.quantize_dynamic", work, index=4)
+    with pytest.raises(BadInput, match="no node named"):
+        run_step(exported[0], "onnx.quantize_dynamic", work, index=5, exclude_nodes=["/no/such/node"])
+
+
+def test_ort_op_type_lists_match_onnxruntime():
+    from onnxruntime.quantization.registry import IntegerOpsRegistry
+
+    assert set(DYNAMIC_OP_TYPES) - {"Gemm"} <= set(IntegerOpsRegistry)
+
+
+def test_quantize_static_qdq(optimized, reference, work):
+    state, events = run_step(
+        optimized[0], "onnx.quantize_static", work, index=6, examples=load_examples("builtin:sentences", 8)
+    )
+    counts = op_counts(state.path)
+    assert counts["QuantizeLinear"] >= 6 and counts["DequantizeLinear"] >= 18
+    assert "calibrating on 8 examples" in events.logs()
+    batch, ref = reference
+    out = make_runner(state)(batch)
+    assert out.isfinite().all()
+    assert cosine(out, ref) > 0.85  # activations in INT8 cost more than weights alone
+    assert not list(state.path.parent.glob("_*"))  # no scratch files left
+
+
+def test_onnx_half(exported, reference, work):
+    from studio.techniques.onnx_passes import float_initializer_types
+
+    state, _ = run_step(exported[0], "onnx.half", work, index=7)
+    assert float_initializer_types(state.path) == {"float16"}
+    ratio = state.path.stat().st_size / exported[0].path.stat().st_size
+    assert 0.45 < ratio < 0.56
+    batch, ref = reference
+    runner = make_runner(state)
+    assert runner.session.get_inputs()[0].type == "tensor(int64)"
+    assert cosine(runner(batch), ref) > 0.999
+    assert state.info["dtype"] == "float16"
+    with pytest.raises(BadInput, match=r"before onnx\.half"):
+        run_step(state, "onnx.quantize_dynamic", work, index=8)
+
+
+def test_precision_half_then_export_gives_a_half_graph(minilm, reference, work):
+    from studio.techniques.onnx_passes import float_initializer_types
+
+    state = initial_state(minilm)
+    state, _ = run_step(state, "precision.half", work, index=9, dtype="float16")
+    onnx_state, events = run_step(state, "export.onnx", work, index=10)
+    assert float_initializer_types(onnx_state.path) == {"float16"}
+    assert onnx_state.info["dtype"] == "float16"
+    assert events.metric("onnx_max_abs_diff") < 1e-2
+    batch, ref = reference
+    assert cosine(make_runner(onnx_state)(batch), ref) > 0.999
+
+
+def test_bfloat16_is_exported_as_float16(bert_classifier, work):
+    from studio.techniques.onnx_passes import float_initializer_types
+
+    model = open_checkpoint(bert_classifier)
+    state, _ = run_step(initial_state(model), "precision.half", work / "bf16", dtype="bfloat16")
+    onnx_state, events = run_step(state, "export.onnx", work / "bf16", index=1)
+    assert float_initializer_types(onnx_state.path) == {"float16"}
+    assert "exported as float16" in events.logs()
+    assert events.metric("onnx_max_abs_diff") < 1e-2
+    assert next(state.module.parameters()).dtype.is_floating_point  # the pipeline's module is untouched
+    assert str(next(state.module.parameters()).dtype) == "torch.bfloat16"
+
+
+# ---------------------------------------------------------------------------------------------- families
+
+
+# op fused by onnx.optimize: ORT's bert fusions for BERT, its GPT-2 fusions for GPT-2 and Llama (RMSNorm
+# as SimplifiedLayerNormalization), its BART fusions for Marian
+FUSED = {
+    "bert_classifier": "Attention",
+    "gpt2": "SkipLayerNormalization",
+    "llama": "SkipSimplifiedLayerNormalization",
+    "marian": "SkipLayerNormalization",
+}
+
+
+@pytest.mark.parametrize("name", list(FUSED))
+def test_export_optimize_and_run_other_families(request, name, work):
+    model = open_checkpoint(request.getfixturevalue(name))
+    folder = work / name
+    state, events = run_step(initial_state(model), "export.onnx", folder, later=["onnx.optimize"])
+    assert events.metric("onnx_max_abs_diff") < 1e-4
+    family = family_for(model)
+    batch = family.batch(model, load_examples("builtin:sentences", 5), 24)
+    ref = make_runner("torch", model)(batch)
+    out = make_runner(state)(batch)
+    assert out.shape == ref.shape and float((out - ref).abs().max()) < 1e-4
+    expected = [*batch.inputs, "decoder_input_ids"] if name == "marian" else list(batch.inputs)
+    assert sorted(i.name for i in make_runner(state).session.get_inputs()) == sorted(expected)
+    assert {"llama": "token_type_ids", "marian": "token_type_ids"}.get(name) not in expected
+
+    optimized, events = run_step(state, "onnx.optimize", folder, index=1)
+    assert events.metric(f"fused_{FUSED[name]}") >= 2
+    assert op_counts(optimized.path)[FUSED[name]] >= 2
+    assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-3
+
+
+def test_dynamo_exporter(bert_classifier, work):
+    model = open_checkpoint(bert_classifier)
+    state, events = run_step(
+        initial_state(model), "export.onnx", work / "dynamo", exporter="dynamo", opset=18
+    )
+    assert events.metric("onnx_max_abs_diff") < 1e-4
+    assert "opset 18" in events.logs()
+    batch = family_for(model).batch(model, load_examples("builtin:sentences", 11), 40)
+    ref = make_runner("torch", model)(batch)
+    assert float((make_runner(state)(batch) - ref).abs().max()) < 1e-4
+
+
+def test_cnn_export_optimize_and_quantize(cnn_pt2, work):
+    from tests.conftest import SmallCNN
+
+    model = open_checkpoint(cnn_pt2)
+    state = StageState("torch", model, module=SmallCNN.make())
+    onnx_state, events = run_step(state, "export.onnx", work / "cnn", later=["onnx.optimize"])
+    assert events.metric("onnx_max_abs_diff") < 1e-4
+    family = family_for(model)
+    batch = family.batch(model, load_examples("builtin:sentences", 3), SEQ)
+    ref = make_runner("torch", model, artifact=SmallCNN.make())(batch)
+    assert float((make_runner(onnx_state)(batch) - ref).abs().max()) < 1e-4
+    optimized, events = run_step(onnx_state, "onnx.optimize", work / "cnn", index=1)
+    assert "generic graph optimizations" in events.logs()
+    assert op_counts(optimized.path)["BatchNormalization"] == 0  # folded into the convolution
+    assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-4
+    quantized, _ = run_step(onnx_state, "onnx.quantize_static", work / "cnn", index=2, samples=4)
+    assert op_counts(quantized.path)["QuantizeLinear"] > 0
+    assert make_runner(quantized)(batch).shape == ref.shape
+
+
+def test_make_runner_refuses_unknown_kind(minilm):
+    with pytest.raises(BadInput, match="no runner"):
+        make_runner("tflite", minilm)
+
+
+def test_passes_keep_external_weights_external(bert_classifier, work):
+    """Graphs over 2 GB keep their weights in a side file; every pass must read and write that form."""
+    import shutil
+
+    import onnx
+
+    from studio.techniques.onnx_export import onnx_size, uses_external_data
+
+    model = open_checkpoint(bert_classifier)
+    state, _ = run_step(initial_state(model), "export.onnx", work / "ext", verify=False)
+    folder = work / "ext" / "external"
+    shutil.copytree(state.path.parent, folder)
+    onnx.save_model(
+        onnx.load(str(state.path)),
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="model.onnx.data",
+    )
+    state = StageState("onnx", model, path=folder / "model.onnx", info=state.info)
+    batch = family_for(model).batch(model, load_examples("builtin:sentences", 4), SEQ)
+    ref = make_runner("torch", model)(batch)
+    for index, technique in enumerate(("onnx.optimize", "onnx.quantize_dynamic"), start=1):
+        state, _ = run_step(state, technique, work / "ext", index=index)
+        assert uses_external_data(state.path)
+        assert onnx_size(state.path) > 2 * state.path.stat().st_size  # the weights are in model.onnx.data
+        assert make_runner(state)(batch).shape == ref.shape
