@@ -263,7 +263,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"model-studio: error: {where}{error.message}", file=sys.stderr)
         if error.detail and (args.debug or error.kind in ("crash", "internal")):
             print(error.detail, file=sys.stderr)
-        return 2 if error.kind == "bad-input" else 3 if error.kind == "unavailable" else 1
+        return {"bad-input": 2, "unavailable": 3, "disk-full": 4, "cancelled": 130}.get(error.kind, 1)
     assert result is not None
     if args.json:
         json.dump(result, sys.stdout)
@@ -438,6 +438,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Without a verb, opens the desktop app.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    parser.add_argument(
+        "--open", metavar="PATH", help="the app: open this checkpoint instead of builtin:minilm"
+    )
+    parser.add_argument(
+        "--workspace", help="the app: workspace folder (default: $MODEL_STUDIO_HOME or the user data dir)"
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
     p = sub.add_parser("inspect", help="weight statistics and attention-head importance of a checkpoint")
@@ -550,6 +556,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        from studio.errors import disk_full_error
+
+        full = disk_full_error(exc, "output files")
+        if full is None or args.debug:
+            raise
+        print(f"model-studio: error: {full.message}", file=sys.stderr)
+        return full.exit_code
 
 
 if __name__ == "__main__":

@@ -41,3 +41,28 @@ class Cancelled(StudioError):
     """The user cancelled the work."""
 
     exit_code = 130
+
+
+class DiskFull(StudioError):
+    """The disk (or quota) filled up while writing; nothing half-written is kept."""
+
+    exit_code = 4
+
+
+DISK_FULL_ERRNOS = (28, 122, 27)  # ENOSPC, EDQUOT, EFBIG
+
+
+def disk_full_error(exc: BaseException, what: str) -> DiskFull | None:
+    """A DiskFull naming the file when `exc` means the disk is full, else None. Libraries with their own
+    writers (safetensors, onnx, protobuf) wrap ENOSPC in their own exceptions: their text tells."""
+    errno = getattr(exc, "errno", None)
+    text = str(exc)
+    if errno not in DISK_FULL_ERRNOS and "No space left on device" not in text and "os error 28" not in text:
+        return None
+    where = getattr(exc, "filename", None) or what
+    reason = getattr(exc, "strerror", None) or "No space left on device"
+    return DiskFull(
+        f"the disk is full ({reason}) while writing {what}; free some space and try again, "
+        "nothing half-written was kept",
+        path=where,
+    )

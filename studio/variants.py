@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.errors import BadInput
+from studio.errors import BadInput, disk_full_error
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (
@@ -263,9 +263,14 @@ class Workspace:
             **environment(),
         }
         tmp_manifest = staged / "manifest.json.tmp"
-        tmp_manifest.write_text(json.dumps(manifest, indent=2, default=str))
-        with tmp_manifest.open("rb") as fh:
-            os.fsync(fh.fileno())
+        try:
+            with tmp_manifest.open("w") as fh:
+                fh.write(json.dumps(manifest, indent=2, default=str))
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            tmp_manifest.unlink(missing_ok=True)
+            raise (disk_full_error(exc, "the variant's manifest") or exc) from exc
         os.replace(tmp_manifest, staged / "manifest.json")
         target = self.variants_dir / vid
         os.replace(staged, target)  # atomic: the folder appears complete or not at all

@@ -43,7 +43,7 @@ def _event_stream() -> IO[str]:
 
 
 def run_job(job: dict[str, Any], out: IO[str]) -> int:
-    from studio.errors import BadInput, StudioError, Unavailable
+    from studio.errors import BadInput, DiskFull, StudioError, Unavailable, disk_full_error
     from studio.pipeline import parse_recipe, plan, run_plan
     from studio.variants import Workspace
 
@@ -64,16 +64,15 @@ def run_job(job: dict[str, Any], out: IO[str]) -> int:
         sink(Done(result))
         return 0
     except StudioError as exc:
-        kind = (
-            "bad-input"
-            if isinstance(exc, BadInput)
-            else "unavailable"
-            if isinstance(exc, Unavailable)
-            else "error"
-        )
+        kinds = {BadInput: "bad-input", Unavailable: "unavailable", DiskFull: "disk-full"}
+        kind = next((k for cls, k in kinds.items() if isinstance(exc, cls)), "error")
         sink(Error(kind, exc.message, getattr(exc, "step", None)))
         return exc.exit_code
-    except Exception as exc:  # a bug: report it with its traceback rather than dying silently
+    except Exception as exc:  # a full disk, or a bug: reported, never a silent death
+        full = disk_full_error(exc, "the run's files")
+        if full is not None:
+            sink(Error("disk-full", full.message, getattr(exc, "step", None)))
+            return full.exit_code
         sink(Error("internal", f"{type(exc).__name__}: {exc}", None, traceback.format_exc()))
         return 1
 

@@ -1,9 +1,109 @@
-"""The desktop app (placeholder until the GUI lands)."""
+"""The desktop app: `model-studio` without a verb.
+
+The window appears at once; the model (builtin:minilm unless a path is given) opens in the background,
+because the first open imports torch and transformers.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
+from pathlib import Path
+
+ORGANIZATION = "model-studio"
+APPLICATION = "Model Studio"
+
+
+def ensure_platform() -> None:
+    """Render offscreen where there is no display (CI, ssh), unless the user chose a platform."""
+    if os.environ.get("QT_QPA_PLATFORM"):
+        return
+    if sys.platform.startswith("linux") and not (
+        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    ):
+        os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+
+def create_app(argv: list[str] | None = None):
+    """The QApplication (made once), with the names QSettings uses and the light/dark theme applied."""
+    ensure_platform()
+    from PySide6.QtWidgets import QApplication
+
+    from studio.gui.widgets import apply_theme
+
+    app = QApplication.instance()
+    if app is None:
+        app = QApplication(argv if argv is not None else sys.argv[:1])
+        if not app.organizationName():
+            app.setOrganizationName(ORGANIZATION)
+        app.setApplicationName(APPLICATION)
+        app.setApplicationDisplayName(APPLICATION)
+        app.setDesktopFileName("model-studio")
+    apply_theme(app)
+    return app
+
+
+def load_starter_pipeline(document) -> None:
+    """First impression: a sensible pipeline ready to run (not on the undo stack: there is nothing to undo)."""
+    from studio.pipeline import load_recipe
+    from studio.resources import resource
+
+    if len(document.pipeline) == 0:
+        document.pipeline.load(load_recipe(resource("recipes", "starter", "onnx-int8.yaml")))
+
+
+def build_main_window(document):
+    """The main window with every tab: Model and Heads come with MainWindow; Pipeline, Run and Compare
+    are plugged in here and answer the window's menu requests."""
+    from PySide6.QtWidgets import QApplication
+
+    from studio.gui.main_window import MainWindow
+    from studio.gui.pipeline_editor import PipelineEditor
+    from studio.gui.run_panel import RunPanel
+
+    window = MainWindow(document)
+    editor = PipelineEditor(document)
+    panel = RunPanel(document)
+    window.pipeline_editor, window.run_panel = editor, panel
+    window.add_tab(editor, "Pipeline")
+    window.add_tab(panel, "Run")
+    try:
+        from studio.gui.compare_view import CompareView
+    except ImportError:  # the compare view is optional while it is being built
+        CompareView = None
+    if CompareView is not None:
+        compare = CompareView(document)
+        window.compare_view = compare
+        window.add_tab(compare, "Compare")
+        panel.finished.connect(lambda _result: window.tabs.setCurrentWidget(compare))
+    window.run_requested.connect(lambda: (window.tabs.setCurrentWidget(panel), panel.run()))
+    window.cancel_requested.connect(panel.cancel)
+    window.save_pipeline_requested.connect(editor.save)
+    window.save_pipeline_as_requested.connect(editor.save_as)
+    window.open_pipeline_requested.connect(
+        lambda path: editor.open_from(path) if path else editor.open_dialog()
+    )
+    panel.started.connect(lambda: window.statusBar().showMessage("Running the pipeline in a worker process…"))
+    panel.failed.connect(lambda message: window.statusBar().showMessage(f"Run failed: {message}", 10000))
+    panel.cancelled.connect(lambda: window.statusBar().showMessage("Run cancelled; nothing was saved", 5000))
+    editor.saved.connect(lambda path: window.statusBar().showMessage(f"Saved the pipeline to {path}", 5000))
+    app = QApplication.instance()
+    if app is not None:
+        app.aboutToQuit.connect(panel.shutdown)
+    load_starter_pipeline(document)
+    window.restore_current_tab()
+    return window
 
 
 def run_app(args: argparse.Namespace) -> int:
-    raise SystemExit("the desktop window is not built yet: try `model-studio inspect builtin:minilm`")
+    app = create_app()
+    from studio.gui.document import StudioDocument
+    from studio.variants import Workspace
+
+    workspace_arg = getattr(args, "workspace", None)
+    document = StudioDocument(workspace=Workspace(Path(workspace_arg)) if workspace_arg else None)
+    window = build_main_window(document)
+    window.show()
+    window.open_source(getattr(args, "open", None) or "builtin:minilm")
+    return app.exec()

@@ -61,12 +61,12 @@ def drop(editor: PipelineEditor, mime, pos: QPoint) -> bool:
     """Deliver a drag the way Qt does (enter, move, drop) to the pipeline's viewport; True if accepted."""
     target = editor.list.viewport()
     actions = Qt.DropAction.CopyAction | Qt.DropAction.MoveAction
-    args = (QPointF(pos), actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    args = (pos, actions, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
     for event in (QDragEnterEvent(*args), QDragMoveEvent(*args)):
         QApplication.sendEvent(target, event)
         if not event.isAccepted():
             return False
-    event = QDropEvent(*args)
+    event = QDropEvent(QPointF(pos), *args[1:])
     QApplication.sendEvent(target, event)
     return event.isAccepted()
 

@@ -1,0 +1,773 @@
+"""The Model tab: the module tree of the open checkpoint, one tensor's histogram and statistics, and the
+whole model's parameters by layer type and bytes by dtype.
+
+The tree is built from tensor names and shapes only (`LoadedModel.tensors()` reads headers), so it fills
+without touching weights. A tensor's statistics read that tensor alone, on a pool thread; when the
+selection moves on before they arrive, the late result is dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyqtgraph as pg
+from PySide6.QtCore import QModelIndex, QSettings, QSortFilterProxyModel, Qt, Signal
+from PySide6.QtGui import QFont, QFontMetrics, QStandardItem, QStandardItemModel
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QCheckBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QSpinBox,
+    QSplitter,
+    QStackedWidget,
+    QTabWidget,
+    QToolButton,
+    QTreeView,
+    QVBoxLayout,
+    QWidget,
+)
+
+from studio.checkpoints.base import TensorRef
+from studio.gui.document import StudioDocument
+from studio.gui.widgets import (
+    Banner,
+    add_plot_export_action,
+    add_table_export_action,
+    fill_table,
+    fmt,
+    human_bytes,
+    human_count,
+    make_table,
+    plot_colors,
+    run_task,
+    style_legend,
+    style_plot,
+)
+from studio.inspection.stats import DEFAULT_BINS, OUTLIER_STD, TensorStats, tensor_stats
+
+TENSOR_ROLE = Qt.ItemDataRole.UserRole + 1  # full tensor name on tensor rows, "" on module rows
+PATH_ROLE = Qt.ItemDataRole.UserRole + 2  # full dotted path (what the filter matches)
+
+# Bytes per element of the dtype names TensorRef uses; read here so the tree never needs torch.
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "quint8": 1,
+    "qint8": 1,
+    "qint32": 4,
+    "bool": 1,
+    "complex64": 8,
+    "complex128": 16,
+}
+
+HINT = (
+    "<b>Try this:</b> select a layer in the tree to see its weight histogram and statistics "
+    "(tick <i>INT8 grid</i> to see how coarse 8-bit quantization is) · the <b>Heads</b> tab ranks attention "
+    "heads (press <i>Compute</i>) and lets you switch heads off · the <b>Pipeline</b> tab has a starter "
+    "pipeline to run."
+)
+
+
+# ------------------------------------------------------------------------------------------------ tree data
+
+
+@dataclass
+class Node:
+    name: str  # the label shown (dotted when single-child modules were merged)
+    path: str  # full dotted path
+    ref: TensorRef | None = None
+    children: OrderedDict[str, Node] = field(default_factory=OrderedDict)
+
+    @property
+    def params(self) -> int:
+        return self.ref.numel if self.ref is not None else sum(c.params for c in self.children.values())
+
+    @property
+    def dtypes(self) -> set[str]:
+        if self.ref is not None:
+            return {self.ref.dtype}
+        out: set[str] = set()
+        for c in self.children.values():
+            out |= c.dtypes
+        return out
+
+    @property
+    def tensor_count(self) -> int:
+        return 1 if self.ref is not None else sum(c.tensor_count for c in self.children.values())
+
+
+def _child_key(item: tuple[int, tuple[str, Node]]) -> tuple[int, int]:
+    order, (name, _) = item
+    return (0, int(name)) if name.isdigit() else (1, order)
+
+
+def build_module_tree(refs: list[TensorRef]) -> Node:
+    """The module hierarchy from dotted tensor names; numbered children in numeric order, and chains of
+    single-child modules merged ("encoder" > "layer" becomes "encoder.layer")."""
+    root = Node("", "")
+    for ref in refs:
+        node = root
+        parts = ref.name.split(".")
+        for i, part in enumerate(parts):
+            path = ".".join(parts[: i + 1])
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = Node(part, path)
+            node = child
+        node.ref = ref
+
+    def tidy(node: Node) -> Node:
+        items = sorted(enumerate(node.children.items()), key=_child_key)
+        node.children = OrderedDict((name, tidy(child)) for _, (name, child) in items)
+        while node.ref is None and node.path and len(node.children) == 1:
+            only = next(iter(node.children.values()))
+            if only.ref is not None:
+                break
+            node.name = f"{node.name}.{only.name}"
+            node.path = only.path
+            node.children = only.children
+        return node
+
+    return tidy(root)
+
+
+_INDEX = re.compile(r"^\d+$")
+
+
+def layer_type(name: str) -> str:
+    """What kind of layer a tensor belongs to, for the whole-model breakdown: the module path after the
+    last block index, without the parameter name ("encoder.layer.3.attention.self.query.weight" ->
+    "attention.self.query"); unnumbered modules keep their last two components."""
+    parts = name.split(".")
+    module = parts[:-1] if len(parts) > 1 else parts
+    numbered = [i for i, p in enumerate(module) if _INDEX.match(p)]
+    if numbered:
+        rest = module[numbered[-1] + 1 :]
+        return ".".join(rest) if rest else parts[-1]
+    return ".".join(module[-2:]) if module else parts[-1]
+
+
+def whole_model_summary(refs: list[TensorRef]) -> dict[str, Any]:
+    by_type: dict[str, int] = {}
+    by_dtype: dict[str, list[int]] = {}  # dtype -> [tensors, params, bytes]
+    for ref in refs:
+        by_type[layer_type(ref.name)] = by_type.get(layer_type(ref.name), 0) + ref.numel
+        row = by_dtype.setdefault(ref.dtype, [0, 0, 0])
+        row[0] += 1
+        row[1] += ref.numel
+        row[2] += ref.numel * DTYPE_BYTES.get(ref.dtype, 4)
+    return {
+        "params": sum(r.numel for r in refs),
+        "tensors": len(refs),
+        "bytes": sum(v[2] for v in by_dtype.values()),
+        "by_type": sorted(by_type.items(), key=lambda kv: -kv[1]),
+        "by_dtype": sorted(by_dtype.items(), key=lambda kv: -kv[1][2]),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ stats work
+
+
+@dataclass
+class HistogramResult:
+    stats: TensorStats
+    int8_scale: float | None  # symmetric per-tensor: max|x| / 127
+    int8_rmse: float | None  # RMS error of an INT8 round trip with that scale
+    int8_levels_used: int | None  # distinct INT8 levels the tensor's values round to
+
+
+def compute_histogram(ref: TensorRef, bins: int) -> HistogramResult:
+    """Statistics plus what symmetric per-tensor INT8 would do to this tensor (read chunk by chunk)."""
+    stats = tensor_stats(ref, bins)
+    if stats.min is None or stats.max is None:
+        return HistogramResult(stats, None, None, None)
+    absmax = max(abs(stats.min), abs(stats.max))
+    if absmax == 0:
+        return HistogramResult(stats, None, 0.0, 1)
+    scale = absmax / 127.0
+    sq_err, count = 0.0, 0
+    used = np.zeros(255, dtype=bool)
+    for raw in ref.chunks():
+        x = raw.float().numpy().astype(np.float64)
+        x = x[np.isfinite(x)]
+        q = np.clip(np.round(x / scale), -127, 127)
+        used[(q + 127).astype(np.int64)] = True
+        sq_err += float(np.square(x - q * scale).sum())
+        count += x.size
+    return HistogramResult(stats, scale, math.sqrt(sq_err / count) if count else None, int(used.sum()))
+
+
+# ------------------------------------------------------------------------------------------------ the view
+
+
+class TreeFilter(QSortFilterProxyModel):
+    """Keeps rows whose full path contains every space-separated word (case-insensitive), and their parents."""
+
+    def __init__(self, parent: Any = None) -> None:
+        super().__init__(parent)
+        self._words: list[str] = []
+        self.setRecursiveFilteringEnabled(True)
+        self.setAutoAcceptChildRows(True)
+
+    def set_text(self, text: str) -> None:
+        self.beginFilterChange()
+        self._words = [w.lower() for w in text.split()]
+        self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+
+    def filterAcceptsRow(self, row: int, parent: QModelIndex) -> bool:
+        if not self._words:
+            return True
+        index = self.sourceModel().index(row, 0, parent)
+        path = str(index.data(PATH_ROLE) or "").lower()
+        return all(w in path for w in self._words)
+
+
+class ModelView(QWidget):
+    """Layer tree + histogram + statistics + whole-model breakdown of `document.model`."""
+
+    TYPE_BARS = 7  # bars in the whole-model chart; smaller types are summed into one "other" bar
+
+    histogram_shown = Signal(str)  # tensor name, once its histogram is on screen
+    selection_changed = Signal(str)  # tensor or module path
+
+    def __init__(self, document: StudioDocument, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.document = document
+        self._refs: dict[str, TensorRef] = {}
+        self._task = None
+        self._cache: OrderedDict[tuple[str, int], HistogramResult] = OrderedDict()
+        self.current: HistogramResult | None = None
+        self.current_name = ""
+        self._grid_in_legend = False
+        self._summary_text = "No model open"
+        self._build()
+        self._show_whole_model(whole_model_summary([]))
+        document.model_changed.connect(self.on_model_changed)
+        if document.model is not None:
+            self.on_model_changed()
+
+    # ---------------------------------------------------------------------------- layout
+
+    def _build(self) -> None:
+        self.hint = Banner("info")
+        self.hint.label.setText(HINT)
+        self.hint.label.setTextFormat(Qt.TextFormat.RichText)
+        self.hint.closed.connect(lambda: QSettings().setValue("hint_dismissed", True))
+        if not QSettings().value("hint_dismissed", False, type=bool):
+            self.hint.show()
+
+        # left: filter + tree
+        self.filter_edit = QLineEdit()
+        self.filter_edit.setPlaceholderText('Filter layers (e.g. "layer.0 query")')
+        self.filter_edit.setClearButtonEnabled(True)
+        self.tree_model = QStandardItemModel(0, 4, self)
+        self.tree_model.setHorizontalHeaderLabels(["Layer / tensor", "Shape", "Parameters", "DType"])
+        self.proxy = TreeFilter(self)
+        self.proxy.setSourceModel(self.tree_model)
+        self.tree = QTreeView()
+        self.tree.setModel(self.proxy)
+        self.tree.setUniformRowHeights(True)
+        self.tree.setAlternatingRowColors(True)
+        self.tree.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.tree.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
+        header = self.tree.header()
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        for col in (1, 2, 3):
+            header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
+        header.setStretchLastSection(False)
+        self.tree.selectionModel().currentChanged.connect(self._on_current_changed)
+        self.filter_edit.textChanged.connect(self._on_filter)
+        self.tree_summary = QLabel("No model open")
+        self.tree_summary.setWordWrap(True)
+        left = QWidget()
+        lv = QVBoxLayout(left)
+        lv.setContentsMargins(0, 0, 0, 0)
+        lv.addWidget(self.filter_edit)
+        lv.addWidget(self.tree, 1)
+        lv.addWidget(self.tree_summary)
+
+        # right top: histogram controls + plot
+        self.bins_spin = QSpinBox()
+        self.bins_spin.setRange(8, 2048)
+        self.bins_spin.setValue(DEFAULT_BINS)
+        self.bins_spin.setSuffix(" bins")
+        self.bins_spin.setToolTip("Number of histogram bins between the tensor's min and max")
+        self.bins_spin.setKeyboardTracking(False)
+        self.log_check = QCheckBox("Log count axis")
+        self.log_check.setToolTip("Show counts on a log scale: rare values (outliers) become visible")
+        self.int8_check = QCheckBox("INT8 grid")
+        self.int8_check.setToolTip(
+            "Overlay symmetric per-tensor INT8 quantization: scale = max|x| / 127; the 255 levels are drawn "
+            "as lines and the representable (clipping) range is shaded"
+        )
+        self.export_button = QToolButton()
+        self.export_button.setText("Export…")
+        self.export_button.setToolTip("Save the histogram as PNG or SVG")
+        self.busy_label = QLabel("")
+        controls = QHBoxLayout()
+        controls.addWidget(self.bins_spin)
+        controls.addWidget(self.log_check)
+        controls.addWidget(self.int8_check)
+        controls.addStretch(1)
+        controls.addWidget(self.busy_label)
+        controls.addWidget(self.export_button)
+
+        self.plot = pg.PlotWidget()
+        self._setup_histogram()
+        self.export_action = add_plot_export_action(self.plot, self.plot, "histogram")
+        self.export_button.clicked.connect(self.export_action.trigger)
+        self.placeholder = QLabel(
+            "Select a weight tensor in the tree to see its histogram and statistics.\n"
+            "Large tensors are read in the background; the window stays responsive."
+        )
+        self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.placeholder.setWordWrap(True)
+        font = QFont(self.placeholder.font())
+        font.setPointSizeF(font.pointSizeF() * 1.15)
+        self.placeholder.setFont(font)
+        self.plot_stack = QStackedWidget()
+        self.plot_stack.addWidget(self.placeholder)
+        self.plot_stack.addWidget(self.plot)
+        top = QWidget()
+        tv = QVBoxLayout(top)
+        tv.setContentsMargins(0, 0, 0, 0)
+        tv.addLayout(controls)
+        tv.addWidget(self.plot_stack, 1)
+
+        # right bottom: stats table | whole-model panel
+        self.stats_table = make_table(["Statistic", "Value"])
+        self.stats_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
+        self.stats_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        add_table_export_action(self.stats_table, "tensor-stats")
+        self.whole = QTabWidget()
+        self.type_plot = pg.PlotWidget()
+        self._setup_type_plot()
+        add_plot_export_action(self.type_plot, self.type_plot, "parameters-by-layer-type")
+        self.type_table = make_table(["Layer type", "Parameters", "Share"])
+        add_table_export_action(self.type_table, "parameters-by-layer-type")
+        self.dtype_table = make_table(["DType", "Tensors", "Parameters", "Bytes", "Share"])
+        add_table_export_action(self.dtype_table, "bytes-by-dtype")
+        self.whole.addTab(self.type_plot, "Parameters by layer type")
+        self.whole.addTab(self.type_table, "Layer types (table)")
+        self.whole.addTab(self.dtype_table, "Bytes by dtype")
+
+        self.bottom_split = QSplitter(Qt.Orientation.Horizontal)
+        self.bottom_split.addWidget(self.stats_table)
+        self.bottom_split.addWidget(self.whole)
+        self.bottom_split.setSizes([380, 450])
+        self.right_split = QSplitter(Qt.Orientation.Vertical)
+        self.right_split.addWidget(top)
+        self.right_split.addWidget(self.bottom_split)
+        self.right_split.setSizes([350, 320])
+        self.main_split = QSplitter(Qt.Orientation.Horizontal)
+        self.main_split.addWidget(left)
+        self.main_split.addWidget(self.right_split)
+        self.main_split.setSizes([430, 850])
+        self.main_split.setStretchFactor(1, 1)
+
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(6, 6, 6, 6)
+        layout.addWidget(self.hint)
+        layout.addWidget(self.main_split, 1)
+
+        self.bins_spin.valueChanged.connect(lambda _v: self._request())
+        self.log_check.toggled.connect(self._on_log)
+        self.int8_check.toggled.connect(lambda _on: self._draw_int8())
+
+    def _setup_histogram(self) -> None:
+        colors = plot_colors()
+        item = self.plot.getPlotItem()
+        item.setLabel("bottom", "weight value")
+        item.setLabel("left", "count (values per bin)")
+        item.getAxis("bottom").enableAutoSIPrefix(False)
+        item.getAxis("left").enableAutoSIPrefix(False)
+        item.showGrid(x=True, y=True, alpha=0.15)
+        item.setTitle("Histogram")
+        self.legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt")
+        style_legend(self.legend)
+        self.hist_curve = pg.PlotDataItem(
+            [0.0, 1.0],
+            [0],
+            stepMode="center",
+            fillLevel=0,
+            pen=pg.mkPen(colors["bars"], width=1),
+            brush=colors["bars_fill"],
+            name="values per bin",
+        )
+        item.addItem(self.hist_curve)
+        mean_pen = pg.mkPen(colors["mean"], width=2)
+        std_pen = pg.mkPen(colors["std"], width=1.5, style=Qt.PenStyle.DashLine)
+        self.mean_line = pg.InfiniteLine(angle=90, movable=False, pen=mean_pen)
+        self.std_lines = [pg.InfiniteLine(angle=90, movable=False, pen=std_pen) for _ in range(2)]
+        for line in (self.mean_line, *self.std_lines):
+            item.addItem(line, ignoreBounds=True)
+        self.int8_band = pg.LinearRegionItem(
+            values=(-1, 1), movable=False, brush=colors["band"], pen=pg.mkPen(colors["mask"], width=1)
+        )
+        self.int8_band.setZValue(-10)
+        self.int8_grid = pg.PlotDataItem([], [], connect="pairs", pen=pg.mkPen(colors["grid"], width=1))
+        item.addItem(self.int8_band, ignoreBounds=True)
+        item.addItem(self.int8_grid, ignoreBounds=True)
+        self.int8_band.hide()
+        self.int8_grid.hide()
+        # legend entries for the lines (InfiniteLine has no legend sample of its own)
+        self._legend_mean = pg.PlotDataItem([], [], pen=mean_pen)
+        self._legend_std = pg.PlotDataItem([], [], pen=std_pen)
+        self._legend_grid = pg.PlotDataItem([], [], pen=pg.mkPen(colors["mask"], width=2))
+        self.legend.addItem(self._legend_mean, "mean")
+        self.legend.addItem(self._legend_std, "mean ± std")
+
+    def _setup_type_plot(self) -> None:
+        colors = plot_colors()
+        item = self.type_plot.getPlotItem()
+        item.setTitle("Parameters by layer type")
+        item.setLabel("bottom", "parameters")
+        item.setLabel("left", "layer type")
+        item.getAxis("bottom").enableAutoSIPrefix(False)
+        item.getViewBox().invertY(True)
+        item.setMouseEnabled(x=False, y=False)
+        item.showGrid(x=True, alpha=0.15)
+        self.type_bars = pg.BarGraphItem(
+            x0=[], y=[], width=[], height=0.7, brush=colors["bars_fill"], pen=pg.mkPen(colors["bars"])
+        )
+        item.addItem(self.type_bars)
+        self._tick_font = QFont(self.font())
+        self._tick_font.setPointSizeF(max(7.0, self._tick_font.pointSizeF() * 0.9))
+        self.type_plot.getAxis("left").setStyle(tickFont=self._tick_font)
+        self.type_plot.getAxis("left").enableAutoSIPrefix(False)
+
+    def apply_theme(self) -> None:
+        colors = plot_colors()
+        for plot in (self.plot, self.type_plot):
+            style_plot(plot)
+        self.hist_curve.setPen(pg.mkPen(colors["bars"], width=1))
+        self.hist_curve.setBrush(colors["bars_fill"])
+        self.type_bars.setOpts(brush=colors["bars_fill"], pen=pg.mkPen(colors["bars"]))
+        self.hint.restyle()
+
+    # ---------------------------------------------------------------------------- model
+
+    def on_model_changed(self) -> None:
+        model = self.document.model
+        self._cancel()
+        self._cache.clear()
+        self.current, self.current_name = None, ""
+        self.tree_model.removeRows(0, self.tree_model.rowCount())
+        self._refs = {}
+        self.plot_stack.setCurrentWidget(self.placeholder)
+        self.stats_table.setRowCount(0)
+        if model is None:
+            self._show_whole_model(whole_model_summary([]))
+            self._summary_text = "No model open"
+            self.tree_summary.setText(self._summary_text)
+            return
+        refs = list(model.tensors())
+        self._refs = {r.name: r for r in refs}
+        root = build_module_tree(refs)
+        for child in root.children.values():
+            self._add_node(self.tree_model.invisibleRootItem(), child)
+        self.tree.expandToDepth(0)
+        self._on_filter(self.filter_edit.text())
+        summary = whole_model_summary(refs)
+        self._show_whole_model(summary)
+        dtypes = ", ".join(d for d, _ in summary["by_dtype"])
+        self._summary_text = (
+            f"{model.source}: {human_count(summary['params'])} parameters in {summary['tensors']} tensors · "
+            f"{human_bytes(summary['bytes'])} ({dtypes}) · {model.family}, {model.format}"
+        )
+        self.tree_summary.setText(self._summary_text)
+
+    def show_opening(self, source: str | None) -> None:
+        """Say that `source` is being opened below the tree; None puts the open model's summary back."""
+        self.tree_summary.setText(f"Opening {source}…" if source else self._summary_text)
+
+    def _add_node(self, parent: QStandardItem, node: Node) -> None:
+        name = QStandardItem(node.name)
+        name.setData(node.ref.name if node.ref is not None else "", TENSOR_ROLE)
+        name.setData(node.path, PATH_ROLE)
+        name.setToolTip(node.path)
+        shape = QStandardItem("×".join(str(s) for s in node.ref.shape) if node.ref is not None else "")
+        params = QStandardItem(f"{node.params:,}")
+        params.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        dtypes = node.dtypes
+        dtype = QStandardItem(next(iter(dtypes)) if len(dtypes) == 1 else "mixed")
+        if node.ref is None:
+            bold = QFont(name.font())
+            bold.setBold(True)
+            name.setFont(bold)
+        parent.appendRow([name, shape, params, dtype])
+        for child in node.children.values():
+            self._add_node(name, child)
+
+    def _show_whole_model(self, summary: dict[str, Any]) -> None:
+        by_type = summary["by_type"]
+        total = summary["params"] or 1
+        shown = by_type[: self.TYPE_BARS]
+        rest = by_type[self.TYPE_BARS :]
+        if len(rest) == 1:
+            shown = by_type
+        elif rest:
+            shown = [*shown, (f"{len(rest)} other types", sum(c for _, c in rest))]
+        names = [n for n, _ in shown]
+        top = max((c for _, c in shown), default=1)
+        unit, div = next(((u, d) for u, d in (("millions", 1e6), ("thousands", 1e3)) if top >= d), ("", 1.0))
+        widths = [c / div for _, c in shown]
+        self.type_bars.setOpts(x0=[0] * len(widths), y=list(range(len(widths))), width=widths, height=0.7)
+        axis = self.type_plot.getAxis("left")
+        metrics = QFontMetrics(self._tick_font)
+        labels = [metrics.elidedText(n, Qt.TextElideMode.ElideMiddle, 230) for n in names]
+        axis.setWidth(min(250, max((metrics.horizontalAdvance(t) for t in labels), default=60) + 30))
+        axis.setTicks([list(enumerate(labels))])
+        item = self.type_plot.getPlotItem()
+        in_all = f"; {human_count(summary['params'])} in all" if by_type else ""
+        item.setLabel("bottom", f"parameters ({unit}{in_all})" if unit else f"parameters{in_all}")
+        item.setTitle("Parameters by layer type" if by_type else "Parameters by layer type (no model open)")
+        item.getAxis("bottom").setStyle(showValues=bool(by_type))
+        item.getViewBox().setLimits(yMin=-1, yMax=max(len(names), 1))
+        item.getViewBox().setRange(
+            xRange=(0, max(widths, default=1) * 1.08), yRange=(-0.75, len(names) - 0.25), padding=0
+        )
+        fill_table(
+            self.type_table,
+            [(n, f"{c:,}", f"{100 * c / total:.1f} %") for n, c in by_type],
+            align_right_from=1,
+        )
+        total_bytes = summary["bytes"] or 1
+        fill_table(
+            self.dtype_table,
+            [
+                (d, f"{t:,}", f"{p:,}", human_bytes(b), f"{100 * b / total_bytes:.1f} %")
+                for d, (t, p, b) in summary["by_dtype"]
+            ],
+        )
+
+    # ---------------------------------------------------------------------------- selection
+
+    def _on_filter(self, text: str) -> None:
+        self.proxy.set_text(text)
+        if text.strip():
+            self.tree.expandAll()
+
+    def _on_current_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
+        index = self.proxy.mapToSource(current.siblingAtColumn(0))
+        if not index.isValid():
+            return
+        tensor = str(index.data(TENSOR_ROLE) or "")
+        path = str(index.data(PATH_ROLE) or "")
+        self.selection_changed.emit(tensor or path)
+        if tensor:
+            self.current_name = tensor
+            self._request()
+        else:
+            self._show_module(index)
+
+    def select_tensor(self, name: str) -> bool:
+        """Select `name` in the tree (clearing a filter that hides it); False when there is no such tensor."""
+        if name not in self._refs:
+            return False
+        source = self._find(name)
+        if source is None:
+            return False
+        proxy = self.proxy.mapFromSource(source)
+        if not proxy.isValid():
+            self.filter_edit.clear()
+            proxy = self.proxy.mapFromSource(source)
+        self.tree.scrollTo(proxy)
+        self.tree.setCurrentIndex(proxy)
+        return True
+
+    def _find(self, name: str) -> QModelIndex | None:
+        stack = [self.tree_model.index(r, 0) for r in range(self.tree_model.rowCount())]
+        while stack:
+            index = stack.pop()
+            if index.data(TENSOR_ROLE) == name:
+                return index
+            if name.startswith(str(index.data(PATH_ROLE)) + "."):
+                stack.extend(
+                    self.tree_model.index(r, 0, index) for r in range(self.tree_model.rowCount(index))
+                )
+        return None
+
+    def _show_module(self, index: QModelIndex) -> None:
+        self._cancel()
+        self.current, self.current_name = None, ""
+        path = str(index.data(PATH_ROLE))
+        refs = [r for n, r in self._refs.items() if n == path or n.startswith(path + ".")]
+        params = sum(r.numel for r in refs)
+        dtypes = sorted({r.dtype for r in refs})
+        fill_table(
+            self.stats_table,
+            [
+                ("module", path),
+                ("tensors", len(refs)),
+                ("parameters", f"{params:,}"),
+                ("bytes", human_bytes(sum(r.numel * DTYPE_BYTES.get(r.dtype, 4) for r in refs))),
+                ("dtype", ", ".join(dtypes)),
+            ],
+        )
+        self.placeholder.setText(
+            f"{path}: a module with {len(refs)} tensors ({human_count(params)} parameters).\n"
+            "Select one of its tensors (the leaves) to see a histogram."
+        )
+        self.plot_stack.setCurrentWidget(self.placeholder)
+
+    # ---------------------------------------------------------------------------- statistics (off-thread)
+
+    def cancel(self) -> None:
+        """Esc: stop waiting for the histogram being read (its result will be ignored)."""
+        self._cancel()
+
+    def _cancel(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+        self.busy_label.setText("")
+
+    def _request(self) -> None:
+        name = self.current_name
+        if not name or name not in self._refs:
+            return
+        self._cancel()
+        bins = self.bins_spin.value()
+        cached = self._cache.get((name, bins))
+        if cached is not None:
+            self._show(cached)
+            return
+        ref = self._refs[name]
+        self.busy_label.setText(f"reading {ref.name} ({human_count(ref.numel)} values)…")
+        self._task = run_task(
+            lambda: compute_histogram(ref, bins), on_done=self._on_stats, on_error=self._on_stats_error
+        )
+
+    def _on_stats(self, token: int, result: HistogramResult) -> None:
+        if self._task is None or token != self._task.token:
+            return  # the selection or the bins changed while this was computed
+        self._task = None
+        self.busy_label.setText("")
+        key = (result.stats.name, len(result.stats.counts))
+        self._cache[key] = result
+        while len(self._cache) > 64:
+            self._cache.popitem(last=False)
+        self._show(result)
+
+    def _on_stats_error(self, token: int, message: str) -> None:
+        if self._task is None or token != self._task.token:
+            return
+        self._task = None
+        self.busy_label.setText("")
+        self.placeholder.setText(f"Cannot read {self.current_name}:\n{message}")
+        self.plot_stack.setCurrentWidget(self.placeholder)
+        self.document.status.emit(f"cannot read {self.current_name}: {message}")
+
+    def _show(self, result: HistogramResult) -> None:
+        self.current = result
+        s = result.stats
+        item = self.plot.getPlotItem()
+        if not s.counts:
+            self.placeholder.setText(f"{s.name} has no finite values to plot.")
+            self.plot_stack.setCurrentWidget(self.placeholder)
+        else:
+            self.plot_stack.setCurrentWidget(self.plot)
+            self.hist_curve.setData(np.asarray(s.edges), np.asarray(s.counts, dtype=float))
+            self.hist_curve.setFillLevel(-0.3 if self.log_check.isChecked() else 0)
+            self.mean_line.setValue(s.mean)
+            self.std_lines[0].setValue(s.mean - s.std)
+            self.std_lines[1].setValue(s.mean + s.std)
+            item.setTitle(f"{s.name}: {s.params:,} values in {len(s.counts)} bins")
+            item.enableAutoRange()
+            self._draw_int8()
+        shape = "×".join(str(d) for d in s.shape) or "scalar"
+        rows = [
+            ("tensor", s.name),
+            ("shape", shape),
+            ("dtype", s.dtype),
+            ("parameters", f"{s.params:,}"),
+            ("min", fmt(s.min)),
+            ("max", fmt(s.max)),
+            ("mean", fmt(s.mean)),
+            ("std", fmt(s.std)),
+            ("sparsity (exact zeros)", f"{100 * s.sparsity:.3g} %"),
+            (f"outliers (|x − mean| > {OUTLIER_STD:g} std)", f"{100 * s.outliers:.3g} %"),
+        ]
+        if s.nonfinite:
+            rows.append(("non-finite values", f"{s.nonfinite:,}"))
+        if result.int8_scale is not None:
+            rows += [
+                ("INT8 scale (max|x| / 127)", fmt(result.int8_scale)),
+                ("INT8 levels used", f"{result.int8_levels_used} of 255"),
+                ("INT8 round-trip RMS error", fmt(result.int8_rmse)),
+            ]
+        fill_table(self.stats_table, rows)
+        self.histogram_shown.emit(s.name)
+
+    def _on_log(self, on: bool) -> None:
+        item = self.plot.getPlotItem()
+        item.setLogMode(x=False, y=on)
+        item.setLabel("left", "count (values per bin, log scale)" if on else "count (values per bin)")
+        self.hist_curve.setFillLevel(-0.3 if on else 0)
+        self._draw_int8()
+        item.enableAutoRange()
+
+    def _draw_int8(self) -> None:
+        result = self.current
+        on = self.int8_check.isChecked() and result is not None and result.int8_scale is not None
+        self.int8_band.setVisible(on)
+        self.int8_grid.setVisible(on)
+        if self._grid_in_legend:
+            self.legend.removeItem(self._legend_grid)
+            self._grid_in_legend = False
+        if not on or result is None or result.int8_scale is None:
+            return
+        scale = result.int8_scale
+        self.int8_band.setRegion((-127 * scale, 127 * scale))
+        top = max(result.stats.counts) * 1.05
+        bottom = 0.5 if self.log_check.isChecked() else 0.0
+        levels = np.arange(-127, 128) * scale
+        xs = np.repeat(levels, 2)
+        ys = np.tile([bottom, top], len(levels))
+        self.int8_grid.setData(xs, ys)
+        self.legend.addItem(self._legend_grid, f"INT8 levels (step {scale:.3g}) and range")
+        self._grid_in_legend = True
+
+    # ---------------------------------------------------------------------------- state
+
+    def save_state(self, settings: QSettings) -> None:
+        settings.setValue("model_view/main_split", self.main_split.saveState())
+        settings.setValue("model_view/right_split", self.right_split.saveState())
+        settings.setValue("model_view/bottom_split", self.bottom_split.saveState())
+        settings.setValue("model_view/bins", self.bins_spin.value())
+        settings.setValue("model_view/log", self.log_check.isChecked())
+
+    def restore_state(self, settings: QSettings) -> None:
+        for key, split in (
+            ("main_split", self.main_split),
+            ("right_split", self.right_split),
+            ("bottom_split", self.bottom_split),
+        ):
+            value = settings.value(f"model_view/{key}")
+            if value is not None:
+                split.restoreState(value)
+        bins = settings.value("model_view/bins")
+        if bins is not None:
+            self.bins_spin.setValue(int(bins))
+        self.log_check.setChecked(settings.value("model_view/log", False, type=bool))
+
+    def shutdown(self) -> None:
+        self._cancel()

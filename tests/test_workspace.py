@@ -1,0 +1,110 @@
+"""Workspace reliability: killed workers, concurrent runs, files deleted by hand."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import time
+
+import pytest
+
+from studio.errors import BadInput
+from studio.events import Done
+from studio.variants import Workspace, sha256_file
+from studio.worker import WorkerClient
+
+QUICK = {
+    "version": 1,
+    "model": "builtin:minilm",
+    "data": {"evaluation_examples": 4, "calibration_examples": 4},
+    "steps": [],
+    "evaluate": {"latency": False, "sequence_length": 16},
+}
+
+
+def assert_consistent(root) -> Workspace:
+    ws = Workspace(root)  # opening repairs: removes dead jobs' folders, re-indexes complete variants
+    rows = {r["id"]: r for r in ws.list() if r["kind"] != "baseline"}
+    for vid, row in rows.items():
+        folder = root / "variants" / vid
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest["files"], vid
+        for rel, digest in manifest["files"].items():
+            assert sha256_file(folder / rel) == digest, (vid, rel)
+        assert not row["missing"]
+    assert {p.name for p in (root / "variants").iterdir()} == set(rows)
+    assert not list((root / "tmp").iterdir())
+    return ws
+
+
+def test_sigkill_at_random_points_never_corrupts_the_workspace(tmp_path):
+    rng = random.Random(1234)
+    # One complete run first: how long a job takes here, so kills land all along it (commit included).
+    t0 = time.perf_counter()
+    events = list(WorkerClient(QUICK, tmp_path).events())
+    duration = time.perf_counter() - t0
+    assert isinstance(events[-1], Done)
+    survivors = 1
+    for _ in range(20):
+        client = WorkerClient(QUICK, tmp_path)
+        client.start()
+        time.sleep(rng.uniform(0.0, duration * 1.1))
+        if client.process.poll() is None:
+            os.killpg(client.process.pid, signal.SIGKILL)
+        else:
+            survivors += 1
+        client.process.wait()
+        ws = assert_consistent(tmp_path)
+    assert len([r for r in ws.list() if r["kind"] != "baseline"]) >= survivors
+
+
+def test_two_runs_at_once_lose_nothing(tmp_path):
+    clients = [WorkerClient(QUICK, tmp_path) for _ in range(2)]
+    for c in clients:
+        c.start()
+    results = [list(c.events())[-1] for c in clients]
+    assert all(isinstance(r, Done) for r in results), results
+    ids = {r.result["variants"][0]["id"] for r in results}
+    ws = assert_consistent(tmp_path)
+    assert ids <= {r["id"] for r in ws.list()}
+    assert len(ids) == 2
+
+
+def test_repair_reindexes_complete_and_removes_incomplete(tmp_path):
+    events = list(WorkerClient(QUICK, tmp_path).events())
+    vid = events[-1].result["variants"][0]["id"]
+    # A crash after the rename but before the row: the folder is complete, so it is indexed again.
+    ws = Workspace(tmp_path)
+    with ws._connect() as db:
+        db.execute("DELETE FROM variants WHERE id = ?", (vid,))
+    # A folder that is not a complete variant (half-copied by hand): removed and reported.
+    broken = tmp_path / "variants" / "20990101-000000-abcdef"
+    broken.mkdir()
+    (broken / "model.safetensors").write_bytes(b"partial")
+    ws = Workspace(tmp_path)
+    assert ws.report.reindexed == [vid]
+    assert ws.report.removed_incomplete == [broken.name]
+    assert ws.get(vid)["kind"] == "torch"
+
+
+def test_files_deleted_by_hand_are_reported(tmp_path, capsys):
+    from studio.cli import main
+
+    events = list(WorkerClient(QUICK, tmp_path).events())
+    vid = events[-1].result["variants"][0]["id"]
+    shutil.rmtree(tmp_path / "variants" / vid)
+    ws = Workspace(tmp_path)
+    assert ws.get(vid)["missing"]
+    assert main(["variants", "--workspace", str(tmp_path)]) == 0
+    assert "FILES MISSING" in capsys.readouterr().out
+    assert (
+        main(["export", vid, "--format", "hf", "--out", str(tmp_path / "out"), "--workspace", str(tmp_path)])
+        == 2
+    )
+    assert "files are gone" in capsys.readouterr().err
+    assert main(["variants", "rm", vid, "--workspace", str(tmp_path)]) == 0
+    with pytest.raises(BadInput, match="no variant"):
+        Workspace(tmp_path).get(vid)
