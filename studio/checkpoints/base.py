@@ -48,8 +48,8 @@ class TensorRef:
     shape: tuple[int, ...]
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32", "int8"
     load: Callable[[], torch.Tensor] = field(repr=False, compare=False)
-    # Reads rows [start, stop) of dim 0 alone; set where the format can (memory-mapped safetensors).
-    load_rows: Callable[[int, int], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    # Reads rows [start, stop) of dim 0 alone (a torch tensor or a numpy array); set where the format can.
+    load_rows: Callable[[int, int], Any] | None = field(default=None, repr=False, compare=False)
 
     @property
     def numel(self) -> int:
@@ -58,7 +58,7 @@ class TensorRef:
             n *= s
         return n
 
-    def chunks(self, max_elements: int = 1 << 24) -> Iterator[torch.Tensor]:
+    def chunks(self, max_elements: int = 1 << 24) -> Iterator[Any]:
         """The tensor as flat pieces of at most about `max_elements`, so a huge tensor never sits whole in memory."""
         if self.load_rows is None or not self.shape:
             yield self.load().reshape(-1)

@@ -79,23 +79,39 @@ def check_safetensors(path: Path) -> list[str]:
     return list(read_header(path)[1])
 
 
-def _read_rows(path: Path, data_start: int, info: dict, start: int, stop: int) -> torch.Tensor:
-    """Rows [start, stop) of one tensor by plain reads: only those bytes enter memory (no whole-file mmap)."""
-    import torch
+# safetensors dtype code -> (numpy dtype, bytes per element); bfloat16 is read as raw 16-bit words
+_NUMPY = {
+    "F64": ("float64", 8),
+    "F32": ("float32", 4),
+    "F16": ("float16", 2),
+    "BF16": ("uint16", 2),
+    "I64": ("int64", 8),
+    "I32": ("int32", 4),
+    "I16": ("int16", 2),
+    "I8": ("int8", 1),
+    "U8": ("uint8", 1),
+    "BOOL": ("bool", 1),
+}
 
-    dtype = getattr(torch, _DTYPES[info["dtype"]])
+
+def _read_rows(path: Path, data_start: int, info: dict, start: int, stop: int) -> Any:
+    """Rows [start, stop) of one tensor as a numpy array, by plain reads: only those bytes enter memory
+    (no whole-file mmap) and no torch import is needed, so inspecting weights starts at once."""
+    import numpy as np
+
+    np_dtype, itemsize = _NUMPY[info["dtype"]]
     shape = info["shape"]
     row = 1
     for d in shape[1:]:
         row *= d
-    itemsize = torch.empty((), dtype=dtype).element_size()
     offset = data_start + int(info["data_offsets"][0]) + start * row * itemsize
     count = (stop - start) * row
-    buf = bytearray(count * itemsize)
     with path.open("rb") as fh:
         fh.seek(offset)
-        fh.readinto(buf)
-    return torch.frombuffer(buf, dtype=dtype).reshape(stop - start, *shape[1:])
+        array = np.fromfile(fh, dtype=np_dtype, count=count)
+    if info["dtype"] == "BF16":  # the high half of a float32
+        array = (array.astype(np.uint32) << 16).view(np.float32)
+    return array.reshape(stop - start, *shape[1:])
 
 
 class _LazyFile:
@@ -117,13 +133,15 @@ def iter_safetensors(files: list[Path]) -> Iterator[TensorRef]:
         data_start, header = read_header(path)
         lazy = _LazyFile(path)
         for name, info in header.items():
-            known = info["dtype"] in _DTYPES
+            known = info["dtype"] in _NUMPY
             yield TensorRef(
                 name=name,
                 shape=tuple(info["shape"]),
                 dtype=_DTYPES.get(info["dtype"], info["dtype"].lower()),
                 load=lambda f=lazy, n=name: f.tensor(n),
-                load_rows=(lambda a, b, i=info, p=path, d=data_start: _read_rows(p, d, i, a, b)) if known else None,
+                load_rows=(lambda a, b, i=info, p=path, d=data_start: _read_rows(p, d, i, a, b))
+                if known
+                else None,
             )
 
 

@@ -16,6 +16,22 @@ from typing import Any
 from studio.checkpoints.base import LoadedModel, TensorRef
 
 DEFAULT_BINS = 128
+DTYPE_BYTES = {
+    "float64": 8,
+    "int64": 8,
+    "float32": 4,
+    "int32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+    "qint8": 1,
+    "quint8": 1,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+}
 OUTLIER_STD = 6.0
 CHUNK_ELEMENTS = 1 << 23
 
@@ -56,9 +72,16 @@ class TensorStats:
 
 
 def _as_numpy(chunk: Any) -> Any:
-    """A float32/float64 numpy view of a torch chunk (bfloat16, float16 and integers are widened)."""
+    """A float32/float64 numpy view of a chunk (numpy or torch; half, bfloat16, integers and quantized
+    tensors are widened)."""
+    import numpy as np
+
+    if isinstance(chunk, np.ndarray):
+        return chunk if chunk.dtype in (np.float32, np.float64) else chunk.astype(np.float32)
     import torch
 
+    if getattr(chunk, "is_quantized", False):
+        chunk = chunk.dequantize()
     if chunk.dtype not in (torch.float32, torch.float64):
         chunk = chunk.to(torch.float32)
     return chunk.numpy()
@@ -157,12 +180,9 @@ class ModelSummary:
         return sum(self.bytes_by_dtype.values())
 
     def add(self, ref: TensorRef) -> None:
-        import torch
-
         self.tensors += 1
         self.parameters += ref.numel
-        dtype = getattr(torch, ref.dtype, None)
-        size = torch.empty((), dtype=dtype).element_size() if isinstance(dtype, torch.dtype) else 1
+        size = DTYPE_BYTES.get(ref.dtype, 1)
         self.bytes_by_dtype[ref.dtype] = self.bytes_by_dtype.get(ref.dtype, 0) + ref.numel * size
         self.params_by_dtype[ref.dtype] = self.params_by_dtype.get(ref.dtype, 0) + ref.numel
 
@@ -184,7 +204,11 @@ def iter_weight_stats(
     summary: ModelSummary | None = None,
     progress: Callable[[int, str], None] | None = None,
 ) -> Iterator[TensorStats]:
-    """Statistics of every weight tensor, one at a time; fills `summary` as it goes."""
+    """Statistics of every weight tensor, one at a time; fills `summary` as it goes.
+
+    (A thread pool over tensors was tried: no faster on 2 cores, where numpy's reductions already keep
+    a core busy and the other is needed for reading.)
+    """
     started = time.perf_counter()
     for i, ref in enumerate(model.tensors()):
         if summary is not None:
