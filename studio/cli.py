@@ -420,6 +420,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.evaluation.measure import set_threads
+    from studio.sensitivity import choose_exclusions_from_report, layer_sensitivity
+
+    if args.target is not None and not 0 < args.target < 1:
+        raise BadInput(f"--target must be a fidelity between 0 and 1, got {args.target}")
+    if args.max_examples < 1:
+        raise BadInput(f"--max-examples must be at least 1, got {args.max_examples}")
+    model = open_checkpoint(args.model, trust=args.trust)
+    examples = load_examples(args.data, args.max_examples)
+    set_threads(args.threads)
+    bar = Progress(f"sensitivity ({args.scheme})", enabled=None if not args.json else False)
+    report = layer_sensitivity(
+        model,
+        args.scheme,
+        examples,
+        args.sequence_length,
+        args.mode,
+        bar,
+        per_channel=not args.per_tensor,
+        group_size=args.group_size,
+    )
+    bar.done()
+    out = report.to_dict()
+    if args.target is not None:
+        out["mixed_precision"] = choose_exclusions_from_report(report, args.target)
+    if args.json:
+        json.dump(out, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    block, param = report.exclusion_block()
+    print(f"{report.model}: per-layer sensitivity to {out['scheme_title']}")
+    print(
+        f"  objective: {report.objective}, {report.examples} examples at sequence length {report.sequence_length}"
+    )
+    print(f"  settings: {json.dumps(report.settings)}; {report.seconds:.1f}s")
+    print(
+        f"  fidelity with every layer quantized: {report.fidelity_all:.5f} (float: {report.fidelity_none:.5f})"
+    )
+    print("  loss = fidelity lost when only this layer is quantized; recovered = fidelity won back when only")
+    print("  this layer stays float. Most sensitive first.")
+    name_w = min(60, max((len(r.layer) for r in report.layers), default=5))
+    print(f"\n  {'#':>3} {'layer':<{name_w}} {'kind':<10} {'params':>10} {'loss':>9} {'recovered':>10}")
+    for i, r in enumerate(report.ranked(), 1):
+        print(
+            f"  {i:>3} {r.layer[-name_w:]:<{name_w}} {r.kind:<10} {r.parameters:>10,} "
+            f"{_fmt(r.fidelity_loss, '.5f'):>9} {_fmt(r.recovered, '.5f'):>10}"
+        )
+    if args.target is not None:
+        mp = out["mixed_precision"]
+        print(
+            f"\n  for fidelity >= {args.target}: keep {len(mp['excluded'])} layer(s) float "
+            f"(estimated {mp['estimated_fidelity']:.5f} from the measurements above"
+            f"{'' if mp['met'] else '; the target is not reached even then'})"
+        )
+        print(f"  {block} params: {json.dumps({param: mp['excluded']})}")
+        print(
+            f"  (or let the block choose by itself and measure: {json.dumps({'mixed_precision': args.target})})"
+        )
+    return 0
+
+
 def cmd_screenshots(args: argparse.Namespace) -> int:
     from studio.gui_entry import screenshots
 
@@ -526,6 +590,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workspace", help=ws_help)
     p.set_defaults(handler=cmd_bench)
 
+    p = sub.add_parser(
+        "sensitivity", help="per-layer quantization sensitivity: which layers lose fidelity when quantized"
+    )
+    p.add_argument("model", help="builtin:minilm, a Hugging Face folder or an .onnx file")
+    p.add_argument(
+        "--scheme",
+        choices=("onnx-int8", "torch-int8", "int4"),
+        default="onnx-int8",
+        help="onnx-int8: onnx.quantize_dynamic of the fused graph; torch-int8: quantize.dynamic_int8; "
+        "int4: quantize.weight_only with 4 bits (default onnx-int8)",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("one", "all-but-one", "both"),
+        default="both",
+        help="quantize one layer at a time, all but one, or both (default both)",
+    )
+    p.add_argument("--per-tensor", action="store_true", help="int8 schemes: one weight scale per layer")
+    p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128)")
+    p.add_argument(
+        "--target", type=float, help="also list the layers to keep float to reach this fidelity (e.g. 0.995)"
+    )
+    p.add_argument(
+        "--data", default="builtin:sentences", help="examples: builtin:sentences or .txt/.jsonl/.csv"
+    )
+    p.add_argument("--max-examples", type=int, default=32, help="examples measured on (default 32)")
+    p.add_argument("--sequence-length", type=int, default=128, help="tokens per example (default 128)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument(
+        "--trust", action="store_true", help="allow unpickling a whole module (runs code from the file)"
+    )
+    p.set_defaults(handler=cmd_sensitivity)
+
     p = sub.add_parser("screenshots", help="render each main view offscreen to PNG files")
     p.add_argument("dir", help="output folder")
     p.add_argument("--workspace", help=ws_help)
@@ -534,6 +632,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    raw = sys.argv[1:] if argv is None else list(argv)
+    if raw[:1] == ["__worker__"]:  # the frozen bundle's worker (studio.worker.worker_command)
+        from studio.worker import main as worker_main
+
+        return worker_main()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)

@@ -29,6 +29,14 @@ from typing import IO, Any
 from studio.events import Done, Error, Event, from_json, to_json
 
 CANCEL_GRACE_S = 1.0
+FROZEN_WORKER_ARG = "__worker__"  # a PyInstaller bundle has no `-m`: its executable takes this first argument
+
+
+def worker_command() -> list[str]:
+    """The command line that starts a worker: `python -m studio.worker`, or the bundle's own executable."""
+    if getattr(sys, "frozen", False):
+        return [sys.executable, FROZEN_WORKER_ARG]
+    return [sys.executable, "-m", "studio.worker"]
 
 
 # ------------------------------------------------------------------------------------------------ worker side
@@ -134,7 +142,7 @@ class WorkerClient:
         self.started_at = time.perf_counter()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "studio.worker"],
+            worker_command(),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -17,12 +17,39 @@ APPLICATION = "Model Studio"
 
 def ensure_platform() -> None:
     """Render offscreen where there is no display (CI, ssh), unless the user chose a platform."""
-    if os.environ.get("QT_QPA_PLATFORM"):
-        return
-    if sys.platform.startswith("linux") and not (
-        os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY")
+    if (
+        not os.environ.get("QT_QPA_PLATFORM")
+        and sys.platform.startswith("linux")
+        and not (os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))
     ):
         os.environ["QT_QPA_PLATFORM"] = "offscreen"
+
+
+QUIET_QT_MESSAGES = ("This plugin does not support propagateSizeHints()",)
+
+
+def install_message_filter() -> None:
+    """Drop Qt's offscreen-plugin notices (harmless, printed for every window); keep everything else."""
+    from PySide6.QtCore import QtMsgType, qInstallMessageHandler
+
+    def handler(kind: QtMsgType, _context: object, message: str) -> None:
+        if message in QUIET_QT_MESSAGES:
+            return
+        sys.stderr.write(message + "\n")
+
+    qInstallMessageHandler(handler)
+
+
+def app_icon():
+    """The application icon: every PNG size rendered from resources/icons/model-studio.svg."""
+    from PySide6.QtGui import QIcon
+
+    from studio.resources import resources_dir
+
+    icon = QIcon()
+    for png in sorted((resources_dir() / "icons").glob("model-studio-*.png")):
+        icon.addFile(str(png))
+    return icon
 
 
 def create_app(argv: list[str] | None = None):
@@ -34,12 +61,14 @@ def create_app(argv: list[str] | None = None):
 
     app = QApplication.instance()
     if app is None:
+        install_message_filter()
         app = QApplication(argv if argv is not None else sys.argv[:1])
         if not app.organizationName():
             app.setOrganizationName(ORGANIZATION)
         app.setApplicationName(APPLICATION)
         app.setApplicationDisplayName(APPLICATION)
         app.setDesktopFileName("model-studio")
+        app.setWindowIcon(app_icon())
     apply_theme(app)
     return app
 
@@ -105,5 +134,12 @@ def run_app(args: argparse.Namespace) -> int:
     document = StudioDocument(workspace=Workspace(Path(workspace_arg)) if workspace_arg else None)
     window = build_main_window(document)
     window.show()
+    if os.environ.get("MODEL_STUDIO_SMOKE_TEST"):
+        # CI runs the README's start command with this set: the app starts, opens its model, and exits.
+        def report(ok: bool) -> None:
+            print(f"model-studio: window up, {window.windowTitle()!r}, model open: {ok}", flush=True)
+            app.exit(0 if ok else 1)
+
+        window.open_finished.connect(report)
     window.open_source(getattr(args, "open", None) or "builtin:minilm")
     return app.exec()

@@ -51,7 +51,7 @@ from studio.gui.widgets import (
     style_legend,
     style_plot,
 )
-from studio.inspection.stats import DEFAULT_BINS, OUTLIER_STD, TensorStats, tensor_stats
+from studio.inspection.stats import DEFAULT_BINS, OUTLIER_STD, TensorStats, as_float_array, tensor_stats
 
 TENSOR_ROLE = Qt.ItemDataRole.UserRole + 1  # full tensor name on tensor rows, "" on module rows
 PATH_ROLE = Qt.ItemDataRole.UserRole + 2  # full dotted path (what the filter matches)
@@ -205,7 +205,7 @@ def compute_histogram(ref: TensorRef, bins: int) -> HistogramResult:
     sq_err, count = 0.0, 0
     used = np.zeros(255, dtype=bool)
     for raw in ref.chunks():
-        x = raw.float().numpy().astype(np.float64)
+        x = as_float_array(raw).astype(np.float64)
         x = x[np.isfinite(x)]
         q = np.clip(np.round(x / scale), -127, 127)
         used[(q + 127).astype(np.int64)] = True

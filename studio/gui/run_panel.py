@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
 from studio.events import Done, Error, Event, Log, Metric, Progress, VariantSaved, from_json
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import ParamForm
+from studio.worker import worker_command
 
 CANCEL_GRACE_MS = 1000  # SIGTERM first; SIGKILL after this if the worker is still there
 STDERR_LINES = 40
@@ -437,7 +438,8 @@ class RunPanel(QWidget):
         self._tick()
         self.status_label.setText("Starting the worker…")
         self.log(f"job {self.job_id}: {len(recipe.steps)} step(s) on {recipe.model}")
-        proc.start(sys.executable, ["-m", "studio.worker"])
+        command = worker_command()
+        proc.start(command[0], command[1:])
         proc.write(json.dumps(job).encode("utf-8"))
         proc.closeWriteChannel()
         self._update_buttons()
@@ -551,7 +553,7 @@ class RunPanel(QWidget):
     def _process_error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.ProcessError.FailedToStart and self.process is not None:
             proc = self.process
-            message = f"Could not start the worker ({sys.executable} -m studio.worker): {proc.errorString()}"
+            message = f"Could not start the worker ({' '.join(worker_command())}): {proc.errorString()}"
             self._end()
             self._fail(message)
         # other errors (crash, read/write) end with `finished`, handled there

@@ -71,7 +71,7 @@ class TensorStats:
         }
 
 
-def _as_numpy(chunk: Any) -> Any:
+def as_float_array(chunk: Any) -> Any:
     """A float32/float64 numpy view of a chunk (numpy or torch; half, bfloat16, integers and quantized
     tensors are widened)."""
     import numpy as np
@@ -98,7 +98,7 @@ def tensor_stats(
     mean = m2 = 0.0
     lo, hi = math.inf, -math.inf
     for raw in ref.chunks(chunk_elements):
-        x = _as_numpy(raw)
+        x = as_float_array(raw)
         n += x.size
         zeros += x.size - int(np.count_nonzero(x))
         if not np.isfinite(x).all():
@@ -143,7 +143,7 @@ def tensor_stats(
     outliers = 0
     edges = None
     for raw in ref.chunks(chunk_elements):
-        x = _as_numpy(raw)
+        x = as_float_array(raw)
         if nonfinite:
             x = x[np.isfinite(x)]
         c, edges = np.histogram(x, bins=bins, range=(a, b))

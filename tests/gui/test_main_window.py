@@ -189,7 +189,7 @@ def test_screenshots_render_every_tab(qtbot, tmp_path, settings):
     from studio.gui.screenshots import render_all
 
     files = render_all(tmp_path / "shots", workspace_root=tmp_path / "workspace")
-    assert [f.name for f in files] == ["model.png", "heads.png"]
+    assert [f.name for f in files] == ["model.png", "heads.png", "pipeline.png", "run.png", "compare.png"]
     for f in files:
         image = QImage(str(f))
         assert (image.width(), image.height()) == (1280, 800)
