@@ -1,7 +1,9 @@
 """The built-in techniques. Importing this package registers every block (see base.register)."""
 
 from studio.techniques import (  # noqa: F401  (imported to register)
+    compile,
     distill,
+    onnx_blockwise,
     onnx_export,
     onnx_passes,
     precision,

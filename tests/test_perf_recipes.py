@@ -1,0 +1,167 @@
+"""The studio's own recipes (resources/recipes/*.yaml, what `model-studio bench` measures against the usual
+recipes): each validates, and each runs on MiniLM at small sizes (few sentences, short sequences) into an
+artifact that reopens and stays faithful. Sizes on disk do not depend on the data, so the size target is
+checked exactly; speed is never asserted here (`model-studio bench` measures it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from studio.bench import REFERENCE, TARGETS, check_targets, recipe_files
+from studio.checkpoints import open_checkpoint
+from studio.errors import BadInput
+from studio.evaluation.data import load_examples
+from studio.evaluation.measure import folder_weights_size, quality_batches, runner_for
+from studio.evaluation.quality import QualityAccumulator
+from studio.pipeline import execute_steps, load_recipe, plan, save_state
+from studio.resources import resource
+
+SEQ = 32
+STUDIO_RECIPES = sorted(resource("recipes").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return open_checkpoint("builtin:minilm")
+
+
+def _target(path: Path) -> str:
+    return next(t for t in TARGETS if path.stem.endswith(t))
+
+
+def test_every_target_has_a_recipe_and_the_bench_runs_them():
+    assert {_target(p) for p in STUDIO_RECIPES} == set(TARGETS)
+    assert set(STUDIO_RECIPES) <= set(recipe_files())
+    for path in STUDIO_RECIPES:  # each says what it does and what it measured
+        assert path.read_text().startswith("# ")
+
+
+@pytest.mark.parametrize("path", STUDIO_RECIPES, ids=lambda p: p.stem)
+def test_recipe_runs_small_and_stays_faithful(path, minilm, tmp_path):
+    recipe = load_recipe(path)
+    plan(recipe, minilm)  # validates as shipped
+    small = recipe.model_copy(
+        update={
+            "data": recipe.data.model_copy(update={"calibration_examples": 16}),
+            "evaluate": recipe.evaluate.model_copy(update={"sequence_length": SEQ}),
+        }
+    )
+    planned = plan(small, minilm)
+    calibration = load_examples(small.data.calibration, small.data.calibration_examples)
+    state, _ = execute_steps(planned, tmp_path / "work", calibration, lambda _e: None)
+    artifact = tmp_path / "artifact"
+    save_state(state, artifact, calibration, SEQ)
+
+    # reopened from disk like any variant, and compared with the original on sentences it never saw
+    target = open_checkpoint(artifact).module if state.kind == "torch" else artifact / state.path.name
+    runner = runner_for(state.kind, target, minilm)
+    reference = runner_for("torch", minilm.module, minilm)
+    evaluation = load_examples("builtin:sentences", 16)
+    acc = QualityAccumulator(minilm.family, evaluation)
+    for batch in quality_batches(minilm, evaluation, SEQ):
+        acc.add(batch, reference(batch), runner(batch))
+    cosine = acc.results()[1]["fidelity_cosine"]
+    assert cosine >= TARGETS[_target(path)]["min_cosine"] - 0.002
+
+    size = folder_weights_size(artifact)
+    original = folder_weights_size(minilm.path)
+    if _target(path) == "small":
+        assert size <= TARGETS["small"]["max_size_share_of_fp32"] * original
+    else:
+        assert size <= 0.3 * original
+
+
+def test_check_targets_marks_met_and_missed():
+    fp32 = {"size_bytes": 100, "quality": {"fidelity_cosine": 1.0}}
+    row = {
+        "size_bytes": 19,
+        "quality": {"fidelity_cosine": 0.991},
+        "speedup_vs_fp32": {"1": 2.0, "32": 5.5},
+        "speedup_vs_usual_int8": {"1": 1.7, "32": 1.2},
+    }
+    assert check_targets("x-small", row, fp32)["met"]
+    assert check_targets("x-high-throughput", row, fp32) | {"need": ""} == {
+        "target": "high-throughput",
+        "cosine_ok": False,
+        "speed_ok": True,
+        "met": False,
+        "need": "",
+    }
+    assert check_targets("x-low-latency", {**row, "quality": {"fidelity_cosine": 0.996}}, fp32)["met"]
+    assert not check_targets("x-small", {**row, "size_bytes": 21}, fp32)["met"]
+    assert check_targets(REFERENCE, row, fp32) == {}
+
+
+# ---------------------------------------------------------------------------------------------- levers
+
+
+def test_compile_inductor_same_outputs_and_recompiles_when_reopened(bert_classifier, tmp_path):
+    import torch
+
+    from studio.families import family_for
+    from studio.techniques.base import RunContext, get_technique, initial_state
+    from studio.techniques.torch_io import save_torch_variant
+
+    model = open_checkpoint(bert_classifier)
+    family = family_for(model)
+    examples = load_examples("builtin:sentences", 4)
+    batch = family.batch(model, examples, 16)
+    with torch.inference_mode():
+        eager = family.forward(model.module, batch)
+    events: list[dict] = []
+    technique = get_technique("compile.inductor")()
+    ctx = RunContext(
+        original=model, workdir=tmp_path, calibration=examples, sequence_length=16, emit=events.append
+    )
+    state = technique.run(initial_state(model), technique.Params(), ctx)
+    assert state.transforms[-1]["technique"] == "compile.inductor"
+    assert any(e["type"] == "metric" and e["name"] == "compile_seconds" for e in events)
+    with torch.inference_mode():
+        compiled = family.forward(state.module, batch)
+    assert torch.allclose(compiled, eager, atol=1e-4)
+
+    folder = tmp_path / "variant"
+    save_torch_variant(state.module, state.transforms, folder, model.path)
+    reopened = open_checkpoint(folder).module
+    assert reopened._compiled_call_impl is not None  # compiled again on reopening
+    with torch.inference_mode():
+        assert torch.allclose(family.forward(reopened, batch), eager, atol=1e-4)
+
+    later = RunContext(original=model, workdir=tmp_path, later_steps=["quantize.dynamic_int8"])
+    with pytest.raises(BadInput, match="last step"):
+        technique.run(initial_state(model), technique.Params(warm_up=False), later)
+
+
+def test_split_skip_layer_norm_and_blockwise_keep_outputs(minilm, tmp_path):
+    import onnx
+
+    from studio.pipeline import Recipe
+    from studio.techniques.onnx_passes import op_counts
+
+    recipe = Recipe.model_validate(
+        {
+            "steps": [
+                {"technique": "export.onnx"},
+                {"technique": "onnx.optimize", "params": {"skip_layer_norm": "split"}},
+                {"technique": "onnx.quantize_blockwise", "params": {"bits": 8, "exclude_nodes": []}},
+            ],
+            "evaluate": {"sequence_length": SEQ},
+        }
+    )
+    calibration = load_examples("builtin:sentences", 8)
+    events: list = []
+    state, _ = execute_steps(plan(recipe, minilm), tmp_path, calibration, events.append)
+    ops = op_counts(state.path)
+    assert "SkipLayerNormalization" not in ops
+    assert ops["LayerNormalization"] == 12 and ops["Sum"] == 12
+    assert ops["MatMulNBits"] == 18 and "MatMul" not in ops  # every FFN and output projection
+    assert onnx.load(str(state.path)).graph.node  # a valid graph
+    runner = runner_for("onnx", state.path, minilm)
+    reference = runner_for("torch", minilm.module, minilm)
+    evaluation = load_examples("builtin:sentences", 8)
+    acc = QualityAccumulator(minilm.family, evaluation)
+    for batch in quality_batches(minilm, evaluation, SEQ):
+        acc.add(batch, reference(batch), runner(batch))
+    assert acc.results()[1]["fidelity_cosine"] >= 0.999  # 8-bit blocks with per-block activations
