@@ -637,6 +637,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from studio.worker import main as worker_main
 
         return worker_main()
+    if raw[:1] == ["__memprobe__"]:  # the frozen bundle's memory probe (studio.evaluation.memprobe)
+        from studio.evaluation.memprobe import main as memprobe_main
+
+        return memprobe_main()
     parser = build_parser()
     args = parser.parse_args(argv)
     handler: Handler | None = getattr(args, "handler", None)

@@ -124,21 +124,24 @@ def measure_runtime(
     sink: Callable[[Any], None],
     label: str,
     step: int,
+    memory_of: tuple[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Latency per batch size, throughput and peak memory of one runner."""
+    """Latency per batch size, throughput, and peak memory (see `peak_memory`) of one runner;
+    `memory_of` is (kind, module or file) of what the runner runs."""
     family = family_for(model)
     latency: dict[str, Any] = {}
     throughput: dict[str, float] = {}
-    peak = 0.0
     sizes = list(spec.batch_sizes)
+    memory: dict[str, Any] = {}
     for k, b in enumerate(sizes):
         batch = family.batch(
             model, timing_examples(examples, b, model, spec.sequence_length), spec.sequence_length
         )
         sink(Progress(step, k / len(sizes), f"{label}: timing batch {b}"))
-        with PeakRSS() as mem:
-            runner(batch)
-        peak = max(peak, mem.delta_mb)
+        if memory_of is not None and b == max(sizes):
+            memory = peak_memory(*memory_of, model, batch, spec.threads)
+            if "error" in memory:
+                sink(Log(f"{label}: {memory['error']}", level="warning", step=step))
         stats = time_calls(lambda batch=batch: runner(batch), b)
         latency[str(b)] = stats
         throughput[str(b)] = stats["throughput_per_s"]
@@ -149,7 +152,37 @@ def measure_runtime(
                 step=step,
             )
         )
-    return {"latency_ms": latency, "throughput_per_s": throughput, "peak_memory_mb": round(peak, 1)}
+    out: dict[str, Any] = {"latency_ms": latency, "throughput_per_s": throughput}
+    if "total_mb" in memory:
+        out["peak_memory_mb"] = memory["total_mb"]
+        out["memory"] = memory
+    return out
+
+
+def peak_memory(
+    kind: str, target: Any, model: LoadedModel, batch: Batch, threads: int | None
+) -> dict[str, Any]:
+    """Peak memory of running `target` (a saved artifact or checkpoint) at this batch, in a fresh process
+    (studio/evaluation/memprobe.py explains why). An in-memory torch module is measured by its artifact."""
+    import subprocess
+
+    from studio.evaluation.memprobe import command
+
+    size = len(next(iter(batch.inputs.values())))
+    seq = int(batch.inputs["input_ids"].shape[1]) if "input_ids" in batch.inputs else 0
+    job = {
+        "kind": kind,
+        "target": str(target),
+        "batch_size": size,
+        "sequence_length": seq or 128,
+        "threads": threads,
+    }
+    try:
+        proc = subprocess.run(command(), input=json.dumps(job), capture_output=True, text=True, timeout=600)
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as exc:
+        return {"error": f"the memory probe failed: {exc}"}
+    return out
 
 
 def weights_size(model: LoadedModel) -> int:
@@ -203,13 +236,25 @@ def evaluate_baseline(
     runner = runner_for(kind, model.path if kind == "onnx" else model.module, model, threads)
     metrics: dict[str, Any] = {"size_bytes": weights_size(model), "runtime": kind, "threads": threads}
     if recipe.evaluate.latency:
-        metrics.update(measure_runtime(runner, model, examples, recipe.evaluate, sink, "original", step))
+        metrics.update(
+            measure_runtime(
+                runner,
+                model,
+                examples,
+                recipe.evaluate,
+                sink,
+                "original",
+                step,
+                memory_of=(kind, recipe.model),  # measured from the checkpoint, in a fresh process
+            )
+        )
     return workspace.record_baseline(recipe.model, key, metrics, str(model.path))
 
 
 def evaluate_variant(
     runner: Runner,
     kind: str,
+    target: Any,
     artifact: Path,
     model: LoadedModel,
     recipe: Any,
@@ -246,7 +291,11 @@ def evaluate_variant(
     metrics["baseline_quality"] = base_q
     metrics["disagreements"] = acc.worst()
     if recipe.evaluate.latency:
-        metrics.update(measure_runtime(runner, model, examples, recipe.evaluate, sink, "variant", step))
+        metrics.update(
+            measure_runtime(
+                runner, model, examples, recipe.evaluate, sink, "variant", step, memory_of=(kind, target)
+            )
+        )
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 
@@ -286,4 +335,7 @@ def evaluate_state(
     threads = set_threads(recipe.evaluate.threads)
     target = state.module if state.kind == "torch" else artifact / state.path.name  # the saved copy
     runner = runner_for(state.kind, target, model, threads)
-    return evaluate_variant(runner, state.kind, artifact, model, recipe, examples, sink, len(recipe.steps))
+    saved = artifact if state.kind == "torch" else target
+    return evaluate_variant(
+        runner, state.kind, saved, artifact, model, recipe, examples, sink, len(recipe.steps)
+    )
