@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -55,8 +56,10 @@ def architecture_name(config: Any, path: Path) -> str:  # config: a PretrainedCo
     against transformers' export list without importing the modeling code (that import takes seconds)."""
     import transformers
 
-    archs = list((config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None))
-                 or [])
+    archs = list(
+        (config.get("architectures") if isinstance(config, dict) else getattr(config, "architectures", None))
+        or []
+    )
     if not archs:
         return "AutoModel"
     name = archs[0]
@@ -69,10 +72,15 @@ def architecture_name(config: Any, path: Path) -> str:  # config: a PretrainedCo
     return name
 
 
+_IMPORT_LOCK = threading.Lock()
+
+
 def model_class(config: Any, path: Path) -> type:
     import transformers
 
-    cls = getattr(transformers, architecture_name(config, path))
+    name = architecture_name(config, path)
+    with _IMPORT_LOCK:  # transformers' lazy module import is not thread-safe (GUI work runs on threads)
+        cls = getattr(transformers, name)
     if not hasattr(cls, "from_pretrained"):
         raise BadInput(f"'{cls.__name__}' in config.json is not a model class", path=path / "config.json")
     return cls

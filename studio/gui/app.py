@@ -69,6 +69,11 @@ def create_app(argv: list[str] | None = None):
         app.setApplicationDisplayName(APPLICATION)
         app.setDesktopFileName("model-studio")
         app.setWindowIcon(app_icon())
+        # Collect reference cycles on the GUI thread only: a collection on a work thread that frees Qt
+        # objects deadlocks with the GUI thread (Qt's lock vs the GIL).
+        from pyqtgraph.util.garbage_collector import GarbageCollector
+
+        app._studio_gc = GarbageCollector(interval=1.0)  # type: ignore[attr-defined]
     apply_theme(app)
     return app
 
@@ -97,17 +102,20 @@ def build_main_window(document):
     window.pipeline_editor, window.run_panel = editor, panel
     window.add_tab(editor, "Pipeline")
     window.add_tab(panel, "Run")
-    try:
-        from studio.gui.compare_view import CompareView
-    except ImportError:  # the compare view is optional while it is being built
-        CompareView = None
-    if CompareView is not None:
-        compare = CompareView(document)
-        window.compare_view = compare
-        window.add_tab(compare, "Compare")
-        panel.finished.connect(lambda _result: window.tabs.setCurrentWidget(compare))
+    from studio.gui.compare_view import CompareView
+
+    compare = CompareView(document)
+    window.compare_view = compare
+    window.add_tab(compare, "Compare")
+    panel.finished.connect(lambda _result: window.tabs.setCurrentWidget(compare))
     window.run_requested.connect(lambda: (window.tabs.setCurrentWidget(panel), panel.run()))
     window.cancel_requested.connect(panel.cancel)
+    window.cancel_requested.connect(
+        lambda: compare.cancel() if window.tabs.currentWidget() is compare else None
+    )
+    from studio.gui.export_dialog import open_export_dialog
+
+    window.export_requested.connect(lambda: open_export_dialog(document, window))
     window.save_pipeline_requested.connect(editor.save)
     window.save_pipeline_as_requested.connect(editor.save_as)
     window.open_pipeline_requested.connect(

@@ -335,6 +335,12 @@ class MainWindow(QMainWindow):
                 lambda: QSettings().setValue("recent", [])
             )
 
+    def stateful_views(self) -> list[QWidget]:
+        """Views whose layout (splitters, options) is saved and restored with the window."""
+        views = [self.model_view, self.heads_view]
+        compare = getattr(self, "compare_view", None)
+        return [*views, compare] if compare is not None else views
+
     def add_tab(self, widget: QWidget, title: str) -> int:
         index = self.tabs.addTab(widget, title)
         if index < 9:
@@ -530,11 +536,14 @@ class MainWindow(QMainWindow):
         state = settings.value("main_window/state")
         if state is not None:
             self.restoreState(state)
-        for view in (self.model_view, self.heads_view):
+        for view in self.stateful_views():
             view.restore_state(settings)
 
     def restore_current_tab(self) -> None:
-        """Called once all tabs are added (app.build_main_window)."""
+        """Called once all tabs are added (app.build_main_window): also restores views added late."""
+        compare = getattr(self, "compare_view", None)
+        if compare is not None:
+            compare.restore_state(QSettings())
         index = QSettings().value("main_window/tab")
         if index is not None and 0 <= int(index) < self.tabs.count():
             self.tabs.setCurrentIndex(int(index))
@@ -544,7 +553,7 @@ class MainWindow(QMainWindow):
         settings.setValue("main_window/geometry", self.saveGeometry())
         settings.setValue("main_window/state", self.saveState())
         settings.setValue("main_window/tab", self.tabs.currentIndex())
-        for view in (self.model_view, self.heads_view):
+        for view in self.stateful_views():
             view.save_state(settings)
 
     def closeEvent(self, event: QCloseEvent) -> None:

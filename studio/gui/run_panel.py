@@ -56,12 +56,13 @@ def _fmt_elapsed(ms: int) -> str:
 
 
 def _fmt_size(n: Any) -> str:
+    """Decimal units, as the compare table and the CLI show them (1 MB = 10^6 bytes)."""
     if not isinstance(n, (int, float)):
         return "?"
     for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1024 or unit == "GB":
+        if abs(n) < 1000 or unit == "GB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
+        n /= 1000
     return f"{n:.1f} GB"
 
 

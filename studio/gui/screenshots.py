@@ -20,6 +20,19 @@ HEADS_METHOD = "gradient"
 HEADS_EXAMPLES = 16
 HEADS_SEQUENCE_LENGTH = 32
 HEADS_OFF = 12
+# The demo runs: small evaluation settings so the screenshots take a minute or two, not ten.
+DEMO_SETTINGS = {
+    "data": {"calibration_examples": 32, "evaluation_examples": 16},
+    "evaluate": {"batch_sizes": [1, 8], "sequence_length": 64},
+}
+DEMO_PIPELINES = (
+    [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
+    [
+        {"technique": "export.onnx"},
+        {"technique": "onnx.optimize"},
+        {"technique": "onnx.quantize_dynamic", "params": {"per_channel": True}},
+    ],
+)
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
@@ -46,8 +59,40 @@ def tab_file_name(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png"
 
 
-def render_all(out_dir: Path, workspace_root: Path | None = None) -> list[Path]:
-    """Render each tab of the main window to `<out_dir>/<tab>.png`; returns the files written."""
+def run_demo(window: object, document: object) -> None:
+    """Run the demo pipelines through the Run panel (real worker processes), leave the last one on screen,
+    and put an A/B comparison of the original and the first variant (same runtime, so its per-layer weight
+    overlay has layers to show) in the Compare tab."""
+    from studio.pipeline import Recipe
+
+    panel, compare = window.run_panel, window.compare_view  # type: ignore[attr-defined]
+    results = []
+    for steps in DEMO_PIPELINES:
+        recipe = Recipe.model_validate({"model": "builtin:minilm", "steps": steps, **DEMO_SETTINGS})
+        document.pipeline.load(recipe)  # type: ignore[attr-defined]
+        outcome: dict[str, object] = {}
+        panel.finished.connect(lambda result, o=outcome: o.setdefault("result", result))
+        panel.failed.connect(lambda message, o=outcome: o.setdefault("error", message))
+        if not panel.run():
+            raise RuntimeError("screenshots: the demo pipeline did not start")
+        _wait(lambda o=outcome: bool(o), "the demo pipeline", timeout=900)
+        if "error" in outcome:
+            raise RuntimeError(f"screenshots: the demo pipeline failed: {outcome['error']}")
+        results.append(outcome["result"])
+    first = results[0]
+    compare.refresh()
+    compare.set_ab(first["baseline"]["id"], first["variants"][0]["id"])  # type: ignore[index]
+    finished: list[object] = []
+    compare.compare_finished.connect(lambda *ids: finished.append(ids))
+    compare.compare_failed.connect(finished.append)
+    compare.compare_ab()
+    _wait(lambda: bool(finished), "the A/B comparison", timeout=600)
+
+
+def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool = True) -> list[Path]:
+    """Render each tab of the main window to `<out_dir>/<tab>.png`; returns the files written. With `demo`,
+    small real pipelines run first (into the workspace: a temporary one unless given), so the Run and
+    Compare tabs show results."""
     from studio.gui.app import ensure_platform
 
     ensure_platform()
@@ -101,6 +146,8 @@ def render_all(out_dir: Path, workspace_root: Path | None = None) -> list[Path]:
             raise RuntimeError(f"screenshots: head importance failed: {failures[0]}")
         heads.mask_least_important(HEADS_OFF)
         _wait(lambda: heads.fidelity is not None and heads.fidelity < 1.0, "the fidelity of the masked model")
+        if demo:
+            run_demo(window, document)
 
         for index in range(window.tabs.count()):
             window.tabs.setCurrentIndex(index)

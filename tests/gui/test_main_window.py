@@ -188,7 +188,7 @@ def test_menu_actions_and_shortcuts(make_window, qtbot):
 def test_screenshots_render_every_tab(qtbot, tmp_path, settings):
     from studio.gui.screenshots import render_all
 
-    files = render_all(tmp_path / "shots", workspace_root=tmp_path / "workspace")
+    files = render_all(tmp_path / "shots", workspace_root=tmp_path / "workspace", demo=False)
     assert [f.name for f in files] == ["model.png", "heads.png", "pipeline.png", "run.png", "compare.png"]
     for f in files:
         image = QImage(str(f))
