@@ -123,6 +123,7 @@ class Workspace:
             raise BadInput(f"cannot create the workspace ({exc.strerror})", path=self.root) from exc
         self.db_path = self.root / "studio.db"
         with self._connect() as db:
+            self._use_wal(db)
             db.executescript(SCHEMA)
         self.report = self._repair()
 
@@ -132,13 +133,30 @@ class Workspace:
     def _connect(self) -> Iterator[sqlite3.Connection]:
         db = sqlite3.connect(self.db_path, timeout=30.0, isolation_level=None)
         try:
-            db.execute("PRAGMA journal_mode=WAL")
-            db.execute("PRAGMA synchronous=NORMAL")
             db.execute("PRAGMA busy_timeout=30000")
+            db.execute("PRAGMA synchronous=NORMAL")
             db.row_factory = sqlite3.Row
             yield db
         finally:
             db.close()
+
+    @staticmethod
+    def _use_wal(db: sqlite3.Connection) -> None:
+        """Switch the database to WAL once; the mode is stored in the file, so later connections inherit it.
+
+        Changing the journal mode needs an exclusive lock and SQLite does not always call the busy handler for
+        it, so a second process opening the workspace while the first writes retries here instead of failing.
+        """
+        for attempt in range(100):
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                    db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise
+                time.sleep(0.05 * (1 + attempt % 10))
+        raise sqlite3.OperationalError("database is locked: could not switch the workspace to WAL")
 
     def _insert(self, row: dict[str, Any]) -> None:
         with self._connect() as db:
