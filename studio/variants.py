@@ -175,11 +175,12 @@ class Workspace:
             )
             db.execute("COMMIT")
 
-    @staticmethod
-    def _row(r: sqlite3.Row) -> dict[str, Any]:
+    def _row(self, r: sqlite3.Row) -> dict[str, Any]:
         out = dict(r)
         out["recipe"] = json.loads(out["recipe"])
         out["metrics"] = json.loads(out["metrics"])
+        if out["kind"] != "baseline":
+            out["artifact"] = str(self._resolve_artifact(out["id"], out["artifact"]))
         return out
 
     # -------------------------------------------------------------------------------------------- repair
@@ -233,10 +234,22 @@ class Workspace:
             "name": m.get("name", ""),
             "recipe": m.get("recipe", {}),
             "metrics": m.get("metrics", {}),
-            "artifact": str(folder / m.get("artifact", "")),
+            # stored relative to the workspace, so a moved or copied workspace keeps its variants
+            "artifact": (folder / m.get("artifact", "")).relative_to(self.root).as_posix(),
             "created": m.get("created", time.time()),
             "cache_key": None,
         }
+
+    def _resolve_artifact(self, vid: str, stored: str) -> Path:
+        """A variant's artifact lies in variants/<id>/: stored relative to the workspace root (absolute in
+        workspaces written before that; those are re-based here, so they survive a move too)."""
+        path = Path(stored)
+        if not path.is_absolute():
+            return self.root / path
+        parts = path.parts
+        if vid in parts:
+            return self.variants_dir.joinpath(*parts[parts.index(vid) :])
+        return path
 
     # -------------------------------------------------------------------------------------------- jobs
 

@@ -108,3 +108,20 @@ def test_files_deleted_by_hand_are_reported(tmp_path, capsys):
     assert main(["variants", "rm", vid, "--workspace", str(tmp_path)]) == 0
     with pytest.raises(BadInput, match="no variant"):
         Workspace(tmp_path).get(vid)
+
+
+def test_a_moved_workspace_keeps_its_variants(tmp_path):
+    """Users move workspaces between disks: artifact paths must not point into the old place."""
+    from studio.compare import compare
+
+    old = tmp_path / "old"
+    steps = [{"technique": "export.onnx"}]
+    events = list(WorkerClient({**QUICK, "steps": steps}, old).events())
+    assert isinstance(events[-1], Done), events[-1]
+    vid = events[-1].result["variants"][0]["id"]
+    new = tmp_path / "new"
+    shutil.move(old, new)
+    ws = assert_consistent(new)
+    row = ws.get(vid)
+    assert row["artifact"] == str(new / "variants" / vid / "model.onnx")
+    assert compare(ws, vid, vid, examples=2)["disagreements"]
