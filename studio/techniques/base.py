@@ -148,7 +148,9 @@ def initial_state(model: LoadedModel) -> StageState:
         return StageState("onnx", model, path=model.path)
     # A reopened studio variant keeps its structure records, so saving it again still rebuilds it.
     done = getattr(model.config, "studio_transforms", None) or []
-    return StageState("torch", model, module=copy.deepcopy(model.module), transforms=copy.deepcopy(list(done)))
+    return StageState(
+        "torch", model, module=copy.deepcopy(model.module), transforms=copy.deepcopy(list(done))
+    )
 
 
 _REGISTRY: dict[str, type[Technique]] = {}

@@ -3,8 +3,24 @@
 from __future__ import annotations
 
 import gc
+import shutil
 
 import pytest
+from PySide6.QtCore import QCoreApplication, QSettings
+
+from studio.events import Done
+from studio.worker import WorkerClient
+
+DEMO_BASE = {
+    "version": 1,
+    "model": "builtin:minilm",
+    "data": {"evaluation_examples": 8, "calibration_examples": 8},
+    "evaluate": {"batch_sizes": [1, 4], "sequence_length": 32},
+}
+DEMO_RECIPES = {
+    "bf16": [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
+    "onnx": [{"technique": "export.onnx"}],
+}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -20,3 +36,36 @@ def collect_garbage_on_the_gui_thread(qapp):
     collector.timer.stop()
     gc.enable()
     gc.collect()
+
+
+@pytest.fixture
+def settings(tmp_path, qapp):
+    """QSettings of this test only: no test sees another's window layout or recent files."""
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
+    QCoreApplication.setOrganizationName("model-studio-tests")
+    QCoreApplication.setApplicationName("model-studio-tests")
+
+
+@pytest.fixture(scope="session")
+def demo_variants(tmp_path_factory):
+    """A workspace with the original (measured as the baseline) and two real variants of MiniLM, a bfloat16
+    torch variant and an ONNX export, built once by the worker."""
+    root = tmp_path_factory.mktemp("demo-workspace")
+    ids = {}
+    for name, steps in DEMO_RECIPES.items():
+        events = list(WorkerClient({**DEMO_BASE, "steps": steps}, root).events())
+        assert isinstance(events[-1], Done), events[-1]
+        (variant,) = events[-1].result["variants"]
+        ids[name] = variant["id"]
+        ids["original"] = events[-1].result["baseline"]["id"]
+    return root, ids
+
+
+@pytest.fixture(scope="module")
+def built(demo_variants, tmp_path_factory):
+    """A module's own copy of the demo workspace (its tests may remove variants)."""
+    source, ids = demo_variants
+    root = tmp_path_factory.mktemp("workspace")
+    shutil.copytree(source, root, dirs_exist_ok=True)
+    return root, dict(ids)

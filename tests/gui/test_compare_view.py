@@ -5,10 +5,9 @@ comparison off the GUI thread, exports, and removing a variant."""
 from __future__ import annotations
 
 import pytest
-from PySide6.QtCore import QCoreApplication, QItemSelectionModel, QSettings, Qt, QThreadPool
+from PySide6.QtCore import QItemSelectionModel, Qt, QThreadPool
 from PySide6.QtGui import QImage
 
-from studio.events import Done
 from studio.gui.compare_view import (
     EMPTY_MESSAGE,
     ID_ROLE,
@@ -21,42 +20,8 @@ from studio.gui.compare_view import (
 from studio.gui.document import StudioDocument
 from studio.gui.widgets import export_plot, live_tasks
 from studio.variants import Workspace
-from studio.worker import WorkerClient
 
 pytestmark = pytest.mark.gui
-
-BASE = {
-    "version": 1,
-    "model": "builtin:minilm",
-    "data": {"evaluation_examples": 8, "calibration_examples": 8},
-    "evaluate": {"batch_sizes": [1, 4], "sequence_length": 32},
-}
-RECIPES = {
-    "bf16": [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
-    "onnx": [{"technique": "export.onnx"}],
-}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    """A workspace with the original (measured as the baseline) and two real variants."""
-    root = tmp_path_factory.mktemp("compare-workspace")
-    ids = {}
-    for name, steps in RECIPES.items():
-        events = list(WorkerClient({**BASE, "steps": steps}, root).events())
-        assert isinstance(events[-1], Done), events[-1]
-        (variant,) = events[-1].result["variants"]
-        ids[name] = variant["id"]
-        ids["original"] = events[-1].result["baseline"]["id"]
-    return root, ids
-
-
-@pytest.fixture
-def settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    QCoreApplication.setOrganizationName("model-studio-tests")
-    QCoreApplication.setApplicationName("model-studio-tests")
 
 
 def _make_view(qtbot, root):

@@ -7,48 +7,18 @@ from __future__ import annotations
 import json
 
 import pytest
-from PySide6.QtCore import QCoreApplication, QSettings, QThreadPool
+from PySide6.QtCore import QThreadPool
 
-from studio.events import Done
 from studio.gui.compare_view import CompareView, work_pool
 from studio.gui.document import StudioDocument
 from studio.gui.export_dialog import ExportDialog, open_export_dialog, tensorrt_availability
 from studio.variants import Workspace
-from studio.worker import WorkerClient
 
 pytestmark = pytest.mark.gui
 
-BASE = {
-    "version": 1,
-    "model": "builtin:minilm",
-    "data": {"evaluation_examples": 8, "calibration_examples": 8},
-    "evaluate": {"latency": False, "sequence_length": 32},
-}
-RECIPES = {
-    "bf16": [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
-    "onnx": [{"technique": "export.onnx"}],
-}
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export-workspace")
-    ids = {}
-    for name, steps in RECIPES.items():
-        events = list(WorkerClient({**BASE, "steps": steps}, root).events())
-        assert isinstance(events[-1], Done), events[-1]
-        (variant,) = events[-1].result["variants"]
-        ids[name] = variant["id"]
-        ids["original"] = events[-1].result["baseline"]["id"]
-    return root, ids
-
 
 @pytest.fixture
-def document(built, tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    QCoreApplication.setOrganizationName("model-studio-tests")
-    QCoreApplication.setApplicationName("model-studio-tests")
+def document(built, settings):
     yield StudioDocument(workspace=Workspace(built[0]))
     for pool in (work_pool(), QThreadPool.globalInstance()):
         assert pool.waitForDone(120000), "a background task never ended"

@@ -4,21 +4,13 @@ turning the masked heads into a prune.heads step, cancel, and a model without at
 from __future__ import annotations
 
 import pytest
-from PySide6.QtCore import QCoreApplication, QPoint, QSettings, Qt
+from PySide6.QtCore import QCoreApplication, QPoint, Qt
 
 from studio.gui.document import StudioDocument
 from studio.gui.heads_view import HeadsView
 from studio.variants import Workspace
 
 pytestmark = pytest.mark.gui
-
-
-@pytest.fixture
-def settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    QCoreApplication.setOrganizationName("model-studio-tests")
-    QCoreApplication.setApplicationName("model-studio-tests")
 
 
 @pytest.fixture

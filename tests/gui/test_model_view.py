@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from PySide6.QtCore import QCoreApplication, QModelIndex, QSettings, QThreadPool
+from PySide6.QtCore import QModelIndex, QThreadPool
 from PySide6.QtGui import QImage
 
 from studio.checkpoints import open_checkpoint
@@ -17,14 +17,6 @@ pytestmark = pytest.mark.gui
 
 QUERY = "encoder.layer.0.attention.self.query.weight"
 FFN = "encoder.layer.5.intermediate.dense.weight"
-
-
-@pytest.fixture
-def settings(tmp_path, qapp):
-    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
-    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path / "settings"))
-    QCoreApplication.setOrganizationName("model-studio-tests")
-    QCoreApplication.setApplicationName("model-studio-tests")
 
 
 @pytest.fixture
