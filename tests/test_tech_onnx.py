@@ -180,6 +180,34 @@ def test_quantize_dynamic_per_channel_is_small_and_faithful(exported, optimized,
     assert (state.path.parent / "tokenizer.json").is_file()
 
 
+def test_graph_weights_carry_their_torch_names_transposed_back_and_dequantized(
+    minilm, exported, optimized, work
+):
+    """The exporter renames weights (`onnx::MatMul_N`, stored transposed); the graph's tensors read back under
+    the torch names, equal to the torch weights, and INT8 weights of a quantized graph read back dequantized."""
+    import torch
+
+    from studio.compare import weight_differences
+
+    torch_weights = dict(minilm.module.state_dict())
+    graph = {r.name: r for r in open_checkpoint(exported[0].path).tensors()}
+    ffn = "encoder.layer.3.intermediate.dense.weight"  # a Linear weight: stored transposed in the graph
+    assert graph[ffn].shape == tuple(torch_weights[ffn].shape) == (1536, 384)
+    assert torch.equal(graph[ffn].load(), torch_weights[ffn])
+    assert weight_differences(minilm, open_checkpoint(exported[0].path))["matched"] >= 100
+
+    state, _ = run_step(optimized[0], "onnx.quantize_dynamic", work, index=2, per_channel=True)
+    tensors = {r.name: r for r in open_checkpoint(state.path).tensors()}
+    assert tensors[ffn].dtype == "int8" and tensors[ffn].shape == (1536, 384)
+    original, dequantized = torch_weights[ffn], tensors[ffn].load()
+    relative = float((dequantized - original).norm() / original.norm())
+    assert 0 < relative < 0.05  # INT8 rounding: changed, but close (per channel: scale = max|w| / 127)
+    per_channel_bound = original.abs().amax(dim=1, keepdim=True) / 127
+    assert bool(((dequantized - original).abs() <= per_channel_bound * 1.01).all())
+    diffs = {d["name"]: d for d in weight_differences(minilm, open_checkpoint(state.path))["layers"]}
+    assert diffs[ffn]["change"] == "values" and diffs[ffn]["relative_l2"] == pytest.approx(relative, rel=1e-3)
+
+
 def test_quantize_dynamic_default_op_types_and_refusals(exported, work):
     state, _ = run_step(exported[0], "onnx.quantize_dynamic", work, index=3)
     assert op_counts(state.path)["MatMulInteger"] > 0

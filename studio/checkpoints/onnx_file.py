@@ -36,29 +36,66 @@ def _onnx_dtype_name(elem_type: int) -> str:
 
 
 def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
+    """The graph's initializers, under the torch names export.onnx recorded (`studio.weight_names`): Linear
+    weights the exporter stored transposed are turned back, and INT8 weights of a quantized graph
+    (`X_quantized` with `X_scale` and `X_zero_point`) are shown dequantized, so a graph compares with its
+    torch original layer by layer. Initializers without a recorded name keep their own."""
+    import json
+
+    import numpy as np
     import torch
     from onnx import numpy_helper
 
     model = load_onnx_graph(path)
     base = str(path.parent)
+    names = json.loads({p.key: p.value for p in model.metadata_props}.get("studio.weight_names") or "{}")
+    inits = {init.name: init for init in model.graph.initializer}
+
+    def array_of(init: Any) -> Any:
+        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+        if uses_external_data(init):
+            load_external_data_for_tensor(init, base)
+        array = numpy_helper.to_array(init)
+        if array.dtype.kind not in "fiub":  # bfloat16 and other ml_dtypes
+            array = array.astype("float32")
+        return array
+
+    def dequantized(init: Any, scale: Any, zero: Any) -> Any:
+        q, s = array_of(init).astype(np.float32), array_of(scale).astype(np.float32)
+        z = array_of(zero).astype(np.float32) if zero is not None else np.float32(0)
+        if s.ndim == 1 and q.ndim == 2:  # per channel: along the output columns of a MatMul weight, else rows
+            axis = 1 if s.size == q.shape[1] else 0
+            shape = (1, -1) if axis == 1 else (-1, 1)
+            s, z = s.reshape(shape), (z.reshape(shape) if np.ndim(z) else z)
+        return (q - z) * s
+
     for init in model.graph.initializer:
+        name, shape = init.name, tuple(int(d) for d in init.dims)
+        dtype = _onnx_dtype_name(init.data_type)
+        stem = name.removesuffix("_quantized")
+        scale = inits.get(stem + "_scale") if stem != name else None
+        if scale is not None and stem in names:
+            zero = inits.get(stem + "_zero_point")
 
-        def load(init: Any = init) -> torch.Tensor:
-            from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+            def load(
+                init: Any = init, scale: Any = scale, zero: Any = zero, flip: bool = names[stem][1]
+            ) -> Any:
+                array = dequantized(init, scale, zero)
+                return torch.from_numpy(np.ascontiguousarray(array.T if flip else array))
 
-            if uses_external_data(init):
-                load_external_data_for_tensor(init, base)
-            array = numpy_helper.to_array(init)
-            if array.dtype.kind not in "fiub":  # bfloat16 and other ml_dtypes
-                array = array.astype("float32")
-            return torch.from_numpy(array.copy())
+            name = names[stem][0]  # dtype stays the stored one (int8): sizes add up; values are dequantized
+        else:
 
-        yield TensorRef(
-            name=init.name,
-            shape=tuple(int(d) for d in init.dims),
-            dtype=_onnx_dtype_name(init.data_type),
-            load=load,
-        )
+            def load(init: Any = init, flip: bool = bool(names.get(name, [None, False])[1])) -> Any:
+                array = array_of(init)
+                return torch.from_numpy(np.ascontiguousarray(array.T if flip else array).copy())
+
+            stem = name
+            name = names.get(name, [name])[0]
+        if names.get(stem, [None, False])[1]:
+            shape = shape[::-1]
+        yield TensorRef(name=name, shape=shape, dtype=dtype, load=load)
 
 
 def config_from_json(text: str) -> Any:

@@ -143,6 +143,7 @@ class ExportOnnx(Technique):
             )
 
         props = metadata_for(model, info, params)
+        props["studio.weight_names"] = json.dumps(weight_names(module, path), sort_keys=True)
         set_metadata(path, props)
         copy_model_side_files(model, out_dir)
         size = onnx_size(path)
@@ -448,6 +449,45 @@ def metadata_for(model: LoadedModel, info: dict[str, Any], params: ExportOnnxPar
     if model.config is not None and hasattr(model.config, "to_dict"):
         props["studio.config"] = json.dumps(model.config.to_dict(), default=str, sort_keys=True)
     return props
+
+
+def _digest(array: Any) -> tuple[str, tuple[int, ...], str]:
+    import hashlib
+
+    return hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest(), tuple(array.shape), str(array.dtype)
+
+
+def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
+    """Which torch weight each initializer of the exported graph holds: {initializer: [torch name, transposed]}.
+
+    The exporter renames weights (a wrapper prefix; `onnx::MatMul_N` for Linear weights it stores transposed),
+    so comparing a graph with its torch original by name would match nothing. Matched by content: equal bytes,
+    as stored or transposed; where equal tensors have several names, only a name the initializer ends with
+    counts. Stored in the graph's metadata, which later ONNX steps carry along."""
+    import onnx
+    import torch
+    from onnx import numpy_helper
+
+    by_digest: dict[tuple[str, tuple[int, ...], str], list[tuple[str, bool]]] = {}
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if tensor.numel() < 2 or tensor.dtype == torch.bfloat16:
+            continue
+        array = tensor.detach().cpu().numpy()
+        by_digest.setdefault(_digest(array), []).append((name, False))
+        if array.ndim == 2:
+            by_digest.setdefault(_digest(array.T.copy()), []).append((name, True))
+    out: dict[str, list[Any]] = {}
+    graph = onnx.load(str(path), load_external_data=False)
+    for init in graph.graph.initializer:
+        if init.data_location == onnx.TensorProto.EXTERNAL:
+            onnx.external_data_helper.load_external_data_for_tensor(init, str(path.parent))
+        candidates = by_digest.get(_digest(numpy_helper.to_array(init)), [])
+        by_suffix = [c for c in candidates if init.name.endswith(c[0])]
+        chosen = by_suffix or (candidates if len(candidates) == 1 else [])
+        if chosen and (chosen[0][0] != init.name or chosen[0][1]):
+            out[init.name] = [chosen[0][0], chosen[0][1]]
+    return out
 
 
 def set_metadata(path: Path, props: dict[str, str]) -> None:
