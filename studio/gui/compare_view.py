@@ -420,6 +420,10 @@ def overlay_histograms(name: str, ref_a: Any, ref_b: Any, bins: int = HIST_BINS)
     return Overlay(name, edges, counts[0], counts[1], sa, sb)
 
 
+def _elide(text: str, limit: int = 22) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def metric_title(name: str) -> str:
     """'latency_ms.b1.p50' -> 'latency b1 p50 (ms)'; the dotted names come from studio.compare."""
     if name == "size_mb":
@@ -1411,9 +1415,13 @@ class CompareView(QWidget):
             s = sig.get(parts[1].lstrip("b")) if parts[0] == "latency_ms" and len(parts) == 3 else None
             if item is not None and s:
                 item.setToolTip(s.get("method", ""))
+        # long variant names are cut in the headers (whole in the tooltip and the combos above), so the
+        # ratio and significance columns stay in view
         self.metrics_table.setHorizontalHeaderLabels(
-            ["Metric", f"A: {la}", f"B: {lb}", "B / A", "Better", "Significant?"]
+            ["Metric", f"A: {_elide(la)}", f"B: {_elide(lb)}", "B / A", "Better", "Significant?"]
         )
+        for column, full in ((1, la), (2, lb)):
+            self.metrics_table.horizontalHeaderItem(column).setToolTip(full)
 
         worst = data.get("disagreements") or []
         fill_table(
