@@ -631,6 +631,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def open_path_argument(raw: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """`model-studio PATH` opens the app on PATH (what a file manager runs for the .desktop entry's `%f`):
+    a first argument that is no verb but an existing file or folder, or a builtin model, means `--open PATH`."""
+    verbs = {v for a in parser._actions if isinstance(a, argparse._SubParsersAction) for v in a.choices}
+    first = raw[0] if raw else ""
+    is_path = first.startswith("builtin:") or (bool(first) and Path(first).expanduser().exists())
+    if is_path and first not in verbs and not first.startswith("-"):
+        return ["--open", first, *raw[1:]]
+    return raw
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
     if raw[:1] == ["__worker__"]:  # the frozen bundle's worker (studio.worker.worker_command)
@@ -642,7 +653,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return memprobe_main()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(open_path_argument(raw, parser))
     handler: Handler | None = getattr(args, "handler", None)
     try:
         if handler is None:

@@ -16,6 +16,8 @@ import tomllib
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
+
 from studio import worker
 from studio.worker import worker_command
 
@@ -222,3 +224,24 @@ def test_cli_dispatches_the_frozen_worker_argument():
     assert result.returncode == 2, result.stderr
     event = json.loads(result.stdout.strip().splitlines()[-1])
     assert event["kind"] == "bad-input" and "not JSON" in event["message"]
+
+
+def test_the_desktop_entry_hands_the_file_to_the_app(tmp_path):
+    """A file manager runs `model-studio FILE` (`Exec=model-studio %f`): that opens the app on FILE."""
+    from studio.cli import build_parser, open_path_argument
+
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.optionxform = str
+    parser.read_string(DESKTOP.read_text(encoding="utf-8"))
+    assert parser["Desktop Entry"]["Exec"] == "model-studio %f"
+
+    cli = build_parser()
+    model = tmp_path / "model.onnx"
+    model.write_bytes(b"")
+    args = cli.parse_args(open_path_argument([str(model)], cli))
+    assert args.open == str(model) and getattr(args, "handler", None) is None  # no verb: the app
+    assert cli.parse_args(open_path_argument(["builtin:minilm"], cli)).open == "builtin:minilm"
+    assert open_path_argument(["inspect", str(model)], cli) == ["inspect", str(model)]  # verbs win
+    assert open_path_argument([], cli) == []  # no file: the app on the builtin model
+    with pytest.raises(SystemExit):  # a typo is argparse's "invalid choice", not an app on a missing file
+        cli.parse_args(open_path_argument([str(tmp_path / "missing.onnx")], cli))
