@@ -195,6 +195,14 @@ def test_graph_weights_carry_their_torch_names_transposed_back_and_dequantized(
     assert graph[ffn].shape == tuple(torch_weights[ffn].shape) == (1536, 384)
     assert torch.equal(graph[ffn].load(), torch_weights[ffn])
     assert weight_differences(minilm, open_checkpoint(exported[0].path))["matched"] >= 100
+    # the fusion joins Q, K and V into one Attention weight: it reads back as the three torch weights
+    fused = {r.name: r for r in open_checkpoint(optimized[0].path).tensors()}
+    for part in ("query", "key", "value"):
+        name = f"encoder.layer.2.attention.self.{part}.weight"
+        assert fused[name].shape == (384, 384) and torch.equal(fused[name].load(), torch_weights[name])
+        bias = name.replace(".weight", ".bias")
+        assert torch.equal(fused[bias].load(), torch_weights[bias])
+    assert weight_differences(minilm, open_checkpoint(optimized[0].path))["matched"] >= 100
 
     state, _ = run_step(optimized[0], "onnx.quantize_dynamic", work, index=2, per_channel=True)
     tensors = {r.name: r for r in open_checkpoint(state.path).tensors()}
@@ -204,6 +212,10 @@ def test_graph_weights_carry_their_torch_names_transposed_back_and_dequantized(
     assert 0 < relative < 0.05  # INT8 rounding: changed, but close (per channel: scale = max|w| / 127)
     per_channel_bound = original.abs().amax(dim=1, keepdim=True) / 127
     assert bool(((dequantized - original).abs() <= per_channel_bound * 1.01).all())
+    query = "encoder.layer.2.attention.self.query.weight"  # part of a fused, quantized Attention weight
+    assert tensors[query].dtype == "int8" and tensors[query].shape == (384, 384)
+    error = (tensors[query].load() - torch_weights[query]).abs()
+    assert 0 < float(error.max()) <= float(torch_weights[query].abs().max()) / 127 * 1.01
     diffs = {d["name"]: d for d in weight_differences(minilm, open_checkpoint(state.path))["layers"]}
     assert diffs[ffn]["change"] == "values" and diffs[ffn]["relative_l2"] == pytest.approx(relative, rel=1e-3)
 

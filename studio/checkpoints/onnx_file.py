@@ -38,12 +38,12 @@ def _onnx_dtype_name(elem_type: int) -> str:
 def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
     """The graph's initializers, under the torch names export.onnx recorded (`studio.weight_names`): Linear
     weights the exporter stored transposed are turned back, and INT8 weights of a quantized graph
-    (`X_quantized` with `X_scale` and `X_zero_point`) are shown dequantized, so a graph compares with its
-    torch original layer by layer. Initializers without a recorded name keep their own."""
+    (`X_quantized` with `X_scale` and `X_zero_point`) are shown dequantized, and a fused weight (Q, K and V
+    in one) is shown as its parts, so a graph compares with its torch original layer by layer. Initializers
+    without a recorded name keep their own."""
     import json
 
     import numpy as np
-    import torch
     from onnx import numpy_helper
 
     model = load_onnx_graph(path)
@@ -71,31 +71,46 @@ def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
         return (q - z) * s
 
     for init in model.graph.initializer:
-        name, shape = init.name, tuple(int(d) for d in init.dims)
-        dtype = _onnx_dtype_name(init.data_type)
-        stem = name.removesuffix("_quantized")
-        scale = inits.get(stem + "_scale") if stem != name else None
-        if scale is not None and stem in names:
-            zero = inits.get(stem + "_zero_point")
+        dims, dtype = tuple(int(d) for d in init.dims), _onnx_dtype_name(init.data_type)
+        stem = init.name.removesuffix("_quantized")
+        scale = inits.get(stem + "_scale") if stem != init.name and stem in names else None
+        entry = names.get(stem if scale is not None else init.name)
+        if entry is None:
+            yield TensorRef(
+                name=init.name, shape=dims, dtype=dtype, load=lambda init=init: _tensor(array_of(init))
+            )
+            continue
+
+        def raw(init: Any = init, scale: Any = scale) -> Any:
+            if scale is None:
+                return array_of(init)
+            return dequantized(init, scale, inits.get(init.name.removesuffix("_quantized") + "_zero_point"))
+
+        # one weight, or several concatenated by a fusion (Q, K and V in one Attention weight)
+        parts = entry["parts"] if isinstance(entry, dict) else [entry]
+        axis = entry.get("axis", 0) if isinstance(entry, dict) else 0
+        for i, (name, flip) in enumerate(parts):
+            shape = list(dims)
+            if len(parts) > 1:
+                shape[axis] //= len(parts)
 
             def load(
-                init: Any = init, scale: Any = scale, zero: Any = zero, flip: bool = names[stem][1]
+                raw: Any = raw, i: int = i, n: int = len(parts), axis: int = axis, flip: bool = flip
             ) -> Any:
-                array = dequantized(init, scale, zero)
-                return torch.from_numpy(np.ascontiguousarray(array.T if flip else array))
+                array = raw()
+                if n > 1:
+                    array = np.split(array, n, axis=axis)[i]
+                return _tensor(array.T if flip else array)
 
-            name = names[stem][0]  # dtype stays the stored one (int8): sizes add up; values are dequantized
-        else:
+            # dtype stays the stored one (int8 for quantized weights, so sizes add up); values are dequantized
+            yield TensorRef(name=name, shape=tuple(shape[::-1] if flip else shape), dtype=dtype, load=load)
 
-            def load(init: Any = init, flip: bool = bool(names.get(name, [None, False])[1])) -> Any:
-                array = array_of(init)
-                return torch.from_numpy(np.ascontiguousarray(array.T if flip else array).copy())
 
-            stem = name
-            name = names.get(name, [name])[0]
-        if names.get(stem, [None, False])[1]:
-            shape = shape[::-1]
-        yield TensorRef(name=name, shape=shape, dtype=dtype, load=load)
+def _tensor(array: Any) -> Any:
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.array(array, order="C"))  # a writable copy
 
 
 def config_from_json(text: str) -> Any:

@@ -451,7 +451,7 @@ def metadata_for(model: LoadedModel, info: dict[str, Any], params: ExportOnnxPar
     return props
 
 
-def _digest(array: Any) -> tuple[str, tuple[int, ...], str]:
+def content_digest(array: Any) -> tuple[str, tuple[int, ...], str]:
     import hashlib
 
     return hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest(), tuple(array.shape), str(array.dtype)
@@ -474,15 +474,15 @@ def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
         if tensor.numel() < 2 or tensor.dtype == torch.bfloat16:
             continue
         array = tensor.detach().cpu().numpy()
-        by_digest.setdefault(_digest(array), []).append((name, False))
+        by_digest.setdefault(content_digest(array), []).append((name, False))
         if array.ndim == 2:
-            by_digest.setdefault(_digest(array.T.copy()), []).append((name, True))
+            by_digest.setdefault(content_digest(array.T.copy()), []).append((name, True))
     out: dict[str, list[Any]] = {}
     graph = onnx.load(str(path), load_external_data=False)
     for init in graph.graph.initializer:
         if init.data_location == onnx.TensorProto.EXTERNAL:
             onnx.external_data_helper.load_external_data_for_tensor(init, str(path.parent))
-        candidates = by_digest.get(_digest(numpy_helper.to_array(init)), [])
+        candidates = by_digest.get(content_digest(numpy_helper.to_array(init)), [])
         by_suffix = [c for c in candidates if init.name.endswith(c[0])]
         chosen = by_suffix or (candidates if len(candidates) == 1 else [])
         if chosen and (chosen[0][0] != init.name or chosen[0][1]):

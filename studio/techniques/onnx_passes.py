@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -772,6 +772,38 @@ def check_nodes(path: Path, names: Sequence[str]) -> None:
         raise BadInput(f"no node named {', '.join(map(json.dumps, missing))} in the graph", path=path)
 
 
+def follow_weight_names(src: Path, out: Path, names: dict[str, Any]) -> dict[str, Any]:
+    """The input graph's torch weight names (see export.onnx's `weight_names`), extended to the initializers
+    the pass made from named ones: a renamed copy, or a concatenation of equal parts (the Q, K and V weights
+    a fusion joins into one Attention weight), found by content."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from studio.checkpoints.onnx_file import load_onnx_graph
+    from studio.techniques.onnx_export import content_digest
+
+    def arrays(path: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, Any]]:
+        graph = onnx.load(str(path), load_external_data=False)
+        for init in graph.graph.initializer:
+            if keep(init.name):
+                if init.data_location == onnx.TensorProto.EXTERNAL:
+                    onnx.external_data_helper.load_external_data_for_tensor(init, str(path.parent))
+                yield init.name, numpy_helper.to_array(init)
+
+    known = {content_digest(a): names[n] for n, a in arrays(src, lambda n: isinstance(names.get(n), list))}
+    src_names = {i.name for i in load_onnx_graph(src).graph.initializer}
+    out_names = dict(names)
+    for name, array in arrays(out, lambda n: n not in src_names and n not in names):
+        if content_digest(array) in known:
+            out_names[name] = known[content_digest(array)]
+        elif array.ndim in (1, 2) and array.shape[-1] % 3 == 0 and array.shape[-1] > 3:
+            parts = [known.get(content_digest(part)) for part in np.split(array, 3, axis=-1)]
+            if all(parts):
+                out_names[name] = {"parts": parts, "axis": array.ndim - 1}
+    return out_names
+
+
 def finish_pass(src: Path, out: Path, ctx: RunContext, extra: dict[str, str] | None = None) -> None:
     """Carry the input graph's studio metadata and side files to the output; report the size change."""
     from studio.techniques.onnx_export import onnx_size, read_metadata, set_metadata
@@ -780,6 +812,9 @@ def finish_pass(src: Path, out: Path, ctx: RunContext, extra: dict[str, str] | N
     if not out.is_file():
         raise BadInput("the pass wrote no graph", path=out)
     props = {k: v for k, v in read_metadata(src).items() if k.startswith("studio.")}
+    if "studio.weight_names" in props:
+        names = follow_weight_names(src, out, json.loads(props["studio.weight_names"]))
+        props["studio.weight_names"] = json.dumps(names, sort_keys=True)
     set_metadata(out, {**props, **(extra or {})})
     copy_side_files(src.parent, out.parent)
     before, after = onnx_size(src), onnx_size(out)
