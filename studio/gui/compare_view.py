@@ -30,7 +30,6 @@ from PySide6.QtCore import (
     QSettings,
     QSortFilterProxyModel,
     Qt,
-    QThreadPool,
     Signal,
 )
 from PySide6.QtGui import QAction, QBrush, QColor, QFont
@@ -67,6 +66,7 @@ from studio.gui.widgets import (
     run_task,
     style_legend,
     style_plot,
+    work_pool,
 )
 from studio.report import label, pareto_front, quality_score
 
@@ -75,23 +75,6 @@ SORT_ROLE = Qt.ItemDataRole.UserRole + 1  # number (or casefolded text) the prox
 ID_ROLE = Qt.ItemDataRole.UserRole + 2  # the variant id of the row
 CSV_ROLE = Qt.ItemDataRole.UserRole + 3  # full-precision value written to CSV
 HIST_BINS = 96
-
-_POOL: QThreadPool | None = None
-
-
-def work_pool() -> QThreadPool:
-    """The one thread this tab and the export dialog load models on.
-
-    Two models opened at once on two threads race in transformers' lazy imports (one thread is told the
-    model class does not exist), and a replaced comparison still finishes its current part; one thread
-    runs them in turn, and on a laptop's few cores nothing is lost.
-    """
-    global _POOL
-    if _POOL is None:
-        _POOL = QThreadPool()
-        _POOL.setMaxThreadCount(1)
-        _POOL.setObjectName("compare-work")
-    return _POOL
 
 
 # ------------------------------------------------------------------------------------------------ rows

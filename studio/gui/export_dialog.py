@@ -31,9 +31,8 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.gui.compare_view import work_pool
 from studio.gui.document import StudioDocument
-from studio.gui.widgets import run_task
+from studio.gui.widgets import run_task, work_pool
 from studio.report import label
 
 FORMAT_TITLES = {

@@ -402,6 +402,24 @@ def fill_table(table: QTableWidget, rows: Sequence[Sequence[Any]], align_right_f
             table.setItem(r, c, item)
 
 
+_POOL: QThreadPool | None = None
+
+
+def work_pool() -> QThreadPool:
+    """The one thread the Compare tab and the export dialog load models on.
+
+    Two models opened at once on two threads race in transformers' lazy imports (one thread is told the
+    model class does not exist), and a replaced comparison still finishes its current part; one thread
+    runs them in turn, and on a laptop's few cores nothing is lost.
+    """
+    global _POOL
+    if _POOL is None:
+        _POOL = QThreadPool()
+        _POOL.setMaxThreadCount(1)
+        _POOL.setObjectName("compare-work")
+    return _POOL
+
+
 # ------------------------------------------------------------------------------------------------ banners
 
 

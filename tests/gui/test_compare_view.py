@@ -15,10 +15,9 @@ from studio.gui.compare_view import (
     CompareView,
     NumericSortProxy,
     VariantTableModel,
-    work_pool,
 )
 from studio.gui.document import StudioDocument
-from studio.gui.widgets import export_plot, live_tasks
+from studio.gui.widgets import export_plot, live_tasks, work_pool
 from studio.variants import Workspace
 
 pytestmark = pytest.mark.gui

@@ -9,9 +9,10 @@ import json
 import pytest
 from PySide6.QtCore import QThreadPool
 
-from studio.gui.compare_view import CompareView, work_pool
+from studio.gui.compare_view import CompareView
 from studio.gui.document import StudioDocument
 from studio.gui.export_dialog import ExportDialog, open_export_dialog, tensorrt_availability
+from studio.gui.widgets import work_pool
 from studio.variants import Workspace
 
 pytestmark = pytest.mark.gui
