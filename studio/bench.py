@@ -95,8 +95,8 @@ def run_bench(
     progress: Any = None,
 ) -> dict[str, Any]:
     from studio.checkpoints import open_checkpoint
-    from studio.evaluation.data import load_examples
-    from studio.evaluation.measure import runner_for, set_threads, timing_examples
+    from studio.evaluation.data import load_examples, timing_examples
+    from studio.evaluation.measure import runner_for, set_threads
     from studio.families import family_for
     from studio.variants import environment
 
@@ -118,7 +118,7 @@ def run_bench(
         live = [e for e in entries if e.error is None]
         family = family_for(model)
         batches = {
-            b: family.batch(model, timing_examples(evaluation, b, model, sequence_length), sequence_length)
+            b: family.batch(model, timing_examples(evaluation, b, sequence_length), sequence_length)
             for b in batch_sizes
         }
         for e in live:  # warm-up: first calls allocate, compile kernels, fill caches

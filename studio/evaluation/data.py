@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,3 +114,21 @@ def load_examples(spec: str | Path, max_examples: int | None = None) -> list[Exa
             raise BadInput(f"max examples must be at least 1, got {max_examples}")
         examples = examples[:max_examples]
     return examples
+
+
+def timing_examples(examples: Sequence[Example], batch_size: int, seq_len: int) -> list[Example]:
+    """`batch_size` examples of real text long enough to fill `seq_len` tokens after truncation."""
+    texts = [e.text for e in examples] or ["The quick brown fox jumps over the lazy dog."]
+    out = []
+    for i in range(batch_size):
+        parts, words = [], 0
+        j = i
+        while words < seq_len * 1.2:  # about 1.3 tokens per word: 1.2 x words is comfortably enough
+            text = texts[j % len(texts)]
+            parts.append(text)
+            words += len(text.split())
+            j += 1
+        out.append(
+            Example(text=" ".join(parts), target=examples[i % len(examples)].target if examples else None)
+        )
+    return out

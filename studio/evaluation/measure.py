@@ -11,14 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel
-from studio.evaluation.data import Example
+from studio.evaluation.data import Example, timing_examples
 from studio.evaluation.latency import time_calls
 from studio.evaluation.quality import QualityAccumulator, spearman_on_pairs
 from studio.events import Log, Progress
@@ -49,68 +48,12 @@ def set_threads(threads: int | None) -> int:
 # ------------------------------------------------------------------------------------------------ inputs
 
 
-def timing_examples(
-    examples: Sequence[Example], batch_size: int, model: LoadedModel, seq_len: int
-) -> list[Example]:
-    """`batch_size` examples of real text long enough to fill `seq_len` tokens after truncation."""
-    texts = [e.text for e in examples] or ["The quick brown fox jumps over the lazy dog."]
-    out = []
-    for i in range(batch_size):
-        parts, words = [], 0
-        j = i
-        while words < seq_len * 1.2:  # about 1.3 tokens per word: 1.2 x words is comfortably enough
-            text = texts[j % len(texts)]
-            parts.append(text)
-            words += len(text.split())
-            j += 1
-        out.append(
-            Example(text=" ".join(parts), target=examples[i % len(examples)].target if examples else None)
-        )
-    return out
-
-
 def quality_batches(model: LoadedModel, examples: Sequence[Example], seq_len: int) -> list[Batch]:
     family = family_for(model)
     return [
         family.batch(model, examples[i : i + QUALITY_BATCH], seq_len)
         for i in range(0, len(examples), QUALITY_BATCH)
     ]
-
-
-# ------------------------------------------------------------------------------------------------ memory
-
-
-class PeakRSS:
-    """Peak resident memory of this process while the block runs, sampled every few milliseconds."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        self.interval = interval
-        self.peak = 0
-        self.before = 0
-
-    def __enter__(self) -> PeakRSS:
-        import psutil
-
-        self._proc = psutil.Process()
-        self.before = self.peak = self._proc.memory_info().rss
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            self._stop.wait(self.interval)
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def delta_mb(self) -> float:
-        return (self.peak - self.before) / 1e6
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -134,9 +77,7 @@ def measure_runtime(
     sizes = list(spec.batch_sizes)
     memory: dict[str, Any] = {}
     for k, b in enumerate(sizes):
-        batch = family.batch(
-            model, timing_examples(examples, b, model, spec.sequence_length), spec.sequence_length
-        )
+        batch = family.batch(model, timing_examples(examples, b, spec.sequence_length), spec.sequence_length)
         sink(Progress(step, k / len(sizes), f"{label}: timing batch {b}"))
         if memory_of is not None and b == max(sizes):
             memory = peak_memory(*memory_of, model, batch, spec.threads)

@@ -13,9 +13,43 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 from typing import Any
 
 FROZEN_ARG = "__memprobe__"  # the bundle's executable takes this first argument (studio.cli.main)
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs, sampled every few milliseconds."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.interval = interval
+        self.peak = 0
+        self.before = 0
+
+    def __enter__(self) -> PeakRSS:
+        import psutil
+
+        self._proc = psutil.Process()
+        self.before = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+
+    @property
+    def delta_mb(self) -> float:
+        return (self.peak - self.before) / 1e6
 
 
 def command() -> list[str]:
@@ -36,8 +70,7 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     import transformers  # noqa: F401
 
     from studio.checkpoints import open_checkpoint
-    from studio.evaluation.data import load_examples
-    from studio.evaluation.measure import timing_examples
+    from studio.evaluation.data import load_examples, timing_examples
     from studio.evaluation.runners import make_runner
     from studio.families import family_for
 
@@ -46,9 +79,8 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     family = family_for(model)
     examples = load_examples(job.get("data") or "builtin:sentences", 64)
     seq = int(job["sequence_length"])
-    batch_examples = timing_examples(examples, int(job["batch_size"]), model, seq)
+    batch_examples = timing_examples(examples, int(job["batch_size"]), seq)
     batch = family.batch(model, batch_examples, seq) if family.takes_text else None  # tokenizer loaded now
-    from studio.evaluation.measure import PeakRSS
 
     kind = job["kind"]
     with PeakRSS() as mem:
