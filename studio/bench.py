@@ -177,6 +177,7 @@ def summarise_bench(
     return {
         "model": "builtin:minilm",
         "sequence_length": seq_len,
+        "batch_sizes": list(batch_sizes),
         "threads": threads,
         "rounds": rounds,
         "method": "interleaved rounds in one process; p50 of per-call times; speedups are ratios of p50s",
@@ -213,12 +214,19 @@ def check_targets(name: str, row: dict[str, Any], ref: dict[str, Any]) -> dict[s
 
 
 def format_table(result: dict[str, Any]) -> str:
+    sizes = sorted(result.get("batch_sizes") or (1, 32))
+    shown = [str(b) for b in dict.fromkeys((sizes[0], sizes[-1]))]  # the smallest and largest batch
     lines = [
         f"builtin:minilm, sequence length {result['sequence_length']}, {result['threads']} threads, "
         f"{result['environment']['machine']['cpu']}; {result['method']}",
         "",
-        f"{'variant':<40} {'b1 p50':>9} {'b32 p50':>9} {'size MB':>8} {'cosine':>8} {'x fp32 b1':>9} "
-        f"{'x fp32 b32':>10} {'x int8 b1':>9} {'x int8 b32':>10}  target",
+        f"{'variant':<40} "
+        + " ".join(f"{'b' + b + ' p50':>9}" for b in shown)
+        + f" {'size MB':>8} {'cosine':>8} "
+        + " ".join(f"{'x fp32 b' + b:>10}" for b in shown)
+        + " "
+        + " ".join(f"{'x int8 b' + b:>10}" for b in shown)
+        + "  target",
     ]
 
     def cell(v: float | None, spec: str) -> str:
@@ -233,10 +241,13 @@ def format_table(result: dict[str, Any]) -> str:
         t = row.get("targets") or {}
         mark = ("MET" if t.get("met") else "MISSED") + f" ({t['need']})" if t else ""
         lines.append(
-            f"{name:<40} {cell(lat.get('1', {}).get('p50'), '.2f'):>9} {cell(lat.get('32', {}).get('p50'), '.1f'):>9} "
-            f"{row['size_bytes'] / 1e6:>8.1f} {cell(row['quality'].get('fidelity_cosine'), '.4f'):>8} "
-            f"{cell(sp.get('1'), '.2f'):>9} {cell(sp.get('32'), '.2f'):>10} {cell(si.get('1'), '.2f'):>9} "
-            f"{cell(si.get('32'), '.2f'):>10}  {mark}"
+            f"{name:<40} "
+            + " ".join(f"{cell(lat.get(b, {}).get('p50'), '.2f' if b == '1' else '.1f'):>9}" for b in shown)
+            + f" {row['size_bytes'] / 1e6:>8.1f} {cell(row['quality'].get('fidelity_cosine'), '.4f'):>8} "
+            + " ".join(f"{cell(sp.get(b), '.2f'):>10}" for b in shown)
+            + " "
+            + " ".join(f"{cell(si.get(b), '.2f'):>10}" for b in shown)
+            + f"  {mark}"
         )
     return "\n".join(lines)
 
