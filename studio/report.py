@@ -155,7 +155,9 @@ def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> st
             lat.get(b, {}).get("p95", "-") for b in batches
         ]
         cells += [m.get("peak_memory_mb", "-"), q or "reference"]
-        body.append("<tr>" + "".join(f"<td>{_fmt(c)}</td>" for c in cells) + "</tr>")
+        # the full id under the label: what a colleague types to find the variant in the workspace
+        first = f"<td>{html.escape(cells[0])}<br><small>{html.escape(r['id'])}</small></td>"
+        body.append("<tr>" + first + "".join(f"<td>{_fmt(c)}</td>" for c in cells[1:]) + "</tr>")
     imgs = "".join(
         f'<figure><img alt="{k}" src="data:image/png;base64,{v}"><figcaption>{k}</figcaption></figure>'
         for k, v in plots(rows).items()

@@ -131,6 +131,50 @@ def test_compare_a_variant_with_itself(run_result):
     assert all(d["score"] == pytest.approx(1.0, abs=1e-6) for d in out["disagreements"])
 
 
+def test_compare_and_report_verbs(run_result, tmp_path, capsys):
+    """What a user types: `compare BASELINE VARIANT --json` and `report --out FILE` on the same run."""
+    from studio.cli import main
+
+    root, result = run_result
+    base, vid = result["baseline"]["id"], result["variants"][0]["id"]
+    assert main(["compare", base, vid, "--json", "--workspace", str(root)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (out["a"]["id"], out["b"]["id"]) == (base, vid)
+    size = next(m for m in out["metrics"] if m["metric"] == "size_mb")
+    assert size["ratio_b_over_a"] == pytest.approx(0.5, abs=0.05) and size["better"] == "B"  # bfloat16: half
+    changed = [layer for layer in out["weights"]["layers"] if layer["change"] == "values"]
+    assert len(changed) > 50 and all(0 < layer["relative_l2"] < 0.01 for layer in changed)  # bf16 rounding
+    assert len(out["disagreements"]) == 5
+
+    report = tmp_path / "report.html"
+    assert main(["report", "--out", str(report), "--workspace", str(root)]) == 0
+    html = report.read_text()
+    assert vid in html and "data:image/png;base64," in html  # plots embedded: the file stands alone
+    assert 'src="http' not in html and 'href="http' not in html
+    assert main(["compare", base, "nonexistent", "--workspace", str(root)]) == 2
+    assert "no variant 'nonexistent'" in capsys.readouterr().err
+
+
+def test_techniques_verb_lists_every_block_with_its_schema(capsys):
+    from studio.cli import main
+
+    assert main(["techniques", "--json"]) == 0
+    blocks = {b["id"]: b for b in json.loads(capsys.readouterr().out)}
+    documented = {
+        "precision.half", "quantize.dynamic_int8", "quantize.weight_only", "prune.magnitude",
+        "prune.structured", "prune.heads", "distill", "export.onnx", "onnx.optimize",
+        "onnx.quantize_dynamic", "onnx.quantize_static", "onnx.half", "export.tensorrt",
+    }  # fmt: skip
+    assert documented <= set(blocks)
+    for block in blocks.values():
+        assert block["input_kind"] in ("torch", "onnx", "tensorrt") and block["description"]
+        for name, field in block["params"]["properties"].items():
+            assert field.get("description"), f"{block['id']}.{name} has no description"
+    trt = blocks["export.tensorrt"]
+    if not trt["available"]:  # no TensorRT or no GPU here: says which
+        assert "TensorRT" in trt["reason"] or "GPU" in trt["reason"]
+
+
 def test_export_hf_reloads_in_transformers_with_the_same_outputs(run_result, tmp_path):
     import torch
     from transformers import AutoModel, AutoTokenizer
