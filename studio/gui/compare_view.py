@@ -186,6 +186,13 @@ class VariantTableModel(QAbstractTableModel):
                 number(_size_mb, ".4g"),
                 _size_mb,
             ),
+            Column(
+                "Quality\n(fidelity)",
+                "Agreement with the original model: mean cosine of the outputs (embeddings) or top-1 "
+                "agreement (classifiers, language models); 1 = identical",
+                quality_text,
+                lambda r: _quality(r, rows)[1],
+            ),
         ]
         for b in batch_sizes(rows):
             cols += [
@@ -214,13 +221,6 @@ class VariantTableModel(QAbstractTableModel):
                 "Peak memory while running, in megabytes",
                 number(lambda r: r["metrics"].get("peak_memory_mb"), ".4g"),
                 lambda r: r["metrics"].get("peak_memory_mb"),
-            ),
-            Column(
-                "Quality (fidelity cosine\n/ top-1 agreement)",
-                "Agreement with the original model: mean cosine of the outputs (embeddings) or top-1 "
-                "agreement (classifiers, language models); 1 = identical",
-                quality_text,
-                lambda r: _quality(r, rows)[1],
             ),
             Column(
                 "Steps", "The pipeline steps that made the variant", steps_text, steps_text, numeric=False
