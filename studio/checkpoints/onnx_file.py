@@ -21,6 +21,16 @@ def load_onnx_graph(path: Path) -> Any:
         raise BadInput(f"not a valid ONNX model ({first})", path=path) from exc
 
 
+def initializer_array(init: Any, base: str | Path) -> Any:
+    """One initializer's values as stored (numpy), its external data read from the graph's folder if it has any."""
+    from onnx import numpy_helper
+    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
+
+    if uses_external_data(init):
+        load_external_data_for_tensor(init, str(base))
+    return numpy_helper.to_array(init)
+
+
 def _onnx_dtype_name(elem_type: int) -> str:
     import onnx
 
@@ -44,7 +54,6 @@ def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
     import json
 
     import numpy as np
-    from onnx import numpy_helper
 
     model = load_onnx_graph(path)
     base = str(path.parent)
@@ -52,11 +61,7 @@ def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
     inits = {init.name: init for init in model.graph.initializer}
 
     def array_of(init: Any) -> Any:
-        from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-        if uses_external_data(init):
-            load_external_data_for_tensor(init, base)
-        array = numpy_helper.to_array(init)
+        array = initializer_array(init, base)
         if array.dtype.kind not in "fiub":  # bfloat16 and other ml_dtypes
             array = array.astype("float32")
         return array

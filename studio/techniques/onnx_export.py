@@ -464,9 +464,9 @@ def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
     so comparing a graph with its torch original by name would match nothing. Matched by content: equal bytes,
     as stored or transposed; where equal tensors have several names, only a name the initializer ends with
     counts. Stored in the graph's metadata, which later ONNX steps carry along."""
-    import onnx
     import torch
-    from onnx import numpy_helper
+
+    from studio.checkpoints.onnx_file import initializer_array, load_onnx_graph
 
     by_digest: dict[tuple[str, tuple[int, ...], str], list[tuple[str, bool]]] = {}
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
@@ -478,11 +478,8 @@ def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
         if array.ndim == 2:
             by_digest.setdefault(content_digest(array.T.copy()), []).append((name, True))
     out: dict[str, list[Any]] = {}
-    graph = onnx.load(str(path), load_external_data=False)
-    for init in graph.graph.initializer:
-        if init.data_location == onnx.TensorProto.EXTERNAL:
-            onnx.external_data_helper.load_external_data_for_tensor(init, str(path.parent))
-        candidates = by_digest.get(content_digest(numpy_helper.to_array(init)), [])
+    for init in load_onnx_graph(path).graph.initializer:
+        candidates = by_digest.get(content_digest(initializer_array(init, path.parent)), [])
         by_suffix = [c for c in candidates if init.name.endswith(c[0])]
         chosen = by_suffix or (candidates if len(candidates) == 1 else [])
         if chosen and (chosen[0][0] != init.name or chosen[0][1]):

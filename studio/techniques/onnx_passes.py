@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -777,30 +777,29 @@ def follow_weight_names(src: Path, out: Path, names: dict[str, Any]) -> dict[str
     the pass made from named ones: a renamed copy, or a concatenation of equal parts (the Q, K and V weights
     a fusion joins into one Attention weight), found by content."""
     import numpy as np
-    import onnx
-    from onnx import numpy_helper
 
-    from studio.checkpoints.onnx_file import load_onnx_graph
+    from studio.checkpoints.onnx_file import initializer_array, load_onnx_graph
     from studio.techniques.onnx_export import content_digest
 
-    def arrays(path: Path, keep: Callable[[str], bool]) -> Iterator[tuple[str, Any]]:
-        graph = onnx.load(str(path), load_external_data=False)
-        for init in graph.graph.initializer:
-            if keep(init.name):
-                if init.data_location == onnx.TensorProto.EXTERNAL:
-                    onnx.external_data_helper.load_external_data_for_tensor(init, str(path.parent))
-                yield init.name, numpy_helper.to_array(init)
-
-    known = {content_digest(a): names[n] for n, a in arrays(src, lambda n: isinstance(names.get(n), list))}
-    src_names = {i.name for i in load_onnx_graph(src).graph.initializer}
+    src_inits = load_onnx_graph(src).graph.initializer
+    known = {
+        content_digest(initializer_array(i, src.parent)): names[i.name]
+        for i in src_inits
+        if isinstance(names.get(i.name), list)
+    }
+    src_names = {i.name for i in src_inits}
     out_names = dict(names)
-    for name, array in arrays(out, lambda n: n not in src_names and n not in names):
-        if content_digest(array) in known:
-            out_names[name] = known[content_digest(array)]
+    for init in load_onnx_graph(out).graph.initializer:
+        if init.name in src_names or init.name in names:
+            continue
+        array = initializer_array(init, out.parent)
+        whole = known.get(content_digest(array))
+        if whole:
+            out_names[init.name] = whole
         elif array.ndim in (1, 2) and array.shape[-1] % 3 == 0 and array.shape[-1] > 3:
             parts = [known.get(content_digest(part)) for part in np.split(array, 3, axis=-1)]
             if all(parts):
-                out_names[name] = {"parts": parts, "axis": array.ndim - 1}
+                out_names[init.name] = {"parts": parts, "axis": array.ndim - 1}
     return out_names
 
 
