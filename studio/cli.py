@@ -228,7 +228,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from studio.worker import WorkerClient
 
     recipe = load_recipe(args.recipe)
-    planned = plan(recipe, path=args.recipe)
+    planned = plan(recipe, path=args.recipe, trust=args.trust and not args.dry_run)  # a dry run loads no code
     steps = [p.technique.id for p in planned.steps]
     if args.dry_run:
         if args.json:
@@ -241,7 +241,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         return 0
     ws = workspace_path(args)
-    client = WorkerClient(recipe.model_dump(mode="json"), ws.root, recipe_path=str(args.recipe))
+    client = WorkerClient(recipe.model_dump(mode="json"), ws.root, recipe_path=str(args.recipe), trust=args.trust)
     display = RunDisplay(steps, quiet=False)
     result = None
     error = None
@@ -538,7 +538,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a recipe (YAML pipeline) in a worker process and save the variant")
     p.add_argument("recipe", help="the recipe file")
     p.add_argument("--json", action="store_true", help="print the result JSON")
-    p.add_argument("--dry-run", action="store_true", help="validate the recipe only")
+    p.add_argument("--dry-run", action="store_true", help="validate the recipe only (never loads code)")
+    p.add_argument(
+        "--trust", action="store_true", help="allow loading a model whose file runs code (a recipe cannot)"
+    )
     p.add_argument("--workspace", help="workspace folder (default: $MODEL_STUDIO_HOME or the user data dir)")
     p.set_defaults(handler=cmd_run)
 

@@ -106,13 +106,15 @@ def artifact_path(row: dict[str, Any]) -> Path:
     return path
 
 
-def open_row(row: dict[str, Any]) -> Any:
+def open_row(row: dict[str, Any], *, trust: bool = False) -> Any:
+    """The checkpoint of a workspace row. A workspace can come from someone else, so the recipe it records
+    never grants trust: only the caller (the person) can."""
     from studio.checkpoints import open_checkpoint
 
     if row.get("missing"):
         raise BadInput(f"variant {row['id']}: its files are gone from the workspace ({row['artifact']})")
     if row["kind"] == "baseline":
-        return open_checkpoint(row["model"], trust=bool(row.get("recipe", {}).get("trust")))
+        return open_checkpoint(row["model"], trust=trust)
     return open_checkpoint(artifact_path(row))
 
 

@@ -63,7 +63,11 @@ class Recipe(_Strict):
     version: Literal[1] = Field(1, description="recipe format version")
     model: str = Field("builtin:minilm", description="checkpoint path or builtin:minilm")
     task: str | None = Field(None, description="model family; inferred from the checkpoint when omitted")
-    trust: bool = Field(False, description="allow unpickling a whole module (runs code from the file)")
+    # Kept so a recipe round-trips, but never honoured by itself: trust comes from the person (`--trust`,
+    # the GUI's confirmation), not from a file that anyone could have written.
+    trust: bool = Field(
+        False, description="recorded only; loading code from the model needs --trust or the GUI's confirmation"
+    )
     data: DataSpec = Field(default_factory=DataSpec)
     steps: list[Step] = Field(default_factory=list)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
@@ -208,11 +212,14 @@ def check_steps(
     return planned, problems
 
 
-def plan(recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None) -> Plan:
-    """Open the model (cheap: no weights) and validate every step; raises BadInput on the first problem."""
+def plan(
+    recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None, trust: bool = False
+) -> Plan:
+    """Open the model (cheap: no weights) and validate every step; raises BadInput on the first problem.
+    `trust` (the person's say, never `recipe.trust`) allows loading a model whose file can run code."""
     from studio.checkpoints import open_checkpoint
 
-    model = model or open_checkpoint(recipe.model, trust=recipe.trust)
+    model = model or open_checkpoint(recipe.model, trust=trust)
     if recipe.task is not None:
         model.family = recipe.task
     planned, problems = check_steps(recipe.steps, stage_of(model), model)

@@ -67,7 +67,7 @@ def run_job(job: dict[str, Any], out: IO[str]) -> int:
             os.kill(os.getpid(), getattr(signal, job["crash_for_test"]))
         recipe = parse_recipe(job.get("recipe"), job.get("recipe_path"))
         workspace = Workspace(job.get("workspace"))
-        planned = plan(recipe, path=job.get("recipe_path"))
+        planned = plan(recipe, path=job.get("recipe_path"), trust=job.get("trust") is True)
         result = run_plan(planned, workspace, sink, job_id=job.get("job_id"))
         sink(Done(result))
         return 0
@@ -121,6 +121,7 @@ class WorkerClient:
         workspace: str | Path,
         *,
         recipe_path: str | None = None,
+        trust: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
         self.job_id = uuid.uuid4().hex[:12]
@@ -131,6 +132,7 @@ class WorkerClient:
             "job_id": self.job_id,
             "recipe_path": recipe_path,
             **(extra or {}),
+            "trust": trust,  # the person's --trust; the recipe's own field is never honoured
         }
         self.process: subprocess.Popen[str] | None = None
         self.returncode: int | None = None

@@ -1,5 +1,6 @@
 """PyTorch files: state dicts (`torch.load(weights_only=True)`), pickled modules (only when trusted),
-TorchScript archives and ExportedProgram `.pt2` archives.
+TorchScript archives and ExportedProgram `.pt2` archives (read by `pt2_archive` without unpickling, or by
+torch's own loader when trusted).
 
 The kind of a zip archive is told from its member names before anything is unpickled.
 """
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel, TensorRef
+from studio.checkpoints.pt2_archive import read_exported_program
 from studio.errors import BadInput
 
 
@@ -121,13 +123,11 @@ def open_torch_file(path: Path, *, source: str, trust: bool) -> LoadedModel:
             architecture=getattr(module, "original_name", None),
         )
     if kind == "exported-program":
+        program = _load_trusted_program(path) if trust else read_exported_program(path)
         try:
-            program = torch.export.load(str(path))
-        except Exception as exc:  # torch raises many types for damaged archives
-            raise BadInput(
-                f"damaged ExportedProgram archive ({str(exc).splitlines()[0]})", path=path
-            ) from exc
-        module = program.module()
+            module = program.module()
+        except Exception as exc:  # unlifting a damaged graph raises many types
+            raise BadInput(f"damaged ExportedProgram archive ({_first_line(exc)})", path=path) from exc
         return LoadedModel(
             source=source,
             path=path,
@@ -168,6 +168,20 @@ def open_torch_file(path: Path, *, source: str, trust: bool) -> LoadedModel:
         tensor_source=lambda: _tensor_refs(tensors),
         notes=["a state dict: weights only"],
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _load_trusted_program(path: Path) -> Any:
+    """torch's own loader, which unpickles parts of the archive: only for a file the person trusts."""
+    import torch
+
+    try:
+        return torch.export.load(str(path))
+    except Exception as exc:  # torch raises many types for damaged archives
+        raise BadInput(f"damaged ExportedProgram archive ({_first_line(exc)})", path=path) from exc
 
 
 def _load_trusted(path: Path) -> Any:

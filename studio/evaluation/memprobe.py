@@ -75,7 +75,7 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     from studio.families import family_for
 
     torch.set_num_threads(job.get("threads") or torch.get_num_threads())
-    model = open_checkpoint(job["target"], trust=bool(job.get("trust")))
+    model = open_checkpoint(job["target"], trust=job.get("trust") is True)  # set by the parent process only
     family = family_for(model)
     examples = load_examples(job.get("data") or "builtin:sentences", 64)
     seq = int(job["sequence_length"])

@@ -31,6 +31,7 @@ class StudioDocument(QObject):
         super().__init__(parent)
         self.model: LoadedModel | None = None
         self.source: str = ""
+        self.trusted = False  # the person confirmed that the open model may run code from its file
         self.pipeline = PipelineModel(self)
         self.undo_stack = QUndoStack(self)
         self._workspace = workspace
@@ -54,7 +55,7 @@ class StudioDocument(QObject):
         except StudioError as exc:
             self.error.emit(exc.message)
             return False
-        self.model, self.source = model, str(source)
+        self.model, self.source, self.trusted = model, str(source), trust
         self.pipeline.recipe = self.pipeline.recipe.model_copy(update={"model": str(source), "trust": trust})
         self._remember(str(source))
         self.model_changed.emit()

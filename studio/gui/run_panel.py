@@ -420,6 +420,7 @@ class RunPanel(QWidget):
             "job_id": self.job_id,
             "recipe_path": str(self.document.recipe_path) if self.document.recipe_path else None,
             **self.extra_job_fields,
+            "trust": self.document.trusted,  # the person's confirmation, never the recipe's field
         }
         proc = QProcess(self)
         env = QProcessEnvironment.systemEnvironment()

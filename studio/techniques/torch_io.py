@@ -7,7 +7,9 @@ else to model.pt (quantized tensors), which opens with `torch.load(weights_only=
 architecture from the config, replays the records (pruned heads, quantized layers, dtype) and loads the
 weights, so the folder reloads with `open_checkpoint` like any other.
 
-Other torch modules (TorchScript, ExportedProgram, pickled) are saved as an ExportedProgram (model.pt2).
+Other torch modules (TorchScript, ExportedProgram, pickled) are saved as an ExportedProgram (model.pt2)
+that must pass the studio's safe `.pt2` reader (no pickled parts, no guard code), so anyone can reopen it
+without trusting it; a module that would need pickle is refused rather than saved.
 """
 
 from __future__ import annotations
@@ -89,8 +91,27 @@ def save_torch_variant(
             program = torch.export.export(module, example_inputs, dynamic_shapes=dynamic)
         except Exception:  # some graphs specialise the batch size; a fixed-shape program still reloads
             program = torch.export.export(module, example_inputs)
-        torch.export.save(program, str(folder / "model.pt2"))
+        target = folder / "model.pt2"
+        torch.export.save(program, str(target))
+        _check_code_free(target)
     return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def _check_code_free(path: Path) -> None:
+    """A saved ExportedProgram must reopen with the studio's safe reader: one that needs pickle (tensor
+    subclasses, opaque or script-object constants) could not be opened by a colleague without trusting it,
+    so it is removed and refused instead of saved."""
+    from studio.checkpoints.pt2_archive import audit
+
+    try:
+        audit(path)
+    except BadInput as exc:
+        path.unlink(missing_ok=True)
+        raise BadInput(
+            f"this model cannot be saved as a code-free ExportedProgram ({exc.problem}); "
+            "the studio does not write files that need unpickling to open",
+            path=path.parent,
+        ) from exc
 
 
 def build_variant_module(cls: type, path: Path, config: Any) -> Any:
