@@ -241,7 +241,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
         return 0
     ws = workspace_path(args)
-    client = WorkerClient(recipe.model_dump(mode="json"), ws.root, recipe_path=str(args.recipe), trust=args.trust)
+    client = WorkerClient(
+        recipe.model_dump(mode="json"), ws.root, recipe_path=str(args.recipe), trust=args.trust
+    )
     display = RunDisplay(steps, quiet=False)
     result = None
     error = None

@@ -66,7 +66,8 @@ class Recipe(_Strict):
     # Kept so a recipe round-trips, but never honoured by itself: trust comes from the person (`--trust`,
     # the GUI's confirmation), not from a file that anyone could have written.
     trust: bool = Field(
-        False, description="recorded only; loading code from the model needs --trust or the GUI's confirmation"
+        False,
+        description="recorded only; loading code from the model needs --trust or the GUI's confirmation",
     )
     data: DataSpec = Field(default_factory=DataSpec)
     steps: list[Step] = Field(default_factory=list)

@@ -32,7 +32,40 @@ def read_raw_config(path: Path) -> dict[str, Any]:
         raise BadInput("config.json is not a JSON object", path=cfg_file)
     if "model_type" not in raw:
         raise BadInput("config.json has no 'model_type': cannot tell the architecture", path=cfg_file)
+    check_dimensions(raw, cfg_file)
     return raw
+
+
+# Sizes that code divides by or allocates from; where one is present it must be a positive integer.
+_POSITIVE = (
+    "hidden_size", "num_attention_heads", "num_key_value_heads", "n_embd", "n_head", "d_model", "num_heads",
+    "encoder_attention_heads", "decoder_attention_heads", "intermediate_size", "vocab_size", "head_dim",
+    "d_kv",
+)  # fmt: skip
+_COUNTS = ("num_hidden_layers", "n_layer", "num_layers", "encoder_layers", "decoder_layers")
+_SPLITS = (("hidden_size", "num_attention_heads"), ("n_embd", "n_head"))  # the head size is their quotient
+
+
+def check_dimensions(raw: dict[str, Any], cfg_file: Path) -> None:
+    """A config with zero heads (or a hidden size the heads do not divide) opens as BadInput here instead
+    of a ZeroDivisionError deep inside transformers or the head-importance code."""
+    for key in _POSITIVE:
+        value = raw.get(key)
+        if value is not None and not (type(value) is int and 0 < value < 1 << 31):
+            raise BadInput(f"config.json: '{key}' must be a positive integer, not {value!r}", path=cfg_file)
+    for key in _COUNTS:
+        value = raw.get(key)
+        if value is not None and not (type(value) is int and 0 <= value < 1 << 16):
+            raise BadInput(
+                f"config.json: '{key}' must be a non-negative integer, not {value!r}", path=cfg_file
+            )
+    if "head_dim" not in raw:
+        for hidden, heads in _SPLITS:
+            if raw.get(hidden) is not None and raw.get(heads) is not None and raw[hidden] % raw[heads]:
+                raise BadInput(
+                    f"config.json: '{hidden}' {raw[hidden]} is not a multiple of '{heads}' {raw[heads]}",
+                    path=cfg_file,
+                )
 
 
 def read_config(path: Path) -> Any:

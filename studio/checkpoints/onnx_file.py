@@ -22,13 +22,188 @@ def load_onnx_graph(path: Path) -> Any:
 
 
 def initializer_array(init: Any, base: str | Path) -> Any:
-    """One initializer's values as stored (numpy), its external data read from the graph's folder if it has any."""
+    """One initializer's values as stored (numpy), its external data read from the graph's folder if it has any
+    (checked first: inside that folder, present and long enough)."""
     from onnx import numpy_helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
-    if uses_external_data(init):
-        load_external_data_for_tensor(init, str(base))
-    return numpy_helper.to_array(init)
+    where = Path(base)
+    try:
+        if uses_external_data(init):
+            check_external_data(init, where)
+            load_external_data_for_tensor(init, str(base))
+        return numpy_helper.to_array(init)
+    except BadInput:
+        raise
+    except Exception as exc:  # onnx/numpy raise many types on data that does not fit the tensor's dims
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BadInput(f"ONNX tensor '{init.name}' cannot be read ({first})", path=where) from exc
+
+
+# Bits per element of each ONNX TensorProto data type (STRING has no fixed size).
+_BITS = {
+    1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 14: 64, 15: 128,
+    16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4, 24: 8, 25: 2, 26: 2, 27: 6, 28: 6,
+}  # fmt: skip
+_MAX_ELEMENTS = 1 << 48
+
+
+def _numel(tensor: Any, path: Path) -> int:
+    n = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise BadInput(
+                f"ONNX tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}", path=path
+            )
+        n *= d
+    if n >= _MAX_ELEMENTS:
+        raise BadInput(
+            f"ONNX tensor '{tensor.name}' has impossibly large dimensions {list(tensor.dims)}", path=path
+        )
+    return n
+
+
+def _byte_size(tensor: Any, path: Path) -> int | None:
+    """Bytes the tensor's values take as raw data, or None for strings."""
+    if tensor.data_type == 8:
+        return None
+    bits = _BITS.get(tensor.data_type)
+    if bits is None:
+        raise BadInput(f"ONNX tensor '{tensor.name}' has unknown data type {tensor.data_type}", path=path)
+    return (_numel(tensor, path) * bits + 7) // 8
+
+
+def check_external_data(tensor: Any, base: Path) -> None:
+    """External data must lie in the model's folder (no absolute paths, `..` or links out of it), exist,
+    and hold the bytes the tensor's dims need, so a graph cannot read other files or crash half-way."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    where = base / location
+    if not location or Path(location).is_absolute() or Path(location).drive:
+        raise BadInput(f"ONNX tensor '{tensor.name}' names external data at '{location}'", path=base)
+    try:
+        resolved = where.resolve()
+        resolved.relative_to(base.resolve())
+    except (ValueError, OSError) as exc:
+        raise BadInput(
+            f"ONNX tensor '{tensor.name}': external data '{location}' lies outside the model's folder",
+            path=base,
+        ) from exc
+    if not resolved.is_file():
+        raise BadInput(f"ONNX tensor '{tensor.name}': external data file '{location}' is missing", path=base)
+    try:
+        offset = int(info.get("offset") or 0)
+        length = int(info["length"]) if info.get("length") else None
+    except ValueError as exc:
+        raise BadInput(
+            f"ONNX tensor '{tensor.name}' has a bad external data offset or length", path=base
+        ) from exc
+    need = _byte_size(tensor, base)
+    if offset < 0 or (length is not None and length < 0):
+        raise BadInput(
+            f"ONNX tensor '{tensor.name}' has a negative external data offset or length", path=base
+        )
+    if length is not None and need is not None and length != need:
+        raise BadInput(
+            f"ONNX tensor '{tensor.name}' is {list(tensor.dims)} ({need} bytes) but its external data is "
+            f"{length} bytes",
+            path=base,
+        )
+    size = resolved.stat().st_size
+    want = length if length is not None else need
+    if want is not None and offset + want > size:
+        raise BadInput(
+            f"ONNX tensor '{tensor.name}': external data '{location}' is too short "
+            f"({size} bytes, the tensor needs bytes {offset}..{offset + want})",
+            path=base,
+        )
+
+
+def _graph_tensors(graph: Any) -> Iterator[Any]:
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def check_graph(model: Any, path: Path) -> None:
+    """Every tensor's dims, stored size and external data, and the graph's input dims, checked when the
+    model is opened: a bad value is one BadInput naming it, not a crash later in inspection or a run."""
+    from onnx.external_data_helper import uses_external_data
+
+    for tensor in _graph_tensors(model.graph):
+        need = _byte_size(tensor, path)
+        if uses_external_data(tensor):
+            check_external_data(tensor, path.parent)
+        elif tensor.raw_data and need is not None and len(tensor.raw_data) != need:
+            raise BadInput(
+                f"ONNX tensor '{tensor.name}' is {list(tensor.dims)} ({need} bytes) but holds "
+                f"{len(tensor.raw_data)} bytes",
+                path=path,
+            )
+    for value in (*model.graph.input, *model.graph.output):
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_value") and not 0 <= dim.dim_value < _MAX_ELEMENTS:
+                raise BadInput(f"ONNX graph {value.name!r} has a bad dimension {dim.dim_value}", path=path)
+
+
+def check_metadata(props: dict[str, str], path: Path) -> None:
+    """The studio's own metadata (written by export.onnx) read back strictly: a graph from elsewhere may
+    carry anything under these keys."""
+    import json
+
+    from studio.checkpoints.base import FAMILIES
+    from studio.checkpoints.hf import check_dimensions
+
+    def bad(key: str, problem: str) -> BadInput:
+        return BadInput(f"ONNX metadata '{key}' {problem}", path=path)
+
+    def name_pair(value: Any) -> bool:
+        return (
+            isinstance(value, list)
+            and len(value) == 2
+            and isinstance(value[0], str)
+            and type(value[1]) is bool
+        )
+
+    for key in ("studio.weight_names", "studio.config"):
+        if props.get(key):
+            try:
+                value = json.loads(props[key])
+            except (json.JSONDecodeError, RecursionError) as exc:
+                raise bad(key, f"is not valid JSON ({type(exc).__name__})") from exc
+            if not isinstance(value, dict):
+                raise bad(key, "is not a JSON object")
+            if key == "studio.config":
+                check_dimensions(value, path)
+                continue
+            for name, entry in value.items():
+                if isinstance(entry, dict):
+                    parts, axis = entry.get("parts"), entry.get("axis", 0)
+                    ok = (
+                        isinstance(parts, list)
+                        and parts
+                        and all(name_pair(p) for p in parts)
+                        and type(axis) is int
+                    )
+                else:
+                    ok = name_pair(entry)
+                if not ok:
+                    raise bad(key, f"has a malformed entry for '{name}'")
+    family = props.get("studio.family")
+    if family and family not in FAMILIES:
+        raise bad("studio.family", f"names an unknown family '{family}'")
+    if props.get("studio.pooling") not in (None, "", "mean", "cls"):
+        raise bad("studio.pooling", f"is '{props['studio.pooling']}' (expected mean or cls)")
 
 
 def _onnx_dtype_name(elem_type: int) -> str:
@@ -127,7 +302,7 @@ def config_from_json(text: str) -> Any:
     data = json.loads(text)
     try:
         return AutoConfig.for_model(data.pop("model_type"), **data)
-    except (KeyError, ValueError):
+    except (KeyError, ValueError, TypeError, AttributeError):
         from types import SimpleNamespace
 
         return SimpleNamespace(**data)
@@ -140,8 +315,10 @@ def open_onnx(path: Path, *, source: str) -> LoadedModel:
     model = load_onnx_graph(path)
     if not model.graph.node:
         raise BadInput("the ONNX model has an empty graph", path=path)
+    check_graph(model, path)
     inputs = [i.name for i in model.graph.input]
     props = {p.key: p.value for p in model.metadata_props}
+    check_metadata(props, path)
     raw_config = props.get("studio.config")
     return LoadedModel(
         source=source,

@@ -166,7 +166,9 @@ def _audit_members(archive: Pt2Archive) -> None:
         if member.startswith(_CODE_DIRS):
             raise archive.refuse(member, f"holds compiled code, which loading would run; {TRUST_HINT}")
         if member in _LEGACY_PICKLES:
-            raise archive.refuse(member, f"is an old-format pickle that only an unsafe unpickler loads; {TRUST_HINT}")
+            raise archive.refuse(
+                member, f"is an old-format pickle that only an unsafe unpickler loads; {TRUST_HINT}"
+            )
     if "models/model.json" not in archive.members:
         raise BadInput("not an ExportedProgram archive (no models/model.json)", path=archive.path)
 
@@ -184,7 +186,8 @@ def _load_sample_inputs(archive: Pt2Archive) -> tuple[Any, ...] | None:
         value = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # the weights-only unpickler raises many types on pickled objects
         raise archive.refuse(
-            member, f"holds pickled Python objects, not plain tensors; unpickling them could run code; {TRUST_HINT}"
+            member,
+            f"holds pickled Python objects, not plain tensors; unpickling them could run code; {TRUST_HINT}",
         ) from exc
     if not (isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict)):
         raise archive.refuse(member, "is not an (args, kwargs) pair of example inputs")
@@ -231,18 +234,24 @@ def _load_payloads(archive: Pt2Archive, config_member: str, *, weights: bool) ->
             raise archive.refuse(config_member, f"has no tensor layout for '{fqn}'")
         dtype_name = _SCALAR_TYPES.get(meta.get("dtype"))  # type: ignore[arg-type]
         if dtype_name is None or not hasattr(torch, dtype_name):
-            raise archive.refuse(config_member, f"has an unknown dtype code {meta.get('dtype')!r} for '{fqn}'")
+            raise archive.refuse(
+                config_member, f"has an unknown dtype code {meta.get('dtype')!r} for '{fqn}'"
+            )
         dtype = getattr(torch, dtype_name)
         sizes = _ints(archive, config_member, fqn, meta.get("sizes"))
         strides = _ints(archive, config_member, fqn, meta.get("strides"))
         offset = _ints(archive, config_member, fqn, [meta.get("storage_offset")])[0]
         if len(strides) != len(sizes):
-            raise archive.refuse(config_member, f"gives '{fqn}' {len(sizes)} sizes but {len(strides)} strides")
+            raise archive.refuse(
+                config_member, f"gives '{fqn}' {len(sizes)} sizes but {len(strides)} strides"
+            )
         if member not in storages:
             data = archive.read(member)
             itemsize = torch.empty((), dtype=dtype).element_size()
             if len(data) % itemsize:
-                raise archive.refuse(member, f"is {len(data)} bytes, not a whole number of {dtype_name} values")
+                raise archive.refuse(
+                    member, f"is {len(data)} bytes, not a whole number of {dtype_name} values"
+                )
             storages[member] = (
                 torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
             )
@@ -252,7 +261,7 @@ def _load_payloads(archive: Pt2Archive, config_member: str, *, weights: bool) ->
         numel = 1
         for s in sizes:
             numel *= s
-        extent = offset + sum((s - 1) * st for s, st in zip(sizes, strides)) + 1 if numel else 0
+        extent = offset + sum((s - 1) * st for s, st in zip(sizes, strides, strict=True)) + 1 if numel else 0
         if numel and extent > flat.numel():
             if flat.numel() == 0:  # torch writes an all-zero tensor as an empty member
                 flat = torch.zeros(numel, dtype=dtype)
@@ -304,7 +313,9 @@ def _audit_graph(archive: Pt2Archive, graph: Any) -> None:
     for text in texts:
         if not _safe_sympy_expression(text):
             shown = text if len(text) <= 60 else text[:57] + "..."
-            raise archive.refuse(member, f"has a symbolic shape that is not a plain expression ({shown!r}); {TRUST_HINT}")
+            raise archive.refuse(
+                member, f"has a symbolic shape that is not a plain expression ({shown!r}); {TRUST_HINT}"
+            )
 
 
 def _expression_strings(node: Any, depth: int = 0) -> Iterator[str]:
@@ -322,38 +333,45 @@ def _expression_strings(node: Any, depth: int = 0) -> Iterator[str]:
 
 
 def _safe_sympy_expression(text: str) -> bool:
-    """True when `text` is arithmetic on symbols and numbers through sympy's own constructors only."""
+    """True when `text` is arithmetic on symbols and numbers through sympy's own constructors only: no
+    attribute, subscript or lambda, no call but the allow-listed ones, and a string only as the name of a
+    Symbol or the digits of a Float."""
     if len(text) > 10_000:
         return False
     try:
         tree = ast.parse(text, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
+    strings_allowed = {
+        id(arg)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id in _SYMPY_STRING_TAKERS
+        for arg in node.args
+        if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and _plain_literal(arg.value)
+    }
     for node in ast.walk(tree):
         if not isinstance(node, _SYMPY_NODES):
             return False
         if isinstance(node, ast.Name) and (node.id.startswith("_") or not node.id.isidentifier()):
             return False
-        if isinstance(node, ast.Call):
-            name = node.func.id if isinstance(node.func, ast.Name) else None
-            if name not in _SYMPY_CALLS:
-                return False
-            for arg in node.args:
-                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
-                    if name not in _SYMPY_STRING_TAKERS or not _plain_literal(arg.value):
-                        return False
-            for kw in node.keywords:
-                if kw.arg is None or not (isinstance(kw.value, ast.Constant) and type(kw.value.value) in (bool, int)):
-                    return False
-        if isinstance(node, ast.Constant) and not isinstance(node.value, (int, float, bool, str)):
+        if isinstance(node, ast.Call) and not (
+            isinstance(node.func, ast.Name) and node.func.id in _SYMPY_CALLS
+        ):
             return False
-    # a string anywhere but as a direct argument of Symbol/Float was not checked above
-    direct = {
-        id(a) for n in ast.walk(tree) if isinstance(n, ast.Call) for a in n.args if isinstance(a, ast.Constant)
-    }
-    return all(
-        not (isinstance(n, ast.Constant) and isinstance(n.value, str)) or id(n) in direct for n in ast.walk(tree)
-    )
+        if isinstance(node, ast.keyword) and not (
+            node.arg is not None
+            and isinstance(node.value, ast.Constant)
+            and type(node.value.value) in (bool, int)
+        ):
+            return False
+        if isinstance(node, ast.Constant):
+            if isinstance(node.value, str) and id(node) not in strings_allowed:
+                return False
+            if not isinstance(node.value, (int, float, bool, str)):
+                return False
+    return True
 
 
 def _plain_literal(text: str) -> bool:

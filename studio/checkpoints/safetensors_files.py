@@ -39,39 +39,104 @@ def _safe_open(path: Path):
         raise BadInput(f"not a valid safetensors file ({exc})", path=path) from exc
 
 
+# Bits per element of every dtype the safetensors format defines (its Rust `Dtype`).
+_BITS = {
+    "BOOL": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8,
+    "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+    "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64,
+}  # fmt: skip
+_MAX_HEADER = 100_000_000  # the safetensors library refuses larger headers
+_MAX_DEPTH = 64  # a header is three levels deep; the library's JSON parser stops at 128
+
+
+def _bad(path: Path, problem: str) -> BadInput:
+    return BadInput(f"not a valid safetensors file ({problem})", path=path)
+
+
+def _depth(value: Any, level: int = 0) -> int:
+    if level > _MAX_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(v, level + 1) for v in children), default=level)
+
+
+def _natural(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
 def read_header(path: Path) -> tuple[int, dict]:
-    """(data start offset, header) after checking the header against the file size, so a truncated
-    download fails here and not halfway through an inspection."""
+    """(data start offset, header), checked as strictly as the safetensors library checks it: tensors in
+    order, neither overlapping nor leaving gaps, each exactly the bytes its dtype and shape need, and
+    together covering the data to the last byte. A header the library would refuse, or one that would let
+    the studio read header bytes as weights, is refused here, before anything is shown or loaded."""
     size = path.stat().st_size
     with path.open("rb") as fh:
         head = fh.read(8)
         if len(head) < 8:
-            raise BadInput("not a valid safetensors file (shorter than its 8-byte header length)", path=path)
+            raise _bad(path, "shorter than its 8-byte header length")
         n = int.from_bytes(head, "little")
         if n <= 0 or 8 + n > size:
-            raise BadInput(
-                "not a valid safetensors file (header length points past the end: truncated or not safetensors)",
-                path=path,
-            )
-        try:
-            header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise BadInput(f"not a valid safetensors file (header is not JSON: {exc})", path=path) from exc
+            raise _bad(path, "header length points past the end: truncated or not safetensors")
+        if n > _MAX_HEADER:
+            raise _bad(path, f"header of {n} bytes is larger than the format allows")
+        raw = fh.read(n)
+    if not raw.lstrip(b" ").startswith(b"{"):
+        raise _bad(path, "header is not a JSON object")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _bad(path, f"header is not JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise _bad(path, "header JSON is nested too deeply") from exc
     if not isinstance(header, dict):
-        raise BadInput("not a valid safetensors file (header is not a JSON object)", path=path)
-    header.pop("__metadata__", None)
-    end = 0
+        raise _bad(path, "header is not a JSON object")
+    if _depth(header) > 3:
+        raise _bad(path, "header JSON is nested deeper than the format's three levels")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise _bad(path, "__metadata__ must map names to strings")
+    spans = []
     for name, info in header.items():
-        try:
-            end = max(end, int(info["data_offsets"][1]))
-            info["shape"] = [int(d) for d in info["shape"]]
-        except (KeyError, TypeError, IndexError, ValueError) as exc:
-            raise BadInput(
-                f"not a valid safetensors file (bad entry for tensor '{name}')", path=path
-            ) from exc
-    if 8 + n + end > size:
-        missing = 8 + n + end - size
-        raise BadInput(f"truncated safetensors file: {missing} bytes of tensor data are missing", path=path)
+        if not isinstance(info, dict):
+            raise _bad(path, f"bad entry for tensor '{name}'")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in _BITS:
+            raise _bad(path, f"tensor '{name}' has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(_natural(d) for d in shape):
+            raise _bad(
+                path, f"tensor '{name}' has a bad shape {shape!r} (dimensions are non-negative integers)"
+            )
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_natural(o) for o in offsets)):
+            raise _bad(path, f"tensor '{name}' has bad data_offsets {offsets!r}")
+        spans.append((offsets[0], offsets[1], name))
+        numel = 1
+        for d in shape:
+            numel *= d
+        bits = numel * _BITS[dtype]
+        if bits % 8 or bits // 8 != offsets[1] - offsets[0]:
+            raise _bad(
+                path,
+                f"tensor '{name}' is {dtype} {shape}, which needs {bits / 8:g} bytes, "
+                f"but its data_offsets span {offsets[1] - offsets[0]}",
+            )
+    end = 0
+    for first, last, name in sorted(spans):
+        if first != end or last < first:
+            raise _bad(
+                path,
+                f"tensor '{name}' has data_offsets [{first}, {last}]: tensors must follow one another "
+                "without overlapping or leaving gaps",
+            )
+        end = last
+    data = size - 8 - n
+    if end > data:
+        raise BadInput(
+            f"truncated safetensors file: {end - data} bytes of tensor data are missing", path=path
+        )
+    if end < data:
+        raise _bad(path, f"{data - end} bytes after the last tensor are not described by the header")
     return 8 + n, header
 
 
