@@ -16,6 +16,9 @@ from typing import Any
 
 from studio.errors import BadInput, StudioError
 
+# Trust is the person's say on the command line; no file (recipe, workspace, checkpoint) can grant it.
+TRUST_HELP = "allow loading a checkpoint whose file runs code (a pickled module, a .pt2 with pickled parts)"
+
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -228,7 +231,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     from studio.worker import WorkerClient
 
     recipe = load_recipe(args.recipe)
-    planned = plan(recipe, path=args.recipe, trust=args.trust and not args.dry_run)  # a dry run loads no code
+    try:
+        planned = plan(recipe, path=args.recipe, trust=args.trust and not args.dry_run)
+    except BadInput as exc:
+        if args.dry_run and args.trust:  # the usual "--trust" hint would mislead here
+            raise BadInput(
+                f"{exc.problem} (a dry run never loads code, even with --trust)", path=exc.path
+            ) from exc
+        raise
     steps = [p.technique.id for p in planned.steps]
     if args.dry_run:
         if args.json:
@@ -517,9 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         "path", help="builtin:minilm, a Hugging Face folder, .safetensors, .pt/.pth/.bin, .pt2 or .onnx"
     )
     p.add_argument("--json", action="store_true", help="print the documented JSON instead of tables")
-    p.add_argument(
-        "--trust", action="store_true", help="allow unpickling a whole module (runs code from the file)"
-    )
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.add_argument("--bins", type=int, default=128, help="histogram bins per tensor (default 128)")
     p.add_argument("--heads", action="store_true", help="also compute attention-head importance")
     p.add_argument("--heads-method", choices=("gradient", "ablation"), default="gradient")
@@ -541,9 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="the recipe file")
     p.add_argument("--json", action="store_true", help="print the result JSON")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe only (never loads code)")
-    p.add_argument(
-        "--trust", action="store_true", help="allow loading a model whose file runs code (a recipe cannot)"
-    )
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP + "; a recipe's own trust: is ignored")
     p.add_argument("--workspace", help="workspace folder (default: $MODEL_STUDIO_HOME or the user data dir)")
     p.set_defaults(handler=cmd_run)
 
@@ -624,9 +630,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sequence-length", type=int, default=128, help="tokens per example (default 128)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--trust", action="store_true", help="allow unpickling a whole module (runs code from the file)"
-    )
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.set_defaults(handler=cmd_sensitivity)
 
     p = sub.add_parser("screenshots", help="render each main view offscreen to PNG files")

@@ -166,7 +166,7 @@ def test_hostile_pt2_runs_nothing_on_any_path(plain_pt2, tmp_path, capsys, kind)
     line = one_error_line(capsys, ["inspect", str(archive)])
     assert str(archive) in line and "--trust" in line
     assert one_error_line(capsys, ["run", str(recipe), "--dry-run"])
-    assert one_error_line(capsys, ["run", str(recipe), "--dry-run", "--trust"])  # a dry run never trusts
+    assert "never loads code" in one_error_line(capsys, ["run", str(recipe), "--dry-run", "--trust"])
     with pytest.raises(BadInput, match="--trust"):  # what the GUI's open calls; "--trust" makes it ask
         open_checkpoint(str(archive))
     assert not marker.exists()
@@ -256,7 +256,7 @@ def test_recipe_trust_does_not_unpickle(pickled_module, tmp_path, capsys):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"version: 1\nmodel: {path}\ntrust: true\nsteps: []\n")
     assert "--trust" in one_error_line(capsys, ["run", str(recipe), "--dry-run"])
-    assert one_error_line(capsys, ["run", str(recipe), "--dry-run", "--trust"])
+    assert "never loads code" in one_error_line(capsys, ["run", str(recipe), "--dry-run", "--trust"])
     parsed = parse_recipe({"version": 1, "model": str(path), "trust": True, "steps": []})
     with pytest.raises(BadInput, match="--trust"):
         plan(parsed)
@@ -264,6 +264,21 @@ def test_recipe_trust_does_not_unpickle(pickled_module, tmp_path, capsys):
     assert run_job({"recipe": parsed.model_dump(mode="json"), "workspace": str(tmp_path / "ws")}, out) == 2
     assert json.loads(out.getvalue().splitlines()[-1])["kind"] == "bad-input"
     assert not marker.exists()
+
+
+def test_trust_reaches_the_worker_only_from_the_caller(tmp_path):
+    import torch
+
+    from studio.pipeline import parse_recipe, plan
+    from studio.worker import WorkerClient
+
+    path = tmp_path / "whole.pt"
+    torch.save(torch.nn.Sequential(torch.nn.Linear(2, 2)), path)
+    recipe = parse_recipe({"version": 1, "model": str(path), "steps": []})
+    assert plan(recipe, trust=True).model.format == "pickled-module"  # the person said so
+    data = {**recipe.model_dump(mode="json"), "trust": True}
+    assert WorkerClient(data, tmp_path, trust=True).job["trust"] is True
+    assert WorkerClient(data, tmp_path, extra={"trust": True}).job["trust"] is False
 
 
 def test_workspace_row_recipe_does_not_grant_trust(pickled_module):
