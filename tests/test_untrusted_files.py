@@ -138,6 +138,17 @@ def _hostile_pt2(kind: str, plain: Path, folder: Path) -> tuple[Path, Path]:
         size = graph["graph_module"]["graph"]["tensor_values"]["x"]["sizes"][0]
         size["as_expr"]["expr_str"] = f"__import__('pathlib').Path({str(marker)!r}).touch()"
         changes = {GRAPH: json.dumps(graph)}
+    elif kind == "node-name":  # names are pasted into the forward's Python source, which torch executes
+        evil = f"x=__import__('pathlib').Path({str(marker)!r}).touch()"
+
+        def rename(value):
+            if isinstance(value, dict):
+                return {(evil if k == "x" else k): rename(v) for k, v in value.items()}
+            if isinstance(value, list):
+                return [rename(v) for v in value]
+            return evil if value == "x" else value
+
+        changes = {GRAPH: json.dumps(rename(_member_json(plain, GRAPH)))}
     else:
         raise AssertionError(kind)
     return _rewrite(plain, folder / f"{kind}.pt2", changes), marker
@@ -150,6 +161,7 @@ PT2_CASES = (
     "opaque-constant",
     "guards-code",
     "symbolic-shape",
+    "node-name",
 )
 
 

@@ -16,6 +16,7 @@ import ast
 import io
 import json
 import operator
+import re
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -204,6 +205,8 @@ def _payload_entries(archive: Pt2Archive, config_member: str) -> Iterator[tuple[
     for fqn, entry in entries.items():
         if not isinstance(entry, dict) or not isinstance(entry.get("path_name"), str):
             raise archive.refuse(config_member, f"has a bad entry for '{fqn}'")
+        if not _ATTRIBUTE_PATH.match(fqn) or not _ATTRIBUTE_PATH.match(entry["path_name"]):
+            raise archive.refuse(config_member, f"names a tensor {fqn!r} that is not a plain attribute path")
         yield fqn, entry
 
 
@@ -299,8 +302,61 @@ def _ints(archive: Pt2Archive, member: str, fqn: str, values: Any) -> list[int]:
     return out
 
 
+# Names torch pastes into the Python source it generates and executes (the module's forward, its guard
+# function): node and argument names, forward argument names, attribute paths and constant string inputs.
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_ATTRIBUTE_PATH = re.compile(r"(?:[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*)?\Z")
+_IDENTIFIER_KEYS = frozenset({"name", "as_name"})
+_IDENTIFIER_LISTS = frozenset({"forward_arg_names", "field_names"})
+_NAMED_TABLES = frozenset(
+    {"tensor_values", "sym_int_values", "sym_float_values", "sym_bool_values", "custom_obj_values"}
+)
+_PATH_KEYS = frozenset(
+    {"parameter_name", "buffer_name", "tensor_constant_name", "custom_obj_name", "user_input_name", "fqn"}
+)
+_FREE_TEXT = frozenset({"metadata", "expr_str", "in_spec", "out_spec", "stack_trace", "target"})
+
+
+def _bad_name(node: Any, depth: int = 0) -> str | None:
+    """The first name in the graph JSON that is not a plain identifier (or attribute path), else None."""
+    if depth > 200:
+        raise RecursionError
+    if isinstance(node, list):
+        for value in node:
+            if (found := _bad_name(value, depth + 1)) is not None:
+                return found
+        return None
+    if not isinstance(node, dict):
+        return None
+    for key, value in node.items():
+        if key in _FREE_TEXT:
+            continue
+        if (
+            key in _IDENTIFIER_KEYS
+            and value is not None
+            and not (isinstance(value, str) and _IDENTIFIER.match(value))
+        ):
+            return repr(value)
+        if key in _IDENTIFIER_LISTS and isinstance(value, list):
+            bad = [v for v in value if not (isinstance(v, str) and _IDENTIFIER.match(v))]
+            if bad:
+                return repr(bad[0])
+        if key in _PATH_KEYS and not (isinstance(value, str) and _ATTRIBUTE_PATH.match(value)):
+            return repr(value)
+        if key in _NAMED_TABLES or key == "range_constraints":
+            bad = [k for k in (value if isinstance(value, dict) else {}) if not _IDENTIFIER.match(k)]
+            if bad:
+                return repr(bad[0])
+        if key == "as_string" and not (isinstance(value, str) and _plain_literal(value, limit=1000)):
+            return repr(value)
+        if (found := _bad_name(value, depth + 1)) is not None:
+            return found
+    return None
+
+
 def _audit_graph(archive: Pt2Archive, graph: Any) -> None:
-    """The graph strings torch would evaluate: guards (compiled into Python) and symbolic shapes (sympify)."""
+    """The graph strings torch would evaluate: guards (compiled into Python), symbolic shapes (sympify) and
+    the names it writes into the Python source of the module it builds."""
     member = "models/model.json"
     if not isinstance(graph, dict) or not isinstance(graph.get("graph_module"), dict):
         raise archive.refuse(member, "is not an ExportedProgram graph")
@@ -308,8 +364,15 @@ def _audit_graph(archive: Pt2Archive, graph: Any) -> None:
         raise archive.refuse(member, f"carries guard code, which torch would compile and run; {TRUST_HINT}")
     try:
         texts = list(_expression_strings(graph))
+        bad_name = _bad_name(graph)
     except RecursionError as exc:
         raise archive.refuse(member, "is nested too deeply") from exc
+    if bad_name is not None:
+        shown = bad_name if len(bad_name) <= 60 else bad_name[:57] + "..."
+        raise archive.refuse(
+            member,
+            f"has a name that is not a plain identifier ({shown}), which torch would run as code; {TRUST_HINT}",
+        )
     for text in texts:
         if not _safe_sympy_expression(text):
             shown = text if len(text) <= 60 else text[:57] + "..."
@@ -374,8 +437,9 @@ def _safe_sympy_expression(text: str) -> bool:
     return True
 
 
-def _plain_literal(text: str) -> bool:
-    return len(text) <= 100 and all(c.isalnum() or c in "_.-+e" for c in text)
+def _plain_literal(text: str, limit: int = 100) -> bool:
+    """No quote, backslash or line break: nothing that could end the literal torch writes it into."""
+    return len(text) <= limit and all(c.isalnum() or c in "_.-+ :/,=" for c in text)
 
 
 _SYMBOLIC_OPS = frozenset(
