@@ -483,3 +483,14 @@ def test_config_with_impossible_sizes(tmp_path, capsys, changes, expected):
     (folder / "config.json").write_text(json.dumps({**config, **changes}))
     (folder / "model.safetensors").symlink_to(minilm_dir() / "model.safetensors")
     assert expected in one_error_line(capsys, ["inspect", str(folder)])
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/hostname", "sub/../../x.safetensors"])
+def test_safetensors_index_cannot_point_outside_the_folder(tmp_path, capsys, shard):
+    from tests.conftest import minilm_dir
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text((minilm_dir() / "config.json").read_text())
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    assert "outside the folder" in one_error_line(capsys, ["inspect", str(folder)])

@@ -126,7 +126,15 @@ def weight_files(path: Path) -> list[Path]:
             mapping = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise BadInput("the safetensors index is not valid", path=index) from exc
-        return [path / f for f in dict.fromkeys(mapping.values())]
+        if not isinstance(mapping, dict):
+            raise BadInput("the safetensors index has no weight_map table", path=index)
+        shards = list(dict.fromkeys(mapping.values()))
+        for name in shards:  # a shard is a file of this folder: an index cannot point at files elsewhere
+            if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+                raise BadInput(
+                    f"the safetensors index names a shard outside the folder ({name!r})", path=index
+                )
+        return [path / f for f in shards]
     shards = sorted(path.glob("*.safetensors"))
     if shards:
         return shards
