@@ -153,6 +153,10 @@ def read_exported_program(path: Path) -> Any:
 
 
 def _audit_members(archive: Pt2Archive) -> None:
+    if "archive_format" not in archive.members or "archive_version" not in archive.members:
+        raise BadInput(
+            f"an ExportedProgram archive of an older or unknown layout; {TRUST_HINT}", path=archive.path
+        )
     fmt = archive.read("archive_format").decode("utf-8", "replace").strip()
     version = archive.read("archive_version").decode("utf-8", "replace").strip()
     if fmt != "pt2" or version != "0":
