@@ -155,15 +155,9 @@ class Workspace:
                 raise BadInput(f"cannot create the workspace ({exc.strerror})", path=folder) from exc
         self.db_path = self.root / "studio.db"
         with self._connect() as db:
+            self._check_schema(db)  # before anything is written: someone else's database stays as it was
             self._use_wal(db)
             db.executescript(SCHEMA)
-            columns = {r["name"] for r in db.execute("PRAGMA table_info(variants)")}
-            if not set(COLUMNS) <= columns:
-                missing = ", ".join(c for c in COLUMNS if c not in columns)
-                raise BadInput(
-                    f"has a 'variants' table the studio did not write (no column {missing}); {RECOVER}",
-                    path=self.db_path,
-                )
             db.executescript(INDEXES)
         self.report = self._repair()
 
@@ -188,6 +182,23 @@ class Workspace:
         finally:
             if db is not None:
                 db.close()
+
+    def _check_schema(self, db: sqlite3.Connection) -> None:
+        tables = {r["name"] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not tables:
+            return  # a new workspace
+        if "variants" not in tables:
+            raise BadInput(
+                f"is not a Model Studio index (its tables: {', '.join(sorted(tables)[:5])}); {RECOVER}",
+                path=self.db_path,
+            )
+        columns = {r["name"] for r in db.execute("PRAGMA table_info(variants)")}
+        if not set(COLUMNS) <= columns:
+            missing = ", ".join(c for c in COLUMNS if c not in columns)
+            raise BadInput(
+                f"has a 'variants' table the studio did not write (no column {missing}); {RECOVER}",
+                path=self.db_path,
+            )
 
     def _db_error(self, exc: sqlite3.Error) -> StudioError | None:
         code = getattr(exc, "sqlite_errorname", "") or ""
