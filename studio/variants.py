@@ -328,6 +328,8 @@ class Workspace:
     def _quarantine(self, folder: Path) -> Path | None:
         """Move a damaged variant out of variants/ so it is neither indexed nor checked again; None if it
         cannot be moved (another disk, no permission), in which case it stays and is reported each time."""
+        if self.quarantine_dir.is_symlink():
+            return None  # a link would move the variant out of the workspace
         try:
             self.quarantine_dir.mkdir(exist_ok=True)
             target = self.quarantine_dir / folder.name

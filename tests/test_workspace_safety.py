@@ -210,6 +210,19 @@ class TestVariantsFolderIsNeverWiped:
         assert ws.quarantined() == [bad["id"]] and ws.report.quarantined == []  # moved once, not re-hashed
         assert [r["id"] for r in ws.list()] == [good["id"]]
 
+    def test_a_linked_quarantine_is_not_used_and_the_damaged_variant_stays(self, tmp_path, capsys):
+        root = tmp_path / "ws"
+        ws = Workspace(root)
+        bad = make_variant(ws)
+        (root / "variants" / bad["id"] / "model.onnx").write_bytes(b"changed")
+        before = snapshot(root / "variants")
+        (tmp_path / "elsewhere").mkdir()
+        (root / "quarantine").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+        (root / "studio.db").unlink()
+        assert main(["variants", "--workspace", str(root)]) == 0
+        assert f"damaged variant left in variants/{bad['id']}" in capsys.readouterr().err
+        assert snapshot(root / "variants") == before and list((tmp_path / "elsewhere").iterdir()) == []
+
     def test_files_deleted_by_hand_show_the_variant_as_damaged(self, tmp_path, capsys):
         ws = Workspace(tmp_path)
         row = make_variant(ws, kind="torch", files={"model.safetensors": b"w" * 64, "config.json": b"{}"})
