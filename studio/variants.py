@@ -458,7 +458,7 @@ class Workspace:
         row = self._row_from_manifest(manifest, target)
         try:
             self._insert(row)
-        except BaseException:
+        except Exception:  # an interrupt is a crash instead: the folder is re-indexed at the next open
             try:
                 os.replace(target, staged)  # back into the job folder, removed with it
             except OSError:
