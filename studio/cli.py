@@ -312,10 +312,21 @@ def cmd_variants(args: argparse.Namespace) -> int:
     if args.action == "rm":
         if not args.ids:
             raise BadInput("variants rm needs at least one variant id")
-        for vid in args.ids:
+        # every id resolved before anything is removed: one bad or ambiguous id removes nothing
+        chosen = list(dict.fromkeys(ws.get(vid)["id"] for vid in args.ids))
+        for vid in chosen:
             row = ws.remove(vid)
             print(f"removed {row['id']}")
         return 0
+    # what opening found and left alone (foreign files, damaged variants), so nothing is dropped in silence
+    for note in ws.report.notes():
+        print(f"model-studio: note: {note}", file=sys.stderr)
+    if ws.quarantined():
+        print(
+            f"model-studio: note: {ws.quarantine_dir} holds {len(ws.quarantined())} damaged variant folder(s); "
+            "look at them and delete them when done",
+            file=sys.stderr,
+        )
     rows = ws.list()
     if args.json:
         json.dump({"workspace": str(ws.root), "variants": rows}, sys.stdout, default=str)
@@ -332,7 +343,7 @@ def cmd_variants(args: argparse.Namespace) -> int:
         q = m.get("quality", {})
         qv = next((q[k] for k in ("fidelity_cosine", "top1_agreement") if k in q), None)
         steps = " -> ".join(s["technique"] for s in r["recipe"].get("steps", [])) or r["model"]
-        flag = "  [FILES MISSING]" if r.get("missing") else ""
+        flag = f"  [FILES MISSING: {r.get('damage') or 'gone'}]" if r.get("missing") else ""
         print(
             f"{r['id']:<32} {r['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>9} {b1:>10} "
             f"{'-' if qv is None else f'{qv:.4f}':>10}  {steps}{flag}"

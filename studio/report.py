@@ -7,10 +7,12 @@ whiskers, size on disk, quality, and the latency / quality Pareto front.
 from __future__ import annotations
 
 import base64
+import errno
 import html
 import io
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -191,9 +193,34 @@ figure{{display:inline-block;margin:1em}}img{{max-width:100%}}</style></head><bo
 
 
 def write_report(rows: list[dict[str, Any]], out: str | Path) -> Path:
+    """Write the report atomically (a temporary file beside it, renamed over it), so a failed write never
+    leaves a half file or destroys the previous report; an unusable path is a one-line BadInput."""
+    from studio.errors import BadInput, disk_full_error
+
     out = Path(out).expanduser()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    tmp.write_text(render(rows), encoding="utf-8")
-    os.replace(tmp, out)
+    if out.is_dir():
+        raise BadInput("is a folder; give the report a file name (e.g. report.html)", path=out)
+    if not out.parent.exists():
+        raise BadInput("the folder does not exist; create it first or choose another", path=out.parent)
+    if not out.parent.is_dir():
+        raise BadInput("is a file, not a folder; choose another place for the report", path=out.parent)
+    text = render(rows)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    created = False
+    try:
+        with tmp.open("x", encoding="utf-8") as fh:
+            created = True
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, out)
+    except OSError as exc:
+        if created:
+            tmp.unlink(missing_ok=True)
+        full = disk_full_error(exc, "the report")
+        if full is not None:
+            raise full from exc
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise BadInput(f"cannot write here ({exc.strerror}); choose a writable folder", path=out) from exc
+        raise BadInput(f"cannot write the report ({exc.strerror or exc})", path=out) from exc
     return out

@@ -73,20 +73,21 @@ def test_two_runs_at_once_lose_nothing(tmp_path):
     assert len(ids) == 2
 
 
-def test_repair_reindexes_complete_and_removes_incomplete(tmp_path):
+def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(tmp_path):
     events = list(WorkerClient(QUICK, tmp_path).events())
     vid = events[-1].result["variants"][0]["id"]
     # A crash after the rename but before the row: the folder is complete, so it is indexed again.
     ws = Workspace(tmp_path)
     with ws._connect() as db:
         db.execute("DELETE FROM variants WHERE id = ?", (vid,))
-    # A folder that is not a complete variant (half-copied by hand): removed and reported.
+    # A folder without a studio manifest (half-copied by hand): not the studio's, so kept and reported.
     broken = tmp_path / "variants" / "20990101-000000-abcdef"
     broken.mkdir()
     (broken / "model.safetensors").write_bytes(b"partial")
     ws = Workspace(tmp_path)
     assert ws.report.reindexed == [vid]
-    assert ws.report.removed_incomplete == [broken.name]
+    assert ws.report.foreign == [f"variants/{broken.name}"]
+    assert (broken / "model.safetensors").read_bytes() == b"partial"
     assert ws.get(vid)["kind"] == "torch"
 
 

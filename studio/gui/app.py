@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 ORGANIZATION = "model-studio"
 APPLICATION = "Model Studio"
@@ -133,13 +134,31 @@ def build_main_window(document):
     return window
 
 
+def open_workspace(root: Path | None) -> Any:
+    """The workspace, or None after telling the user why it cannot be opened (a damaged or read-only
+    studio.db, a linked tmp/): a message box with the way to recover, and the same line on stderr."""
+    from PySide6.QtWidgets import QMessageBox
+
+    from studio.errors import StudioError
+    from studio.variants import Workspace
+
+    try:
+        return Workspace(root)
+    except StudioError as exc:
+        print(f"model-studio: error: {exc.message}", file=sys.stderr)
+        QMessageBox.critical(None, f"{APPLICATION}: cannot open the workspace", exc.message)
+        return None
+
+
 def run_app(args: argparse.Namespace) -> int:
     app = create_app()
     from studio.gui.document import StudioDocument
-    from studio.variants import Workspace
 
     workspace_arg = getattr(args, "workspace", None)
-    document = StudioDocument(workspace=Workspace(Path(workspace_arg)) if workspace_arg else None)
+    workspace = open_workspace(Path(workspace_arg) if workspace_arg else None)
+    if workspace is None:
+        return 2
+    document = StudioDocument(workspace=workspace)
     window = build_main_window(document)
     window.show()
     if os.environ.get("MODEL_STUDIO_SMOKE_TEST"):

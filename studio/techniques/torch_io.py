@@ -41,15 +41,37 @@ SIDE_FOLDERS = ("1_Pooling", "2_Normalize")
 
 
 def copy_side_files(source: Path | None, folder: Path) -> None:
-    """Tokenizer and sentence-transformers files of the original, so the variant is self-contained."""
+    """Tokenizer and sentence-transformers files of the original, so the variant is self-contained.
+
+    Only what lies inside `source` is copied: a side file that is a link leading out of the folder (a
+    `merges.txt` pointing at a private file) would carry that file into the variant and every export of it,
+    so it is skipped. The one exception is the Hugging Face cache, whose snapshot folders link every file to
+    the same repository's `blobs/`.
+    """
     if source is None or not source.is_dir():
         return
+    allowed = [source.resolve()]
+    if source.parent.name == "snapshots" and source.parent.parent.name.startswith("models--"):
+        allowed.append((source.parent.parent / "blobs").resolve())
+
+    def inside(path: Path) -> bool:
+        real = path.resolve()
+        return any(real.is_relative_to(root) for root in allowed)
+
     for name in SIDE_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, folder / name)
+        src = source / name
+        if src.is_file() and inside(src):
+            shutil.copy2(src, folder / name)
+
+    def skip(where: str, names: list[str]) -> set[str]:
+        # linked folders are never entered (a link to an ancestor would loop); linked files only if inside
+        base = Path(where)
+        return {n for n in names if (base / n).is_symlink() and ((base / n).is_dir() or not inside(base / n))}
+
     for name in SIDE_FOLDERS:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, folder / name, dirs_exist_ok=True)
+        src = source / name
+        if src.is_dir() and not src.is_symlink():
+            shutil.copytree(src, folder / name, ignore=skip, dirs_exist_ok=True)
 
 
 def _plain(t: Any) -> bool:
