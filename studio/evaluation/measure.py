@@ -119,10 +119,10 @@ def peak_memory(
         "sequence_length": seq or 128,
         "threads": threads,
     }
-    # The probe must not outlive this process (memprobe.py says how it notices): it gets our pid and the
-    # read end of a pipe whose write end only we hold, and we kill it ourselves on any way out of here.
+    # The probe must not outlive this process (memprobe.py says how it notices): it gets the read end of
+    # a pipe whose write end only we hold, and we kill it ourselves on any way out of here.
     lifeline_r, lifeline_w = os.pipe() if os.name == "posix" else (None, None)
-    job.update(parent_pid=os.getpid(), lifeline_fd=lifeline_r)
+    job["lifeline_fd"] = lifeline_r
     proc = None
     try:
         proc = subprocess.Popen(

@@ -5,13 +5,13 @@ growing. A fresh process imports the runtimes first (their cost is the same for 
 subtracted), then loads the artifact from disk and runs one forward pass at the given batch; the result is
 the resident memory the model itself costs (weights, pre-packed kernels, activations, arenas).
 
-Input (stdin, JSON): {"kind", "target", "batch_size", "sequence_length", "data", "threads", "parent_pid",
-"lifeline_fd"}. Output (stdout, JSON): {"loaded_mb", "total_mb", "method", "batch"}.
+Input (stdin, JSON): {"kind", "target", "batch_size", "sequence_length", "data", "threads", "lifeline_fd"}.
+Output (stdout, JSON): {"loaded_mb", "total_mb", "method", "batch"}.
 
 The probe never outlives the process that started it (a worker the GUI cancelled, or one killed outright
 would otherwise leave a probe running for minutes, holding a model's worth of memory): on Linux the kernel
-kills it when its parent dies (PR_SET_PDEATHSIG), and everywhere it watches a pipe only the parent holds
-open (`lifeline_fd`): end of file means the parent is gone, whatever killed it.
+kills it when its parent dies (PR_SET_PDEATHSIG), and on every POSIX system it watches a pipe only the
+parent holds open (`lifeline_fd`): end of file means the parent is gone, whatever killed it.
 """
 
 from __future__ import annotations
@@ -143,10 +143,9 @@ def watch_lifeline(fd: int) -> threading.Thread:
 
 
 def _stay_with_parent(job: dict[str, Any]) -> None:
+    # A parent that died before the death signal was asked for is caught by the lifeline: its end of
+    # file is there whenever the watcher starts. (No parent-pid check: a launcher in between is fine.)
     set_parent_death_signal()
-    parent = job.get("parent_pid")
-    if parent is not None and os.getppid() != parent:  # it died before the signal was asked for
-        os._exit(ORPHAN_EXIT)
     if job.get("lifeline_fd") is not None:
         watch_lifeline(int(job["lifeline_fd"]))
 
