@@ -7,6 +7,7 @@ The process tests start real workers and probes and kill them the way the GUI an
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -32,17 +33,36 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     }
 
 
+def run_cli(tmp_path: Path, *args: str | Path, **env: str) -> subprocess.CompletedProcess[str]:
+    """`model-studio ARGS` as a shell runs it. On a hang, the CLI and everything it started (a worker
+    lives in its own session) are killed before the test fails, so a failing test leaves nothing behind."""
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "studio", *map(str, args)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(tmp_path, **env),
+        cwd=tmp_path,
+    )
+    try:
+        out, err = proc.communicate(timeout=CLI_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            for child in psutil.Process(proc.pid).children(recursive=True):
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    child.kill()
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"model-studio {' '.join(map(str, args))} did not finish in {CLI_TIMEOUT_S}s")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
 def refused(tmp_path: Path, *args: str | Path, mentions: str | Path) -> str:
     """Run `model-studio ARGS`; assert exit code 2 with one error line naming `mentions`; return that line."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "studio", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=_env(tmp_path),
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-        timeout=CLI_TIMEOUT_S,
-    )
+    proc = run_cli(tmp_path, *args)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 2, (proc.returncode, proc.stderr)
     lines = proc.stderr.splitlines()
@@ -301,18 +321,13 @@ def test_smoke_start_on_a_pickled_module_does_not_wait_for_the_trust_question(tm
 
     whole = tmp_path / "whole.pt"
     torch.save(torch.nn.Linear(3, 2), whole)  # a pickled module: opening it asks whether to trust it
-    proc = subprocess.run(
-        [sys.executable, "-m", "studio", "--open", str(whole)],
-        capture_output=True,
-        text=True,
-        env=_env(
-            tmp_path,
-            MODEL_STUDIO_SMOKE_TEST="1",
-            QT_QPA_PLATFORM="offscreen",
-            XDG_CONFIG_HOME=str(tmp_path / "config"),
-        ),
-        cwd=tmp_path,
-        timeout=CLI_TIMEOUT_S,
+    proc = run_cli(
+        tmp_path,
+        "--open",
+        whole,
+        MODEL_STUDIO_SMOKE_TEST="1",
+        QT_QPA_PLATFORM="offscreen",
+        XDG_CONFIG_HOME=str(tmp_path / "config"),
     )
     assert "model open: False" in proc.stdout, (proc.stdout, proc.stderr)
     assert proc.returncode == 1
