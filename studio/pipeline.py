@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from studio.checkpoints.base import FAMILIES, LoadedModel
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress, from_dict
+from studio.safe_files import MB, check_structure, read_text
 
 # ------------------------------------------------------------------------------------------------ recipe
 
@@ -105,9 +106,17 @@ def _describe_validation(exc: ValidationError, prefix: str = "") -> str:
     return "; ".join(parts)
 
 
+RECIPE_MAX_BYTES = 4 * MB  # a recipe is a few hundred bytes; the pipeline editor writes nothing near this
+RECIPE_MAX_DEPTH = 32  # recipe > steps > step > params > a parameter's own lists: well under 10 in practice
+RECIPE_MAX_VALUES = 100_000  # counting YAML aliases as the copies they stand for (see check_structure)
+
+
 def parse_recipe(data: Any, path: str | Path | None = None) -> Recipe:
     if not isinstance(data, dict):
         raise BadInput("a recipe must be a YAML mapping (version, model, steps, ...)", path=path)
+    # Before pydantic: it (and model_dump, json.dumps for the worker) recurses per level and walks every
+    # alias copy, so a hostile recipe would be a RecursionError or hours of work instead of a message.
+    check_structure(data, "recipe", path, RECIPE_MAX_DEPTH, RECIPE_MAX_VALUES)
     steps = data.get("steps")
     if isinstance(steps, list):
         for i, step in enumerate(steps, 1):
@@ -120,17 +129,22 @@ def parse_recipe(data: Any, path: str | Path | None = None) -> Recipe:
 
 
 def load_recipe(path: str | Path) -> Recipe:
+    """The recipe in a YAML file; anything but a readable recipe (a FIFO, a device, a huge or deeply
+    nested file, a bad value) is a BadInput naming the file."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput("no such recipe file", path=path)
+    text = read_text(path, "recipe file", RECIPE_MAX_BYTES)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise BadInput("the recipe is not UTF-8 text", path=path) from exc
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise BadInput(f"the recipe is not valid YAML{where}", path=path) from exc
+    except RecursionError as exc:  # PyYAML's composer recurses once per nesting level
+        raise BadInput("the recipe is nested too deeply to read", path=path) from exc
+    except ValueError as exc:  # a value YAML matches but Python refuses: a 5000-digit integer, 2020-13-45
+        raise BadInput(
+            f"the recipe has a value that cannot be read ({str(exc).split(':')[0]})", path=path
+        ) from exc
     return parse_recipe(data, path)
 
 

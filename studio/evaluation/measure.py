@@ -25,6 +25,7 @@ from studio.families import Batch, family_for
 
 Runner = Callable[[Batch], Any]
 QUALITY_BATCH = 16
+PROBE_TIMEOUT_S = 600
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -118,12 +119,34 @@ def peak_memory(
         "sequence_length": seq or 128,
         "threads": threads,
     }
+    # The probe must not outlive this process (memprobe.py says how it notices): it gets the read end of
+    # a pipe whose write end only we hold, and we kill it ourselves on any way out of here.
+    lifeline_r, lifeline_w = os.pipe() if os.name == "posix" else (None, None)
+    job["lifeline_fd"] = lifeline_r
+    proc = None
     try:
-        proc = subprocess.run(command(), input=json.dumps(job), capture_output=True, text=True, timeout=600)
-        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        proc = subprocess.Popen(
+            command(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            pass_fds=() if lifeline_r is None else (lifeline_r,),
+        )
+        if lifeline_r is not None:
+            os.close(lifeline_r)
+            lifeline_r = None
+        stdout, _ = proc.communicate(json.dumps(job), timeout=PROBE_TIMEOUT_S)
+        return json.loads(stdout.strip().splitlines()[-1])
     except (subprocess.TimeoutExpired, json.JSONDecodeError, IndexError) as exc:
         return {"error": f"the memory probe failed: {exc}"}
-    return out
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for fd in (lifeline_r, lifeline_w):
+            if fd is not None:
+                os.close(fd)
 
 
 def weights_size(model: LoadedModel) -> int:

@@ -5,18 +5,25 @@ growing. A fresh process imports the runtimes first (their cost is the same for 
 subtracted), then loads the artifact from disk and runs one forward pass at the given batch; the result is
 the resident memory the model itself costs (weights, pre-packed kernels, activations, arenas).
 
-Input (stdin, JSON): {"kind", "target", "batch_size", "sequence_length", "data", "threads"}.
+Input (stdin, JSON): {"kind", "target", "batch_size", "sequence_length", "data", "threads", "lifeline_fd"}.
 Output (stdout, JSON): {"loaded_mb", "total_mb", "method", "batch"}.
+
+The probe never outlives the process that started it (a worker the GUI cancelled, or one killed outright
+would otherwise leave a probe running for minutes, holding a model's worth of memory): on Linux the kernel
+kills it when its parent dies (PR_SET_PDEATHSIG), and on every POSIX system it watches a pipe only the
+parent holds open (`lifeline_fd`): end of file means the parent is gone, whatever killed it.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 from typing import Any
 
 FROZEN_ARG = "__memprobe__"  # the bundle's executable takes this first argument (studio.cli.main)
+ORPHAN_EXIT = 3  # the status of a probe that ended because its parent had gone
 
 
 class PeakRSS:
@@ -101,9 +108,53 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def set_parent_death_signal() -> bool:
+    """Linux: ask the kernel to SIGKILL this process when its parent dies; False where that is not possible.
+
+    (The kernel means the parent *thread*: the one that started us waits for us, so it outlives us.)"""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def watch_lifeline(fd: int) -> threading.Thread:
+    """Exit at once when the pipe `fd` reaches end of file: its write end is held only by the parent, and
+    the system closes it when the parent dies however it dies (SIGKILL, a crash, the out-of-memory killer)."""
+
+    def wait() -> None:
+        try:
+            while os.read(fd, 1):  # the parent never writes: read returns b"" once it is gone
+                pass
+        except OSError:
+            pass
+        os._exit(ORPHAN_EXIT)
+
+    thread = threading.Thread(target=wait, name="memprobe-lifeline", daemon=True)
+    thread.start()
+    return thread
+
+
+def _stay_with_parent(job: dict[str, Any]) -> None:
+    # A parent that died before the death signal was asked for is caught by the lifeline: its end of
+    # file is there whenever the watcher starts. (No parent-pid check: a launcher in between is fine.)
+    set_parent_death_signal()
+    if job.get("lifeline_fd") is not None:
+        watch_lifeline(int(job["lifeline_fd"]))
+
+
 def main() -> int:
     try:
-        out = probe(json.loads(sys.stdin.read()))
+        job = json.loads(sys.stdin.read())
+        _stay_with_parent(job)  # before the imports: they are the slow part
+        out = probe(job)
     except Exception as exc:  # reported to the parent, which records the metric as missing
         out = {"error": f"{type(exc).__name__}: {exc}"}
     sys.stdout.write(json.dumps(out) + "\n")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+import os
 import platform
 import shutil
 import subprocess
@@ -445,7 +446,12 @@ class MainWindow(QMainWindow):
         self.open_finished.emit(False)
 
     def ask_trust(self, path: str) -> bool:
-        """Whether to unpickle `path`, which runs code from the file. Tests replace this method."""
+        """Whether to unpickle `path`, which runs code from the file. Tests replace this method.
+
+        A smoke start (MODEL_STUDIO_SMOKE_TEST, run unattended by CI and packaging) answers no: a modal
+        question nobody can click would keep it from ever exiting, and no smoke start runs pickled code."""
+        if os.environ.get("MODEL_STUDIO_SMOKE_TEST"):
+            return False
         answer = QMessageBox.warning(
             self,
             "Open a pickled model?",
