@@ -80,6 +80,16 @@ def recipe_refused(tmp_path: Path, recipe: Path | str) -> str:
     return refused(tmp_path, "run", recipe, "--dry-run", mentions=recipe)
 
 
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def test_checkpoint_fifo_and_device_are_refused_without_opening_them(tmp_path):
+    fifo = tmp_path / "model.pt"
+    os.mkfifo(fifo)  # torch.load on it would block for good
+    assert "FIFO" in refused(tmp_path, "inspect", fifo, mentions=fifo)
+    assert "character device" in refused(tmp_path, "inspect", "/dev/zero", mentions="/dev/zero")
+
+
 # ------------------------------------------------------------------------------------------------ data files
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from studio.checkpoints.base import FAMILIES, FORMATS, LoadedModel, TensorRef
 from studio.errors import BadInput
+from studio.safe_files import regular_file
 
 BUILTIN_MODELS = ("builtin:minilm", "builtin:tinylm")
 
@@ -47,6 +48,8 @@ def open_checkpoint(source: str | Path, *, trust: bool = False) -> LoadedModel:
     if path.is_dir():
         return _open_folder(path, text)
 
+    # A FIFO or a device is refused before any reader opens it (it would block or never end).
+    regular_file(path, "checkpoint file")
     suffix = path.suffix.lower()
     if path.stat().st_size == 0:
         raise BadInput("the file is empty", path=path)
