@@ -115,11 +115,11 @@ def _compute_layout(model: LoadedModel) -> ModelLayout:
         module = built if built is not None else _meta_module(model)
         if module is not None:
             return _layout_of_module(module)
-    except Exception:  # noqa: BLE001 (an architecture that cannot be built on meta: fall back to names)
+    except Exception:  # an architecture that cannot be built on meta: fall back to names
         pass
     try:
         return ModelLayout(None, _names_from_tensors(model))
-    except Exception:  # noqa: BLE001 (unreadable weights are reported when the model is opened)
+    except Exception:  # unreadable weights are reported when the model is opened
         return UNKNOWN
 
 
@@ -240,4 +240,4 @@ def check_recipe(recipe: Recipe, model: LoadedModel, layout: ModelLayout | None 
             problems.extend(_heads_problems(step.index, technique, step.params, layout))
         if "exclude" in type(step.params).model_fields:
             problems.extend(_exclude_problems(step.index, technique, step.params, layout))
-    return sorted(problems, key=lambda p: (p.step if p.step is not None else -1))
+    return sorted(problems, key=lambda p: p.step if p.step is not None else -1)

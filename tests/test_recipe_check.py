@@ -82,8 +82,12 @@ def test_exclude_patterns_that_match_no_layer(minilm, small_gpt2):
 
 def test_default_exclude_patterns_are_not_problems(small_gpt2):
     # prune.magnitude's default names classifier heads too; a model without one is fine
-    assert check_recipe(recipe({"technique": "prune.magnitude", "params": {"sparsity": 0.5}}), small_gpt2) == []
-    r = recipe({"technique": "prune.magnitude", "params": {"sparsity": 0.5, "exclude": ["*lm_head*", "bert.*"]}})
+    assert (
+        check_recipe(recipe({"technique": "prune.magnitude", "params": {"sparsity": 0.5}}), small_gpt2) == []
+    )
+    r = recipe(
+        {"technique": "prune.magnitude", "params": {"sparsity": 0.5, "exclude": ["*lm_head*", "bert.*"]}}
+    )
     (p,) = check_recipe(r, small_gpt2)
     assert "'bert.*' matches no layer" in p.message
 

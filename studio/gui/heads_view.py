@@ -550,9 +550,9 @@ class HeadsView(QWidget):
     def prune_masked(self) -> None:
         if not self.masked:
             return
-        self.document.add_step("prune.heads", {"heads": self.heads_param()})
+        index = self.document.add_block("prune.heads", {"heads": self.heads_param()})
         self.document.status.emit(
-            f"added prune.heads ({len(self.masked)} heads) to the pipeline — Ctrl+Z to undo"
+            f"added prune.heads ({len(self.masked)} heads) as step {index + 1} of the pipeline — Ctrl+Z to undo"
         )
 
     def _update_actions(self) -> None:

@@ -623,16 +623,16 @@ class RunPanel(QWidget):
 
     def _validate(self, recipe: Any) -> str:
         """The first problem `model-studio run` would refuse the recipe for, or ""."""
-        from studio.pipeline import check_steps, plan
+        from studio.pipeline import check_steps
+        from studio.recipe_check import check_recipe
 
         model = self.document.model
         try:
             if model is not None and recipe.model == self.document.source:
-                if recipe.task is not None:
-                    import copy
-
-                    model = copy.copy(model)  # plan sets the family from the recipe's task
-                plan(recipe, model)
+                # what `plan` checks, and the heads / layer names the steps give (they must exist here)
+                problems = check_recipe(recipe, model)
+                if problems:
+                    return problems[0].message
             else:
                 # No model in this window: check the steps alone (opening a checkpoint imports torch;
                 # the worker does that, and refuses anything else with an error event).

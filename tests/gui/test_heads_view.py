@@ -8,6 +8,8 @@ from PySide6.QtCore import QCoreApplication, QPoint, Qt
 
 from studio.gui.document import StudioDocument
 from studio.gui.heads_view import HeadsView
+from studio.pipeline import load_recipe
+from studio.resources import resource
 from studio.variants import Workspace
 
 pytestmark = pytest.mark.gui
@@ -88,6 +90,14 @@ def test_heatmap_masking_fidelity_and_prune_step(view, document, qtbot):
     document.undo_stack.undo()
     assert len(document.pipeline) == 0
     qtbot.waitUntil(lambda: view.fidelity is not None and view.fidelity < 1.0, timeout=60000)
+
+    # on the starter pipeline (export, optimize, quantize) the torch step goes before the export: it runs
+    document.pipeline.load(load_recipe(resource("recipes", "starter", "onnx-int8.yaml")))
+    assert document.pipeline.problems(document.start_kind(), document.model) == {}
+    qtbot.mouseClick(view.prune_button, Qt.MouseButton.LeftButton)
+    steps = [s.technique for s in document.pipeline.steps()]
+    assert steps == ["prune.heads", "export.onnx", "onnx.optimize", "onnx.quantize_dynamic"]
+    assert document.pipeline.problems(document.start_kind(), document.model) == {}
 
 
 def test_cancel_stops_a_computation(view, document, qtbot):
