@@ -36,6 +36,7 @@ def _compute(view: HeadsView, qtbot, method: str = "gradient", examples: int = 8
     view.seq_spin.setValue(seq)
     with qtbot.waitSignal(view.computed, timeout=120000):
         qtbot.mouseClick(view.compute_button, Qt.MouseButton.LeftButton)
+        assert view.progress.maximum() == 0  # busy while the model loads, not an empty bar
 
 
 def test_heatmap_masking_fidelity_and_prune_step(view, document, qtbot):
@@ -45,7 +46,11 @@ def test_heatmap_masking_fidelity_and_prune_step(view, document, qtbot):
     assert view.image.image.shape == (6, 12)
     assert view.stack.currentWidget() is view.plot
     assert view.importance.method == "gradient" and view.importance.examples == 8
-    assert view.progress.value() == 1000
+    assert view.progress.value() == 1000 and view.progress.maximum() == 1000
+    # the time the user waited, loading included, next to the time spent ranking
+    assert (
+        view.progress_label.text().startswith("done in ") and "s ranking heads)" in view.progress_label.text()
+    )
     left = view.plot.getPlotItem().getAxis("left")
     assert (
         left.labelText == "layer (attention block)"
