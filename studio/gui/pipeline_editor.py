@@ -170,6 +170,17 @@ class TechniquePalette(QTreeWidget):
                 item.setToolTip(0, tip)
                 item.setToolTip(1, tip)
             header.setExpanded(True)
+        # wide enough for the longest title next to the longest id: names were cut at the default width
+        fm = self.fontMetrics()
+        titles = [cls.title for cls in techniques.values()]
+        ids = [cls.id for cls in techniques.values()]
+        needed = (
+            max((fm.horizontalAdvance(t) for t in titles), default=0)
+            + max((fm.horizontalAdvance(i) for i in ids), default=0)
+            + self.indentation()
+            + 6 * fm.averageCharWidth()  # cell padding, the frame and a scroll bar
+        )
+        self.setMinimumWidth(needed)
 
     def items_by_id(self) -> dict[str, QTreeWidgetItem]:
         out = {}
@@ -620,7 +631,7 @@ class PipelineEditor(QWidget):
         splitter.setStretchFactor(0, 0)
         splitter.setStretchFactor(1, 1)
         splitter.setStretchFactor(2, 1)
-        splitter.setSizes([330, 440, 480])
+        splitter.setSizes([max(330, self.palette_view.minimumWidth()), 440, 480])
 
     @staticmethod
     def _heading(text: str) -> QLabel:
