@@ -468,3 +468,12 @@ def test_a_pipeline_for_another_model_asks_which_model(qtbot, editor, document, 
     with qtbot.waitSignal(editor.model_checked, timeout=120000):
         assert editor.open_from(path)
     assert document.source == "builtin:minilm" and editor.problems() == {}
+
+
+def test_palette_names_are_not_cut(editor):
+    palette = editor.palette_view
+    fm = palette.fontMetrics()
+    for tid, item in palette.items_by_id().items():
+        for column in (0, 1):
+            needed = fm.horizontalAdvance(item.text(column))
+            assert needed <= palette.columnWidth(column) - 4, (tid, column, needed, palette.columnWidth(column))
