@@ -696,10 +696,11 @@ class CompareView(QWidget):
         self.metrics_table = make_table(["Metric", "A", "B", "B / A", "Better", "Significant?"])
         header = self.metrics_table.horizontalHeader()
         header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-        # the metric names give way (elided, full name in the tooltip) so "Significant?" stays in view
-        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        header.setStretchLastSection(False)
-        self.metrics_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+        # "Significant?" takes the space that is left (its text elided, whole in the tooltip), so it is in
+        # view instead of past the right edge
+        header.setSectionResizeMode(5, QHeaderView.ResizeMode.Stretch)
+        header.setStretchLastSection(True)
+        self.metrics_table.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.metrics_table.horizontalHeaderItem(3).setToolTip("Ratio of B's value to A's")
         self.metrics_table.horizontalHeaderItem(4).setToolTip(
             "Which one is better on this metric (lower latency, size and memory; higher quality); = when equal"
@@ -1552,18 +1553,15 @@ class CompareView(QWidget):
             )
         fill_table(self.metrics_table, rows)
         for r, m in enumerate(data.get("metrics", [])):
-            name_item = self.metrics_table.item(r, 0)
-            if name_item is not None:
-                name_item.setToolTip(name_item.text())  # the column elides long names
             item = self.metrics_table.item(r, 5)
             parts = m["metric"].split(".")
             s = sig.get(parts[1].lstrip("b")) if parts[0] == "latency_ms" and len(parts) == 3 else None
             if item is not None and s:
-                item.setToolTip(s.get("method", ""))
+                item.setToolTip(f"{item.text()}\n{s.get('method', '')}")  # the column may elide the text
         # long variant names are cut in the headers (whole in the tooltip and the combos above), so the
         # ratio and significance columns stay in view
         self.metrics_table.setHorizontalHeaderLabels(
-            ["Metric", f"A: {_elide(la)}", f"B: {_elide(lb)}", "B / A", "Better", "Significant?"]
+            ["Metric", f"A: {_elide(la, 16)}", f"B: {_elide(lb, 16)}", "B / A", "Better", "Significant?"]
         )
         for column, full in ((1, la), (2, lb)):
             self.metrics_table.horizontalHeaderItem(column).setToolTip(full)

@@ -185,6 +185,12 @@ def test_ab_comparison_runs_off_the_gui_thread_and_drops_stale_results(view, bui
     assert rows["latency b1 p50 (ms)"][5].startswith(("yes", "no"))
     assert rows["latency b4 p50 (ms)"][3].endswith("×")
     assert "quality: fidelity cosine" in rows
+    # every column in view: metric names whole, "Significant?" inside the table's right edge
+    header = table.horizontalHeader()
+    fm = table.fontMetrics()
+    assert header.sectionSize(0) >= max(fm.horizontalAdvance(name) for name in rows)
+    assert header.sectionViewportPosition(5) + 40 <= table.viewport().width()
+    assert header.sectionViewportPosition(5) >= 0
 
     # the histogram overlay: two curves of the same layer on the same bins
     overlay = view.overlay

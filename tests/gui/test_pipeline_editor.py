@@ -476,4 +476,9 @@ def test_palette_names_are_not_cut(editor):
     for tid, item in palette.items_by_id().items():
         for column in (0, 1):
             needed = fm.horizontalAdvance(item.text(column))
-            assert needed <= palette.columnWidth(column) - 4, (tid, column, needed, palette.columnWidth(column))
+            assert needed <= palette.columnWidth(column) - 4, (
+                tid,
+                column,
+                needed,
+                palette.columnWidth(column),
+            )
