@@ -68,7 +68,7 @@ from studio.gui.widgets import (
     style_plot,
     work_pool,
 )
-from studio.report import quality_score
+from studio.report import label, quality_score
 from studio.variant_rows import metric_name, model_names, model_of, pareto_fronts, quality_metric, row_label
 
 EMPTY_MESSAGE = "No variants yet — build a pipeline in the Pipeline tab and press Run"
@@ -1230,6 +1230,7 @@ class CompareView(QWidget):
         item.setLabel("bottom", f"latency p50 at batch size {batch} (ms)" if batch else "latency p50 (ms)")
         keys = sorted({k for k, q in scored if q is not None and k not in ("reference", "-")})
         item.setLabel("left", quality_axis_label(keys))
+        several_models = len({model_of(r) for r in kept}) > 1
         while len(self._point_labels) < len(kept):
             text = pg.TextItem("", anchor=(0.0, 0.5))
             text.setFont(self._axis_font())
@@ -1237,7 +1238,9 @@ class CompareView(QWidget):
             self._point_labels.append(text)
         for i, text in enumerate(self._point_labels):
             if i < len(kept):
-                text.setText(self.table_model.label(kept[i]), color=colors["foreground"])
+                # beside a point space is short: the model's name only when there is more than one
+                name = self.table_model.label(kept[i]) if several_models else label(kept[i])
+                text.setText(name, color=colors["foreground"])
                 text.show()
             else:
                 text.hide()
