@@ -222,6 +222,25 @@ def shipped_recipes() -> list[tuple[str, list[tuple[Path, str]]]]:
     return out
 
 
+TEXT_FAMILIES = ("feature-extraction", "text-classification", "causal-lm", "seq2seq")
+
+
+def model_notice(model: Any) -> str:
+    """What a user should know at once about a model the studio opened but cannot fully use ("" if none).
+
+    A text model without tokenizer files opens (its layers and weights can be inspected) but nothing can
+    feed it text: the run, the head ranking and the A/B examples would fail later with a bare error.
+    """
+    if model.family in TEXT_FAMILIES and model.tokenizer_dir is None:
+        folder = model.path if model.path.is_dir() else model.path.parent
+        return (
+            f"{model.source} is a {model.family} model without tokenizer files, so it cannot be fed text: "
+            "inspecting its weights works; runs and head importance do not. Copy the tokenizer files of "
+            f"the model it came from (tokenizer.json, tokenizer_config.json, …) into {folder} and open it again."
+        )
+    return ""
+
+
 # ------------------------------------------------------------------------------------------------ window
 
 
@@ -255,6 +274,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
 
         self.error_banner = Banner("error")
+        self.notice_banner = Banner("info")  # something about the open model that limits what runs
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.model_view = ModelView(document)
@@ -263,6 +283,7 @@ class MainWindow(QMainWindow):
         layout = QVBoxLayout(central)
         layout.setContentsMargins(4, 4, 4, 0)
         layout.addWidget(self.error_banner)
+        layout.addWidget(self.notice_banner)
         layout.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
 
@@ -541,6 +562,7 @@ class MainWindow(QMainWindow):
     def _on_model_changed(self) -> None:
         model = self.document.model
         if model is None:
+            self.notice_banner.hide()
             self.model_label.setText("no model")
             self.setWindowTitle("Model Studio")
             return
@@ -548,6 +570,11 @@ class MainWindow(QMainWindow):
         self.model_label.setText(f"{model.source} · {model.family} · {human_count(params)} parameters")
         self.setWindowTitle(f"{model.source} — Model Studio")
         self.error_banner.hide()
+        notice = model_notice(model)
+        if notice:
+            self.notice_banner.show_message(notice)
+        else:
+            self.notice_banner.hide()
 
     # ---------------------------------------------------------------------------- drag and drop
 
@@ -592,6 +619,7 @@ class MainWindow(QMainWindow):
         if isinstance(app, QApplication) and theme_setting() == "system":
             apply_theme(app, "system")
         self.error_banner.restyle()
+        self.notice_banner.restyle()
         for i in range(self.tabs.count()):
             widget = self.tabs.widget(i)
             if callable(getattr(widget, "apply_theme", None)):

@@ -4,6 +4,7 @@ layout restored from QSettings, the About box, shortcuts, and the offscreen scre
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 
@@ -227,3 +228,17 @@ def test_opening_another_model_leaves_nothing_of_the_old_one(make_window, qtbot,
     assert "embeddings" not in view.placeholder.text() and "Select a weight tensor" in view.placeholder.text()
     assert str(gpt2) in view.tree_summary.text()
     assert window.heads_view.hover_label.text().startswith("Hover a cell")
+
+
+def test_a_text_model_without_a_tokenizer_says_what_it_cannot_do(make_window, qtbot, gpt2, tmp_path):
+    bare = tmp_path / "gpt2-no-tokenizer"
+    bare.mkdir()
+    for f in gpt2.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    window = make_window()
+    assert _open(window, qtbot, str(bare))
+    notice = window.notice_banner.text()
+    assert window.notice_banner.isVisible() and "without tokenizer files" in notice and str(bare) in notice
+    assert _open(window, qtbot, str(gpt2))  # the same model with its tokenizer: nothing to say
+    assert not window.notice_banner.isVisible()
