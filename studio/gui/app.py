@@ -108,7 +108,7 @@ def build_main_window(document):
     compare = CompareView(document)
     window.compare_view = compare
     window.add_tab(compare, "Compare")
-    panel.finished.connect(lambda _result: window.tabs.setCurrentWidget(compare))
+    panel.compare_requested.connect(lambda: window.tabs.setCurrentWidget(compare))  # offered, not forced
     window.run_requested.connect(lambda: (window.tabs.setCurrentWidget(panel), panel.run()))
     window.cancel_requested.connect(panel.cancel)
     window.cancel_requested.connect(

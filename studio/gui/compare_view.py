@@ -68,7 +68,8 @@ from studio.gui.widgets import (
     style_plot,
     work_pool,
 )
-from studio.report import label, pareto_front, quality_score
+from studio.report import label, quality_score
+from studio.variant_rows import metric_name, model_names, model_of, pareto_fronts, quality_metric, row_label
 
 EMPTY_MESSAGE = "No variants yet — build a pipeline in the Pipeline tab and press Run"
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1  # number (or casefolded text) the proxy sorts by
@@ -116,11 +117,11 @@ def batch_sizes(rows: Sequence[dict[str, Any]]) -> list[str]:
     return sorted(found, key=lambda b: int(b) if b.isdigit() else 1 << 30)
 
 
-def tick_label(row: dict[str, Any]) -> str:
-    """Two short lines for a bar's x-axis tick: the id's tail, then the steps."""
-    text = label(row)
+def tick_label(row: dict[str, Any], names: dict[str, str] | None = None) -> str:
+    """Two short lines for a bar's x-axis tick: the id's tail, then the steps ("original", its model)."""
+    text = row_label(row, names)
     if row["kind"] == "baseline":
-        return "original"
+        return text.replace(" ", "\n", 1)
     head, _, tail = text.partition(" ")
     if len(tail) > 18:
         tail = tail[:17] + "…"
@@ -130,6 +131,9 @@ def tick_label(row: dict[str, Any]) -> str:
 def quality_axis_label(keys: Sequence[str]) -> str:
     names = " / ".join(k.replace("_", " ") for k in keys) or "fidelity cosine"
     return f"quality ({names}; 1 = same as the original)"
+
+
+ALL_MODELS = "All models"
 
 
 @dataclass
@@ -148,31 +152,53 @@ class VariantTableModel(QAbstractTableModel):
         super().__init__(parent)
         self.rows: list[dict[str, Any]] = []
         self.columns: list[Column] = []
+        self.names: dict[str, str] = {}  # model source -> short name
 
     def set_rows(self, rows: list[dict[str, Any]]) -> None:
         self.beginResetModel()
         self.rows = list(rows)
+        self.names = model_names(model_of(r) for r in self.rows)
         self.columns = self._columns(self.rows)
         self.endResetModel()
+
+    def label(self, row: dict[str, Any]) -> str:
+        return row_label(row, self.names)
 
     def _columns(self, rows: list[dict[str, Any]]) -> list[Column]:
         def number(value: Callable[[dict[str, Any]], float | None], spec: str) -> Callable[..., str]:
             return lambda r: fmt(value(r), spec)
 
+        metrics = {quality_metric(r, rows) for r in rows} - {None}
+
         def quality_text(r: dict[str, Any]) -> str:
             key, q = _quality(r, rows)
             if q is None:
                 return "—"
-            return f"{q:.6g} (reference)" if key == "reference" else f"{q:.6g}"
+            if key == "reference":
+                return f"{q:.6g} (reference)"
+            # the number alone only when every row is measured the same way
+            return f"{q:.6g} ({metric_name(key)})" if len(metrics) > 1 else f"{q:.6g}"
 
         cols = [
             Column(
                 "Variant",
-                "Short id and the steps that made it ('original' is the model the pipelines started from)",
-                lambda r: ("⚠ " if r.get("missing") else "") + label(r),
-                lambda r: label(r).casefold(),
+                "Short id and the steps that made it ('original …' is the model the pipelines started from)",
+                lambda r: ("⚠ " if r.get("missing") else "") + self.label(r),
+                lambda r: self.label(r).casefold(),
                 numeric=False,
             ),
+        ]
+        if len(self.names) > 1:
+            cols.append(
+                Column(
+                    "Model",
+                    "The model the variant was made from; quality compares only within one model",
+                    lambda r: self.names.get(model_of(r), model_of(r)),
+                    lambda r: self.names.get(model_of(r), model_of(r)).casefold(),
+                    numeric=False,
+                )
+            )
+        cols += [
             Column(
                 "Kind",
                 "Stage of the artifact: torch, onnx, tensorrt, or the original",
@@ -188,8 +214,9 @@ class VariantTableModel(QAbstractTableModel):
             ),
             Column(
                 "Quality\n(fidelity)",
-                "Agreement with the original model: mean cosine of the outputs (embeddings) or top-1 "
-                "agreement (classifiers, language models); 1 = identical",
+                "Agreement with the variant's own original model: mean cosine of the outputs (embeddings) "
+                "or top-1 agreement (classifiers, language models); 1 = identical. Numbers of different "
+                "models or metrics are not comparable",
                 quality_text,
                 lambda r: _quality(r, rows)[1],
             ),
@@ -293,7 +320,21 @@ class VariantTableModel(QAbstractTableModel):
 
 
 class NumericSortProxy(QSortFilterProxyModel):
-    """Sorts by SORT_ROLE: numbers numerically, text case-insensitively, empty cells last."""
+    """Sorts by SORT_ROLE: numbers numerically, text case-insensitively, empty cells last; shows the rows
+    of one model (`model_filter`, a model source) or of all (None)."""
+
+    model_filter: str | None = None
+
+    def set_model_filter(self, source: str | None) -> None:
+        self.beginFilterChange()  # Qt 6.10+: invalidateFilter() is deprecated
+        self.model_filter = source
+        self.endFilterChange(QSortFilterProxyModel.Direction.Rows)
+
+    def filterAcceptsRow(self, source_row: int, source_parent: QModelIndex | QPersistentModelIndex) -> bool:
+        model = self.sourceModel()
+        if self.model_filter is None or not isinstance(model, VariantTableModel):
+            return True
+        return 0 <= source_row < len(model.rows) and model_of(model.rows[source_row]) == self.model_filter
 
     def lessThan(
         self, left: QModelIndex | QPersistentModelIndex, right: QModelIndex | QPersistentModelIndex
@@ -463,7 +504,13 @@ class CompareView(QWidget):
         self._refreshing = False
         self._build()
         document.variants_changed.connect(self.refresh)
+        document.model_changed.connect(self._on_open_model_changed)
         self.refresh()
+
+    def _on_open_model_changed(self) -> None:
+        """Another model is open: show its variants (when the workspace has any)."""
+        if self.document.source in self.table_model.names:
+            self.set_model_filter(self.document.source if len(self.table_model.names) > 1 else None)
 
     # ---------------------------------------------------------------------------- layout
 
@@ -473,6 +520,13 @@ class CompareView(QWidget):
         self.batch_combo = QComboBox()
         self.batch_combo.setToolTip("Batch size shown in the latency chart and the Pareto scatter")
         self.batch_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip(
+            "Show the variants of one model (quality and the Pareto front compare only within a model)"
+        )
+        self.model_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToContents)
+        self.model_label = QLabel("Model:")
+        self._model_choice: str | None = None  # what the user picked ("" = all models), kept across refreshes
         self.remove_button = QPushButton("Remove…")
         self.remove_button.setToolTip("Delete the selected variants and their files from the workspace")
         self.export_button = QPushButton("Export…")
@@ -486,6 +540,8 @@ class CompareView(QWidget):
         bar = QHBoxLayout()
         bar.addWidget(self.refresh_button)
         bar.addSpacing(8)
+        bar.addWidget(self.model_label)
+        bar.addWidget(self.model_combo)
         bar.addWidget(QLabel("Batch size:"))
         bar.addWidget(self.batch_combo)
         bar.addSpacing(8)
@@ -587,6 +643,7 @@ class CompareView(QWidget):
 
         self.refresh_button.clicked.connect(self.refresh)
         self.batch_combo.currentIndexChanged.connect(lambda _i: self._update_plots())
+        self.model_combo.activated.connect(self._on_model_picked)
         self.remove_button.clicked.connect(self.remove_selected)
         self.export_button.clicked.connect(self.export_selected)
         self.csv_button.clicked.connect(self._export_csv_dialog)
@@ -632,10 +689,18 @@ class CompareView(QWidget):
         top.addWidget(self.compare_button)
         top.addWidget(self.cancel_button)
         top.addWidget(self.progress)
-        top.addWidget(self.ab_status, 1)
+        top.addStretch(1)
+        # the status gets a full-width line of its own (beside the controls it wrapped into a narrow column)
+        self.ab_status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
 
         self.metrics_table = make_table(["Metric", "A", "B", "B / A", "Better", "Significant?"])
-        self.metrics_table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        header = self.metrics_table.horizontalHeader()
+        header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
+        # "Significant?" takes the space that is left (its text elided, whole in the tooltip), so it is in
+        # view instead of past the right edge
+        header.setSectionResizeMode(5, QHeaderView.ResizeMode.Stretch)
+        header.setStretchLastSection(True)
+        self.metrics_table.setTextElideMode(Qt.TextElideMode.ElideRight)
         self.metrics_table.horizontalHeaderItem(3).setToolTip("Ratio of B's value to A's")
         self.metrics_table.horizontalHeaderItem(4).setToolTip(
             "Which one is better on this metric (lower latency, size and memory; higher quality); = when equal"
@@ -657,6 +722,13 @@ class CompareView(QWidget):
         self.hist_export_button.setToolTip("Save the histogram overlay as PNG or SVG")
         self.hist_plot = pg.PlotWidget()
         self._setup_hist()
+        # while a layer is read there is nothing to plot: say so instead of an empty -0.4..0.4 count axis
+        self.hist_placeholder = QLabel("Compare two variants to see their weights side by side.")
+        self.hist_placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self.hist_placeholder.setWordWrap(True)
+        self.hist_stack = QStackedWidget()
+        self.hist_stack.addWidget(self.hist_placeholder)
+        self.hist_stack.addWidget(self.hist_plot)
         hist_action = add_plot_export_action(self.hist_plot, self.hist_plot, "ab-histogram")
         self.hist_export_button.clicked.connect(hist_action.trigger)
         self.layer_info = QLabel("")
@@ -669,7 +741,7 @@ class CompareView(QWidget):
         hv = QVBoxLayout(hist_box)
         hv.setContentsMargins(0, 0, 0, 0)
         hv.addLayout(hist_bar)
-        hv.addWidget(self.hist_plot, 1)
+        hv.addWidget(self.hist_stack, 1)
         hv.addWidget(self.layer_info)
 
         self.disagreements_table = make_table(["#", "Agreement", "Example", "Detail"])
@@ -703,12 +775,13 @@ class CompareView(QWidget):
         self.ab_split = QSplitter(Qt.Orientation.Horizontal)
         self.ab_split.addWidget(self.metrics_table)
         self.ab_split.addWidget(self.ab_right)
-        self.ab_split.setSizes([680, 580])
+        self.ab_split.setSizes([720, 540])
 
         self.ab_panel = QWidget()
         v = QVBoxLayout(self.ab_panel)
         v.setContentsMargins(4, 4, 4, 4)
         v.addLayout(top)
+        v.addWidget(self.ab_status)
         v.addWidget(self.ab_split, 1)
         return self.ab_panel
 
@@ -753,9 +826,26 @@ class CompareView(QWidget):
         style_legend(self.latency_legend)
         self.size_bars = self._bar_plot(self.size_plot, "Size on disk", "size on disk (MB)")
         self.quality_bars = self._bar_plot(
-            self.quality_plot, "Quality against the original", "quality (fidelity cosine / top-1 agreement)"
+            self.quality_plot,
+            "Quality loss against the original (1 − quality; lower is better)",
+            "1 − quality (0 = same as the original)",
         )
         self._value_labels: dict[int, list[pg.TextItem]] = {}
+        # what the orange bars are: a legend entry on every bar chart (the latency one has its own legend)
+        selected = QColor(colors["mean"])
+        selected.setAlpha(160)
+        self._selected_samples = []
+        for plot, legend in (
+            (self.latency_plot, self.latency_legend),
+            (self.size_plot, None),
+            (self.quality_plot, None),
+        ):
+            if legend is None:
+                legend = plot.getPlotItem().addLegend(offset=(-10, 10), labelTextSize="9pt")
+            sample = pg.BarGraphItem(x=[], height=[], width=0.6, brush=selected, pen=pg.mkPen(colors["mean"]))
+            legend.addItem(sample, "selected in the table")
+            style_legend(legend)
+            self._selected_samples.append(sample)
 
     def _setup_pareto(self) -> None:
         colors = plot_colors()
@@ -767,17 +857,11 @@ class CompareView(QWidget):
         for name in ("left", "bottom"):
             item.getAxis(name).enableAutoSIPrefix(False)
         self.pareto_legend = item.addLegend(offset=(-10, -10), labelTextSize="9pt", colCount=3)
-        self.front_line = pg.PlotDataItem(
-            [],
-            [],
-            pen=pg.mkPen(colors["foreground"], width=1.5, style=Qt.PenStyle.DashLine),
-            symbol="d",
-            symbolSize=7,
-            symbolPen=None,
-            symbolBrush=colors["foreground"],
-            name="Pareto front",
-        )
-        item.addItem(self.front_line)
+        # one front per (model, quality metric): a front across models or metrics would rank numbers that
+        # do not compare. The first line always exists (tests and the theme reach it as front_line).
+        self.front_lines: list[pg.PlotDataItem] = []
+        self.front_line = self._front_line(0)
+        self.fronts: dict[tuple[str, str | None], list[str]] = {}  # group -> variant ids on its front
         self.scatter = pg.ScatterPlotItem(
             size=14,
             pen=pg.mkPen(colors["bars"], width=1.2),
@@ -798,6 +882,25 @@ class CompareView(QWidget):
         item.getViewBox().sigResized.connect(lambda *_a: self._place_point_labels())
         item.getViewBox().sigRangeChanged.connect(lambda *_a: self._place_point_labels())
         style_legend(self.pareto_legend)
+
+    FRONT_STYLES = (Qt.PenStyle.DashLine, Qt.PenStyle.DotLine, Qt.PenStyle.DashDotLine)
+
+    def _front_line(self, i: int) -> pg.PlotDataItem:
+        """The i-th Pareto front line, made on first use; fronts of other models get other dashes/colours."""
+        while len(self.front_lines) <= i:
+            n = len(self.front_lines)
+            line = pg.PlotDataItem([], [], symbol="d", symbolSize=7, symbolPen=None, name="Pareto front")
+            self.pareto_plot.getPlotItem().addItem(line)
+            self.front_lines.append(line)
+            self._style_front(line, n)
+        return self.front_lines[i]
+
+    def _style_front(self, line: pg.PlotDataItem, i: int) -> None:
+        colors = plot_colors()
+        color = colors["foreground"] if i == 0 else colors["mean"] if i == 1 else colors["bars"]
+        style = self.FRONT_STYLES[i % len(self.FRONT_STYLES)]
+        line.setPen(pg.mkPen(color, width=1.5, style=style))
+        line.setSymbolBrush(color)
 
     def _setup_hist(self) -> None:
         colors = plot_colors()
@@ -839,7 +942,8 @@ class CompareView(QWidget):
         for plot in (self.pareto_plot, self.latency_plot, self.size_plot, self.quality_plot, self.hist_plot):
             style_plot(plot)
         self.latency_whiskers.setData(pen=pg.mkPen(colors["foreground"], width=1.5))
-        self.front_line.setPen(pg.mkPen(colors["foreground"], width=1.5, style=Qt.PenStyle.DashLine))
+        for i, line in enumerate(self.front_lines):
+            self._style_front(line, i)
         self.highlight.setPen(pg.mkPen(colors["mean"], width=3))
         self.hist_a.setPen(pg.mkPen(colors["bars"], width=1.5))
         self.hist_b.setPen(pg.mkPen(colors["mean"], width=1.5))
@@ -863,6 +967,7 @@ class CompareView(QWidget):
         try:
             self.rows = rows
             self.table_model.set_rows(rows)
+            self._fill_models()
             titles = [c.title for c in self.table_model.columns]
             if self._sort_title in titles:
                 self.table.sortByColumn(titles.index(self._sort_title), self._sort_order)
@@ -910,6 +1015,45 @@ class CompareView(QWidget):
         for c in range(self.table_model.columnCount()):
             header.resizeSection(c, min(header.sectionSize(c), 260))
 
+    def _fill_models(self) -> None:
+        """One entry per model in the workspace (and "All models"); shown only when there are several.
+
+        The open model's variants are shown first; what the user picked stays picked across refreshes.
+        """
+        names = self.table_model.names
+        sources = list(names)
+        self.model_combo.blockSignals(True)
+        self.model_combo.clear()
+        for source in sources:
+            self.model_combo.addItem(names[source], source)
+            self.model_combo.setItemData(self.model_combo.count() - 1, source, Qt.ItemDataRole.ToolTipRole)
+        self.model_combo.addItem(ALL_MODELS, "")
+        choice = self._model_choice
+        if choice is None or (choice and choice not in sources):
+            open_model = self.document.source
+            newest = max(self.rows, key=lambda r: float(r.get("created") or 0), default=None)
+            choice = open_model if open_model in sources else model_of(newest) if newest is not None else ""
+        self.model_combo.setCurrentIndex(max(0, self.model_combo.findData(choice)))
+        self.model_combo.blockSignals(False)
+        several = len(sources) > 1
+        self.model_combo.setVisible(several)
+        self.model_label.setVisible(several)
+        self.proxy.set_model_filter(self.model_combo.currentData() or None if several else None)
+
+    def _on_model_picked(self, _index: int) -> None:
+        self._model_choice = self.model_combo.currentData()
+        self.set_model_filter(self._model_choice or None)
+
+    def set_model_filter(self, source: str | None) -> None:
+        """Show the variants of one model (a source as in the rows), or of every model (None)."""
+        index = self.model_combo.findData(source or "")
+        if index >= 0:
+            self.model_combo.setCurrentIndex(index)
+        self._model_choice = source or ""
+        self.proxy.set_model_filter(source or None)
+        self._update_plots()
+        self._update_actions()
+
     def _fill_batches(self) -> None:
         current = self.batch_combo.currentData()
         batches = batch_sizes(self.rows)
@@ -928,7 +1072,7 @@ class CompareView(QWidget):
             combo.blockSignals(True)
             combo.clear()
             for row in self.rows:
-                combo.addItem(label(row), row["id"])
+                combo.addItem(self.table_model.label(row), row["id"])
                 combo.setItemData(combo.count() - 1, row["id"], Qt.ItemDataRole.ToolTipRole)
             index = combo.findData(current)
             combo.setCurrentIndex(index if index >= 0 else -1)
@@ -958,7 +1102,7 @@ class CompareView(QWidget):
         sel_fill.setAlpha(160)
         brushes = [pg.mkBrush(sel_fill if r["id"] in selected else colors["bars_fill"]) for r in rows]
         xs = np.arange(len(rows), dtype=float)
-        ticks = [[(i, tick_label(r)) for i, r in enumerate(rows)]]
+        ticks = [[(i, tick_label(r, self.table_model.names)) for i, r in enumerate(rows)]]
         batch = self.batch()
 
         # latency: p50 bars with p95 whiskers
@@ -994,27 +1138,29 @@ class CompareView(QWidget):
         self._finish_bars(self.size_plot, ticks, len(rows), 0.0, ymax * 1.15 or 1.0)
         self._value_texts(self.size_plot, [(x, v, f"{v:.3g}") for x, v in zip(xs[ok], size[ok], strict=True)])
 
-        # quality: zoomed to the values (they are all close to 1), bars drawn from the bottom of the view
+        # quality: the loss (1 - quality) from 0, the original's level. A zoomed quality axis (0.885 ..)
+        # made a difference of 0.01 look like a collapse; from 0 the bars compare honestly.
         scored = [_quality(r, self.rows) for r in rows]
         quality = np.array([q for _k, q in scored], dtype=float)
         ok = np.isfinite(quality)
+        loss = np.maximum(1.0 - quality, 0.0)
         keys = sorted({k for k, q in scored if q is not None and k not in ("reference", "-")})
-        if ok.any():
-            lo, hi = float(np.nanmin(quality)), float(np.nanmax(quality))
-            span = max(hi - lo, 1e-4 * max(abs(hi), 1e-3))
-            y0, y1 = lo - span * 0.6, hi + span * 0.35
-        else:
-            y0, y1 = 0.0, 1.0
+        top = float(np.nanmax(loss[ok])) if ok.any() else 0.0
         self.quality_bars.setOpts(
             x=xs[ok],
-            y0=np.full(int(ok.sum()), y0),
-            height=quality[ok] - y0,
+            y0=np.zeros(int(ok.sum())),
+            height=loss[ok],
             brushes=[b for b, k in zip(brushes, ok, strict=True) if k],
         )
-        self.quality_plot.getPlotItem().setLabel("left", quality_axis_label(keys))
-        self._finish_bars(self.quality_plot, ticks, len(rows), y0, y1)
+        names = " / ".join(metric_name(k) for k in keys) or "quality"
+        self.quality_plot.getPlotItem().setLabel("left", f"1 − {names} (0 = same as the original)")
+        self._finish_bars(self.quality_plot, ticks, len(rows), 0.0, top * 1.2 if top > 0 else 1e-3)
         self._value_texts(
-            self.quality_plot, [(x, v, f"{v:.6g}") for x, v in zip(xs[ok], quality[ok], strict=True)]
+            self.quality_plot,
+            [
+                (x, d, f"{v:.6g}" if d > 0 else f"{v:.6g} (same)")
+                for x, d, v in zip(xs[ok], loss[ok], quality[ok], strict=True)
+            ],
         )
 
         self._update_pareto(rows, scored)
@@ -1066,12 +1212,25 @@ class CompareView(QWidget):
             brush=colors["bars_fill"],
             pen=pg.mkPen(colors["bars"], width=1.2),
         )
-        self._front = pareto_front(pts) if pts else []
-        self.front_line.setData([pts[i][0] for i in self._front], [pts[i][1] for i in self._front])
+        fronts = pareto_fronts(kept, pts)
+        self.fronts = {key: [kept[i]["id"] for i in front] for key, front in fronts.items()}
+        self._front = next(iter(fronts.values()), [])
+        several = len(fronts) > 1
         item = self.pareto_plot.getPlotItem()
+        for line in self.front_lines:
+            line.setData([], [])
+            self.pareto_legend.removeItem(line)
+        for i, ((source, metric), front) in enumerate(fronts.items()):
+            line = self._front_line(i)
+            line.setData([pts[j][0] for j in front], [pts[j][1] for j in front])
+            name = self.table_model.names.get(source, source)
+            title = f"Pareto front, {name} ({metric_name(metric)})" if several else "Pareto front"
+            line.opts["name"] = title
+            self.pareto_legend.addItem(line, title)
         item.setLabel("bottom", f"latency p50 at batch size {batch} (ms)" if batch else "latency p50 (ms)")
         keys = sorted({k for k, q in scored if q is not None and k not in ("reference", "-")})
         item.setLabel("left", quality_axis_label(keys))
+        several_models = len({model_of(r) for r in kept}) > 1
         while len(self._point_labels) < len(kept):
             text = pg.TextItem("", anchor=(0.0, 0.5))
             text.setFont(self._axis_font())
@@ -1079,7 +1238,9 @@ class CompareView(QWidget):
             self._point_labels.append(text)
         for i, text in enumerate(self._point_labels):
             if i < len(kept):
-                text.setText(label(kept[i]), color=colors["foreground"])
+                # beside a point space is short: the model's name only when there is more than one
+                name = self.table_model.label(kept[i]) if several_models else label(kept[i])
+                text.setText(name, color=colors["foreground"])
                 text.show()
             else:
                 text.hide()
@@ -1126,7 +1287,7 @@ class CompareView(QWidget):
 
     def _point_tip(self, x: float, y: float, data: Any) -> str:
         row = next((r for r in self.rows if r["id"] == data), None)
-        name = label(row) if row else str(data)
+        name = self.table_model.label(row) if row else str(data)
         size = _size_mb(row) if row else None
         return f"{name}\nlatency p50 {x:.4g} ms\nquality {y:.6g}\nsize {fmt(size, '.4g')} MB"
 
@@ -1229,7 +1390,7 @@ class CompareView(QWidget):
         ids = self.selected_ids()
         if not ids:
             return []
-        names = ", ".join(label(r) for r in self.rows if r["id"] in ids)
+        names = ", ".join(self.table_model.label(r) for r in self.rows if r["id"] in ids)
         question = (
             f"Remove {len(ids)} variant{'s' if len(ids) != 1 else ''} ({names}) from the workspace?\n\n"
             "Their files are deleted; this cannot be undone."
@@ -1362,12 +1523,14 @@ class CompareView(QWidget):
         self.layer_combo.blockSignals(False)
         self.hist_a.setData([0.0, 1.0], [0])
         self.hist_b.setData([0.0, 1.0], [0])
+        self.hist_placeholder.setText("Compare two variants to see their weights side by side.")
+        self.hist_stack.setCurrentWidget(self.hist_placeholder)
         self.layer_info.setText("")
         self.ab_status.setText(message)
 
     def _show_ab(self, result: ABResult) -> None:
         data = result.compare
-        la, lb = label(result.a), label(result.b)
+        la, lb = self.table_model.label(result.a), self.table_model.label(result.b)
         sig = data.get("latency_significance", {})
         rows = []
         for m in data.get("metrics", []):
@@ -1397,11 +1560,11 @@ class CompareView(QWidget):
             parts = m["metric"].split(".")
             s = sig.get(parts[1].lstrip("b")) if parts[0] == "latency_ms" and len(parts) == 3 else None
             if item is not None and s:
-                item.setToolTip(s.get("method", ""))
+                item.setToolTip(f"{item.text()}\n{s.get('method', '')}")  # the column may elide the text
         # long variant names are cut in the headers (whole in the tooltip and the combos above), so the
         # ratio and significance columns stay in view
         self.metrics_table.setHorizontalHeaderLabels(
-            ["Metric", f"A: {_elide(la)}", f"B: {_elide(lb)}", "B / A", "Better", "Significant?"]
+            ["Metric", f"A: {_elide(la, 16)}", f"B: {_elide(lb, 16)}", "B / A", "Better", "Significant?"]
         )
         for column, full in ((1, la), (2, lb)):
             self.metrics_table.horizontalHeaderItem(column).setToolTip(full)
@@ -1478,6 +1641,8 @@ class CompareView(QWidget):
             self.layer_info.setText(f"{name} cannot be read from both artifacts.")
             return
         self.layer_info.setText(f"reading {name}…")
+        self.hist_placeholder.setText(f"Reading {name} from A and B…")
+        self.hist_stack.setCurrentWidget(self.hist_placeholder)
         self._hist_task = run_task(
             lambda: overlay_histograms(name, ref_a, ref_b),
             on_done=self._on_histogram,
@@ -1490,6 +1655,7 @@ class CompareView(QWidget):
             return
         self._hist_task = None
         self.overlay = overlay
+        self.hist_stack.setCurrentWidget(self.hist_plot)
         self.hist_a.setData(overlay.edges, overlay.counts_a.astype(float))
         self.hist_b.setData(overlay.edges, overlay.counts_b.astype(float))
         item = self.hist_plot.getPlotItem()
@@ -1527,6 +1693,7 @@ class CompareView(QWidget):
             return
         self._hist_task = None
         self.layer_info.setText(f"Cannot read the layer: {message}")
+        self.hist_placeholder.setText(f"Cannot read the layer: {message}")
 
     # ---------------------------------------------------------------------------- state
 

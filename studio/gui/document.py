@@ -83,6 +83,13 @@ class StudioDocument(QObject):
         index = len(self.pipeline) if index is None else index
         self.undo_stack.push(AddStep(self.pipeline, index, Step(technique=technique, params=params or {})))
 
+    def add_block(self, technique: str, params: dict[str, Any] | None = None) -> int:
+        """Add a block where the user did not point (palette double-click, "Prune these heads"): at the last
+        position where its stage kind fits (`PipelineModel.insertion_index`). Returns that position."""
+        index = self.pipeline.insertion_index(technique, self.start_kind())
+        self.add_step(technique, params, index)
+        return index
+
     def remove_step(self, index: int) -> None:
         self.undo_stack.push(RemoveStep(self.pipeline, index))
 

@@ -23,6 +23,7 @@ from PySide6.QtWidgets import (
     QGroupBox,
     QHBoxLayout,
     QLabel,
+    QLayout,
     QLineEdit,
     QProgressBar,
     QPushButton,
@@ -176,6 +177,9 @@ class ExportDialog(QDialog):
         QVBoxLayout(folder_box).addLayout(folder_row)
 
         layout = QVBoxLayout(self)
+        # setMinimumWidth above stops the default constraint from giving the dialog the layout's minimum
+        # height, so it could be squashed until the labels overlapped: make that minimum explicit
+        layout.setSizeConstraint(QLayout.SizeConstraint.SetMinimumSize)
         layout.addLayout(form)
         layout.addWidget(box)
         layout.addWidget(folder_box)
@@ -304,8 +308,7 @@ class ExportDialog(QDialog):
             self._show_error("Choose a variant, a format and an output folder first.")
             return None
         workspace, vid = self.document.workspace, row["id"]
-        self.message.setText(f"Exporting {label(row)} as {FORMAT_TITLES[fmt]}…")
-        self.message.setStyleSheet("")
+        self._set_message(f"Exporting {label(row)} as {FORMAT_TITLES[fmt]}…", "")
         self.progress.show()
         self._task = run_task(
             lambda: export_variant(workspace, vid, fmt, out),
@@ -324,8 +327,7 @@ class ExportDialog(QDialog):
         self.result = result
         files = result.get("files", [])
         shown = ", ".join(files[:6]) + (f" and {len(files) - 6} more" if len(files) > 6 else "")
-        self.message.setText(f"Exported to {result['out']}\n{len(files)} files: {shown}")
-        self.message.setStyleSheet("color: #2e7d32;")
+        self._set_message(f"Exported to {result['out']}\n{len(files)} files: {shown}", "color: #2e7d32;")
         self._update_buttons()
         self.document.status.emit(f"Exported {result['id']} to {result['out']}")
         self.exported.emit(result)
@@ -339,9 +341,23 @@ class ExportDialog(QDialog):
         self._update_buttons()
         self.failed.emit(message)
 
-    def _show_error(self, text: str) -> None:
+    def _set_message(self, text: str, style: str = "") -> None:
+        """Show `text` below the form and grow the dialog to fit it: word-wrapped labels have no minimum
+        height, so a longer message in a dialog of the old height drew the labels over each other (the
+        TensorRT explanation over itself after an export)."""
         self.message.setText(text)
-        self.message.setStyleSheet("color: #c62828;")
+        self.message.setStyleSheet(style)
+        layout = self.layout()
+        if layout is not None:
+            layout.activate()
+            width = self.width()
+            needed = layout.totalHeightForWidth(width) if layout.hasHeightForWidth() else -1
+            needed = max(needed, layout.totalMinimumSize().height(), self.sizeHint().height())
+            if needed > self.height():
+                self.resize(width, needed)
+
+    def _show_error(self, text: str) -> None:
+        self._set_message(text, "color: #c62828;")
 
     # ---------------------------------------------------------------------------- report
 
@@ -360,8 +376,7 @@ class ExportDialog(QDialog):
         from studio.report import write_report
 
         rows = self.report_rows()
-        self.message.setText(f"Writing the report of {len(rows)} variants…")
-        self.message.setStyleSheet("")
+        self._set_message(f"Writing the report of {len(rows)} variants…", "")
         self.progress.show()
         self._report_task = run_task(
             lambda: write_report(rows, path),
@@ -377,8 +392,7 @@ class ExportDialog(QDialog):
             return
         self._report_task = None
         self.progress.setVisible(self._task is not None)
-        self.message.setText(f"Report written to {path}")
-        self.message.setStyleSheet("color: #2e7d32;")
+        self._set_message(f"Report written to {path}", "color: #2e7d32;")
         self._update_buttons()
         self.report_written.emit(str(path))
 

@@ -10,6 +10,7 @@ through one single-thread pool: a fidelity run can never see the hooks of an imp
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import numpy as np
@@ -39,6 +40,9 @@ from studio.inspection.heads import METHODS, HeadImportance
 FIDELITY_EXAMPLES = 16
 FIDELITY_SEQUENCE_LENGTH = 64
 DATA = "builtin:sentences"
+
+
+HOVER_HINT = "Hover a cell to read its layer, head and importance; click to switch it off."
 
 
 def heads_off(n: int) -> str:
@@ -118,6 +122,7 @@ class HeadsView(QWidget):
         self.importance: HeadImportance | None = None
         self.masked: set[tuple[int, int]] = set()
         self.fidelity: float | None = None
+        self._started = time.monotonic()
         self._compute_task = None
         self._fidelity_seq = 0  # bumped on every masked-set change; older results are dropped
         self._probe: FidelityProbe | None = None
@@ -200,9 +205,7 @@ class HeadsView(QWidget):
         self.stack = QStackedWidget()
         self.stack.addWidget(self.placeholder)
         self.stack.addWidget(self.plot)
-        self.hover_label = QLabel(
-            "Hover a cell to read its layer, head and importance; click to switch it off."
-        )
+        self.hover_label = QLabel(HOVER_HINT)
         self.hover_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         center = QWidget()
         cv = QVBoxLayout(center)
@@ -295,6 +298,8 @@ class HeadsView(QWidget):
         )
         self.masked_list.clear()
         self.info_label.setText("")
+        self.hover_label.setText(HOVER_HINT)  # not a cell of the old model's layers
+        self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.progress_label.setText("")
         if model is None:
@@ -324,8 +329,10 @@ class HeadsView(QWidget):
             return
         method = self.method_combo.currentText()
         examples, seq_len = self.examples_spin.value(), self.seq_spin.value()
-        self.progress.setValue(0)
-        self.progress_label.setText(f"computing {method} importance…")
+        # busy until the first real fraction: loading the model and its imports take seconds before it
+        self.progress.setRange(0, 0)
+        self.progress_label.setText(f"loading the model for {method} importance…")
+        self._started = time.monotonic()
         self._compute_task = run_task(
             lambda progress: compute_importance(model, method, examples, seq_len, progress),
             on_done=self._on_computed,
@@ -340,6 +347,7 @@ class HeadsView(QWidget):
         if self._compute_task is not None:
             self._compute_task.cancel()
             self._compute_task = None
+            self.progress.setRange(0, 1000)
             self.progress.setValue(0)
             self.progress_label.setText("cancelled")
             self.document.status.emit("head importance cancelled")
@@ -347,13 +355,16 @@ class HeadsView(QWidget):
 
     def _on_progress(self, token: int, fraction: float, message: str) -> None:
         if self._compute_task is not None and token == self._compute_task.token:
-            self.progress.setValue(int(1000 * max(0.0, min(1.0, fraction))))
+            if fraction > 0.0:
+                self.progress.setRange(0, 1000)
+                self.progress.setValue(int(1000 * max(0.0, min(1.0, fraction))))
             self.progress_label.setText(message)
 
     def _on_compute_error(self, token: int, message: str) -> None:
         if self._compute_task is None or token != self._compute_task.token:
             return
         self._compute_task = None
+        self.progress.setRange(0, 1000)
         self.progress.setValue(0)
         self.progress_label.setText("failed")
         if "no attention heads" in message:
@@ -376,8 +387,11 @@ class HeadsView(QWidget):
         self.importance = result
         if previous is None or (previous.layers, previous.heads) != (result.layers, result.heads):
             self.masked.clear()
+        self.progress.setRange(0, 1000)
         self.progress.setValue(1000)
-        self.progress_label.setText(f"done in {result.seconds:.1f} s")
+        # the wall time the user waited (loading included), and the part spent ranking
+        wall = time.monotonic() - self._started
+        self.progress_label.setText(f"done in {wall:.1f} s ({result.seconds:.1f} s ranking heads)")
         self._draw_heatmap()
         self._draw_masks()
         self.info_label.setText(
@@ -550,9 +564,9 @@ class HeadsView(QWidget):
     def prune_masked(self) -> None:
         if not self.masked:
             return
-        self.document.add_step("prune.heads", {"heads": self.heads_param()})
+        index = self.document.add_block("prune.heads", {"heads": self.heads_param()})
         self.document.status.emit(
-            f"added prune.heads ({len(self.masked)} heads) to the pipeline — Ctrl+Z to undo"
+            f"added prune.heads ({len(self.masked)} heads) as step {index + 1} of the pipeline — Ctrl+Z to undo"
         )
 
     def _update_actions(self) -> None:

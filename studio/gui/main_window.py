@@ -71,6 +71,11 @@ SHORTCUTS = [
     ("Ctrl+Z / Ctrl+Shift+Z", "Undo / redo pipeline edits"),
     ("Ctrl+1 … Ctrl+5", "Switch tabs"),
     ("Ctrl+F", "Filter the layer tree"),
+    ("Ctrl+Shift+P", "Open a pipeline (recipe)"),
+    ("Ctrl+Shift+S", "Save the pipeline as…"),
+    ("Ctrl+E", "Export a variant"),
+    ("Ctrl+H", "Compute head importance"),
+    ("F1", "This list of shortcuts"),
     ("Ctrl+Q", "Quit"),
 ]
 
@@ -172,6 +177,71 @@ class AboutDialog(QDialog):
         return "\n".join(f"{k}: {v}" for k, v in self.info)
 
 
+class ShortcutsDialog(QDialog):
+    """Help > Keyboard Shortcuts: the same table as in About, on its own where people look for it."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Keyboard shortcuts")
+        self.table = make_table(["Shortcut", "Action"])
+        fill_table(self.table, SHORTCUTS, align_right_from=99)
+        self.table.resizeColumnToContents(0)
+        buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Close)
+        buttons.rejected.connect(self.reject)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.table)
+        layout.addWidget(buttons)
+        self.resize(520, 380)
+
+
+def _recipe_summary(path: Path) -> str:
+    """The recipe's first comment line: what the shipped recipes say they are for."""
+    try:
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("#"):
+                return line.lstrip("# ").strip()
+            if line.strip():
+                break
+    except (OSError, UnicodeDecodeError):
+        pass
+    return ""
+
+
+def shipped_recipes() -> list[tuple[str, list[tuple[Path, str]]]]:
+    """(folder, [(recipe, summary)]) of resources/recipes: the top folder first (""), then subfolders."""
+    from studio.resources import resources_dir
+
+    root = resources_dir() / "recipes"
+    if not root.is_dir():
+        return []
+    out = []
+    folders = [root, *sorted(p for p in root.iterdir() if p.is_dir())]
+    for folder in folders:
+        paths = sorted(p for p in folder.iterdir() if p.suffix in RECIPE_SUFFIXES and p.is_file())
+        if paths:
+            out.append(("" if folder == root else folder.name, [(p, _recipe_summary(p)) for p in paths]))
+    return out
+
+
+TEXT_FAMILIES = ("feature-extraction", "text-classification", "causal-lm", "seq2seq")
+
+
+def model_notice(model: Any) -> str:
+    """What a user should know at once about a model the studio opened but cannot fully use ("" if none).
+
+    A text model without tokenizer files opens (its layers and weights can be inspected) but nothing can
+    feed it text: the run, the head ranking and the A/B examples would fail later with a bare error.
+    """
+    if model.family in TEXT_FAMILIES and model.tokenizer_dir is None:
+        folder = model.path if model.path.is_dir() else model.path.parent
+        return (
+            f"{model.source} is a {model.family} model without tokenizer files, so it cannot be fed text: "
+            "inspecting its weights works; runs and head importance do not. Copy the tokenizer files of "
+            f"the model it came from (tokenizer.json, tokenizer_config.json, …) into {folder} and open it again."
+        )
+    return ""
+
+
 # ------------------------------------------------------------------------------------------------ window
 
 
@@ -205,6 +275,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)
 
         self.error_banner = Banner("error")
+        self.notice_banner = Banner("info")  # something about the open model that limits what runs
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
         self.model_view = ModelView(document)
@@ -213,6 +284,7 @@ class MainWindow(QMainWindow):
         layout = QVBoxLayout(central)
         layout.setContentsMargins(4, 4, 4, 0)
         layout.addWidget(self.error_banner)
+        layout.addWidget(self.notice_banner)
         layout.addWidget(self.tabs, 1)
         self.setCentralWidget(central)
 
@@ -273,6 +345,10 @@ class MainWindow(QMainWindow):
         self.open_pipeline_action = self._action(
             file, "Open &Pipeline…", lambda: self.open_pipeline_requested.emit(""), "Ctrl+Shift+P"
         )
+        self.shipped_menu = file.addMenu("Open S&hipped Pipeline")
+        self.shipped_menu.setToolTipsVisible(True)
+        self.shipped_menu.aboutToShow.connect(self._fill_shipped)
+        self._fill_shipped()
         self.save_pipeline_action = self._action(
             file, "&Save Pipeline", self.save_pipeline_requested.emit, QKeySequence.StandardKey.Save
         )
@@ -320,7 +396,29 @@ class MainWindow(QMainWindow):
         self.cancel_action = self._action(run, "&Cancel", self.cancel, ["Esc", "Ctrl+."])
 
         help_menu = bar.addMenu("&Help")
+        self.shortcuts_action = self._action(
+            help_menu,
+            "&Keyboard Shortcuts",
+            self.show_shortcuts,
+            "F1",
+            "Every keyboard shortcut of the window",
+        )
         self.about_action = self._action(help_menu, "&About Model Studio", self.show_about)
+
+    def _fill_shipped(self) -> None:
+        """The recipes that come with the studio (resources/recipes), by folder: read when the menu opens,
+        so recipes added later appear without a code change."""
+        self.shipped_menu.clear()
+        for folder, paths in shipped_recipes():
+            menu = self.shipped_menu if not folder else self.shipped_menu.addMenu(folder)
+            menu.setToolTipsVisible(True)
+            for path, summary in paths:
+                action = menu.addAction(path.stem)
+                action.setToolTip(summary or str(path))
+                action.setStatusTip(summary or str(path))
+                action.triggered.connect(lambda _c=False, p=str(path): self.open_pipeline_requested.emit(p))
+        if self.shipped_menu.isEmpty():
+            self.shipped_menu.addAction("(none found)").setEnabled(False)
 
     def _fill_recent(self) -> None:
         self.recent_menu.clear()
@@ -470,6 +568,7 @@ class MainWindow(QMainWindow):
     def _on_model_changed(self) -> None:
         model = self.document.model
         if model is None:
+            self.notice_banner.hide()
             self.model_label.setText("no model")
             self.setWindowTitle("Model Studio")
             return
@@ -477,6 +576,11 @@ class MainWindow(QMainWindow):
         self.model_label.setText(f"{model.source} · {model.family} · {human_count(params)} parameters")
         self.setWindowTitle(f"{model.source} — Model Studio")
         self.error_banner.hide()
+        notice = model_notice(model)
+        if notice:
+            self.notice_banner.show_message(notice)
+        else:
+            self.notice_banner.hide()
 
     # ---------------------------------------------------------------------------- drag and drop
 
@@ -521,10 +625,17 @@ class MainWindow(QMainWindow):
         if isinstance(app, QApplication) and theme_setting() == "system":
             apply_theme(app, "system")
         self.error_banner.restyle()
+        self.notice_banner.restyle()
         for i in range(self.tabs.count()):
             widget = self.tabs.widget(i)
             if callable(getattr(widget, "apply_theme", None)):
                 widget.apply_theme()
+
+    def show_shortcuts(self) -> QDialog:
+        dialog = ShortcutsDialog(self)
+        dialog.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        dialog.open()
+        return dialog
 
     def show_about(self) -> AboutDialog:
         dialog = AboutDialog(self)

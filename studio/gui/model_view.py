@@ -217,6 +217,12 @@ def compute_histogram(ref: TensorRef, bins: int) -> HistogramResult:
 # ------------------------------------------------------------------------------------------------ the view
 
 
+PLACEHOLDER = (
+    "Select a weight tensor in the tree to see its histogram and statistics.\n"
+    "Large tensors are read in the background; the window stays responsive."
+)
+
+
 class TreeFilter(QSortFilterProxyModel):
     """Keeps rows whose full path contains every space-separated word (case-insensitive), and their parents."""
 
@@ -333,10 +339,7 @@ class ModelView(QWidget):
         self._setup_histogram()
         self.export_action = add_plot_export_action(self.plot, self.plot, "histogram")
         self.export_button.clicked.connect(self.export_action.trigger)
-        self.placeholder = QLabel(
-            "Select a weight tensor in the tree to see its histogram and statistics.\n"
-            "Large tensors are read in the background; the window stays responsive."
-        )
+        self.placeholder = QLabel(PLACEHOLDER)
         self.placeholder.setAlignment(Qt.AlignmentFlag.AlignCenter)
         self.placeholder.setWordWrap(True)
         font = QFont(self.placeholder.font())
@@ -471,8 +474,12 @@ class ModelView(QWidget):
         self.current, self.current_name = None, ""
         self.tree_model.removeRows(0, self.tree_model.rowCount())
         self._refs = {}
+        self.placeholder.setText(PLACEHOLDER)  # not the old model's module any more
         self.plot_stack.setCurrentWidget(self.placeholder)
         self.stats_table.setRowCount(0)
+        self.filter_edit.blockSignals(True)
+        self.filter_edit.clear()  # a filter typed for the old model's names would hide the new tree
+        self.filter_edit.blockSignals(False)
         if model is None:
             self._show_whole_model(whole_model_summary([]))
             self._summary_text = "No model open"
@@ -564,6 +571,12 @@ class ModelView(QWidget):
         self.proxy.set_text(text)
         if text.strip():
             self.tree.expandAll()
+        if text.strip() and self.proxy.rowCount() == 0 and self.tree_model.rowCount() > 0:
+            self.tree_summary.setText(
+                f"No layer or tensor matches “{text.strip()}”: clear the filter to see all."
+            )
+        else:
+            self.tree_summary.setText(self._summary_text)
 
     def _on_current_changed(self, current: QModelIndex, _previous: QModelIndex) -> None:
         index = self.proxy.mapToSource(current.siblingAtColumn(0))
@@ -691,7 +704,7 @@ class ModelView(QWidget):
             self.std_lines[0].setValue(s.mean - s.std)
             self.std_lines[1].setValue(s.mean + s.std)
             item.setTitle(f"{s.name}: {s.params:,} values in {len(s.counts)} bins")
-            item.enableAutoRange()
+            self._fit_range()
             self._draw_int8()
         shape = "×".join(str(d) for d in s.shape) or "scalar"
         rows = [
@@ -723,7 +736,22 @@ class ModelView(QWidget):
         item.setLabel("left", "count (values per bin, log scale)" if on else "count (values per bin)")
         self.hist_curve.setFillLevel(-0.3 if on else 0)
         self._draw_int8()
-        item.enableAutoRange()
+        self._fit_range()
+
+    def _fit_range(self) -> None:
+        """The whole histogram with headroom above its peak, where the legend (top right) sits; on a log
+        axis the tails reach up the plot, so the headroom is a decade there."""
+        item = self.plot.getPlotItem()
+        result = self.current
+        if result is None or not result.stats.counts:
+            item.enableAutoRange()
+            return
+        edges, peak = result.stats.edges, max(result.stats.counts) or 1
+        if self.log_check.isChecked():
+            y_range = (math.log10(0.5), math.log10(peak) + 1.0)
+        else:
+            y_range = (0.0, peak * 1.4)
+        item.getViewBox().setRange(xRange=(float(edges[0]), float(edges[-1])), yRange=y_range, padding=0.02)
 
     def _draw_int8(self) -> None:
         result = self.current

@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
+    QMessageBox,
     QScrollArea,
     QSplitter,
     QStyle,
@@ -103,13 +104,18 @@ def problem_color(palette: QPalette) -> QColor:
     return QColor("#ef9a9a") if _is_dark(palette) else QColor("#c62828")
 
 
+def _short(source: str) -> str:
+    """A model's name for a button: the folder or file name, not the whole path."""
+    return source if source.startswith("builtin:") else Path(source).name or source
+
+
 # ------------------------------------------------------------------------------------------------ palette
 
 
 class TechniquePalette(QTreeWidget):
     """Technique blocks grouped by category; available ones can be dragged or double-clicked."""
 
-    technique_activated = Signal(str)  # double-click / Enter: append this technique
+    technique_activated = Signal(str)  # double-click / Enter: add it where its stage kind fits
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -164,6 +170,17 @@ class TechniquePalette(QTreeWidget):
                 item.setToolTip(0, tip)
                 item.setToolTip(1, tip)
             header.setExpanded(True)
+        # wide enough for the longest title next to the longest id: names were cut at the default width
+        fm = self.fontMetrics()
+        titles = [cls.title for cls in techniques.values()]
+        ids = [cls.id for cls in techniques.values()]
+        needed = (
+            max((fm.horizontalAdvance(t) for t in titles), default=0)
+            + max((fm.horizontalAdvance(i) for i in ids), default=0)
+            + self.indentation()
+            + 6 * fm.averageCharWidth()  # cell padding, the frame and a scroll bar
+        )
+        self.setMinimumWidth(needed)
 
     def items_by_id(self) -> dict[str, QTreeWidgetItem]:
         out = {}
@@ -450,6 +467,7 @@ class PipelineEditor(QWidget):
 
     saved = Signal(str)  # path
     opened = Signal(str)  # path
+    model_checked = Signal()  # the open model's structure is known: heads / layer names are checked now
 
     def __init__(self, document: StudioDocument, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -459,6 +477,8 @@ class PipelineEditor(QWidget):
         self._form: ParamForm | None = None
         self._form_row: int | None = None
         self._problems: dict[int, str] = {}
+        self._layout: Any = None  # ModelLayout of the open model once computed (None: not yet)
+        self._layout_task: Any = None
 
         self._build_actions()
         self._build_ui()
@@ -468,9 +488,11 @@ class PipelineEditor(QWidget):
         self.pipeline.step_removed.connect(self._on_removed)
         self.pipeline.params_changed.connect(self._on_params_changed)
         self.pipeline.reset.connect(self._on_reset)
-        document.model_changed.connect(self._refresh_problems)
+        document.model_changed.connect(self._on_model_changed)
         document.undo_stack.cleanChanged.connect(self._clean_changed)
         self._rebuild(select=0 if len(self.pipeline) else None)
+        if document.model is not None:
+            self._on_model_changed()
 
     # ---------------------------------------------------------------------------- construction
 
@@ -562,7 +584,7 @@ class PipelineEditor(QWidget):
         self.filter_edit.setClearButtonEnabled(True)
         lv.addWidget(self.filter_edit)
         self.palette_view = TechniquePalette()
-        self.palette_view.technique_activated.connect(lambda tid: self.document.add_step(tid))
+        self.palette_view.technique_activated.connect(self.document.add_block)
         self.filter_edit.textChanged.connect(self.palette_view.set_filter)
         lv.addWidget(self.palette_view, 1)
         splitter.addWidget(left)
@@ -609,7 +631,7 @@ class PipelineEditor(QWidget):
         splitter.setStretchFactor(0, 0)
         splitter.setStretchFactor(1, 1)
         splitter.setStretchFactor(2, 1)
-        splitter.setSizes([330, 440, 480])
+        splitter.setSizes([max(330, self.palette_view.minimumWidth()), 440, 480])
 
     @staticmethod
     def _heading(text: str) -> QLabel:
@@ -646,9 +668,48 @@ class PipelineEditor(QWidget):
         self._refresh_problems()
         self._selection_changed(self.list.currentRow())
 
+    # ---------------------------------------------------------------------------- the open model
+
+    def _on_model_changed(self) -> None:
+        """A new model: check at once what needs no structure, and the heads / layer names the steps give
+        once its structure is known (`model_layout` imports the architecture: seconds the first time)."""
+        from studio.gui.widgets import run_task
+        from studio.recipe_check import model_layout
+
+        self._layout = None
+        model = self.document.model
+        self._layout_task = None
+        if model is not None:
+            self._layout_task = run_task(
+                lambda: model_layout(model), on_done=self._on_layout, on_error=self._on_layout_error
+            )
+        self._refresh_problems()
+
+    def _on_layout(self, token: int, layout: Any) -> None:
+        if self._layout_task is None or token != self._layout_task.token:
+            return  # the answer for a model that is no longer open
+        self._layout_task = None
+        self._layout = layout
+        self._refresh_problems()
+        self.model_checked.emit()
+
+    def _on_layout_error(self, token: int, _message: str) -> None:
+        from studio.recipe_check import UNKNOWN
+
+        self._on_layout(token, UNKNOWN)
+
+    @property
+    def checking_model(self) -> bool:
+        """The open model's structure is still being read: heads and layer names are not checked yet."""
+        return self._layout_task is not None
+
     def _refresh_problems(self) -> None:
+        from studio.recipe_check import UNKNOWN
+
         try:
-            self._problems = self.pipeline.problems(self.document.start_kind(), self.document.model)
+            self._problems = self.pipeline.problems(
+                self.document.start_kind(), self.document.model, self._layout or UNKNOWN
+            )
         except Exception as exc:  # a broken technique must not take the editor down
             self._problems = {-1: f"could not check the pipeline: {exc}"}
         techniques = _registry()
@@ -672,10 +733,14 @@ class PipelineEditor(QWidget):
                 lines = [*lines[: MAX_PROBLEM_LINES - 1], f"… and {len(lines) - MAX_PROBLEM_LINES + 1} more"]
             self.problems_label.setText("\n".join(lines))
             self.problems_label.setStyleSheet(f"color: {problem_color(pal).name()};")
+        elif len(self.pipeline) and self.checking_model:
+            self.problems_label.setText(f"Checking the pipeline against {self.document.source}…")
+            self.problems_label.setStyleSheet("")
         elif len(self.pipeline):
             first = self.document.start_kind()
             last = techniques[self.pipeline.step(len(self.pipeline) - 1).technique].output_kind
-            self.problems_label.setText(f"✓ Ready to run: {first} model -> {last} model")
+            on = f" on {self.document.source}" if self.document.source else ""
+            self.problems_label.setText(f"✓ Ready to run{on}: {first} model -> {last} model")
             self.problems_label.setStyleSheet("color: #2e7d32;" if not _is_dark(pal) else "color: #a5d6a7;")
         else:
             self.problems_label.setText("")
@@ -862,6 +927,25 @@ class PipelineEditor(QWidget):
         self.saved.emit(str(path))
         return True
 
+    def ask_model(self, recipe_model: str, open_model: str) -> str | None:
+        """A pipeline names another model than the open one: "recipe" (open its model), "open" (apply it
+        to the open model) or None (do not open it). Asked, never decided silently; tests replace this."""
+        box = QMessageBox(self)
+        box.setIcon(QMessageBox.Icon.Question)
+        box.setWindowTitle("Which model?")
+        box.setText(f"This pipeline was made for <b>{recipe_model}</b>; <b>{open_model}</b> is open.")
+        box.setInformativeText(
+            "Apply the pipeline to the open model, or open the pipeline's model? Head and layer names in "
+            "the steps are checked against the model you choose."
+        )
+        keep = box.addButton(f"Use {_short(open_model)}", QMessageBox.ButtonRole.AcceptRole)
+        other = box.addButton(f"Open {_short(recipe_model)}", QMessageBox.ButtonRole.ActionRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.setDefaultButton(keep)
+        box.exec()
+        clicked = box.clickedButton()
+        return "open" if clicked is keep else "recipe" if clicked is other else None
+
     def open_from(self, path: str | Path) -> bool:
         """Open a recipe file; its model is opened too when it is not the one open now."""
         from studio.errors import StudioError
@@ -877,12 +961,20 @@ class PipelineEditor(QWidget):
             self.show_error(f"Could not open the pipeline {path}: {type(exc).__name__}: {exc}")
             return False
         note = ""
-        opened_other = self.document.source and recipe.model != self.document.source
-        if opened_other and not self.document.open_model(recipe.model):
-            note = (
-                f"The pipeline was opened, but its model '{recipe.model}' could not be opened;"
-                f" it now applies to {self.document.source or 'no model'}."
-            )
+        current = self.document.source
+        if current and recipe.model != current:
+            choice = self.ask_model(recipe.model, current)
+            if choice is None:
+                self.document.status.emit(f"Did not open the pipeline {path}")
+                return False
+            if choice == "open":
+                recipe = recipe.model_copy(update={"model": current, "trust": self.pipeline.recipe.trust})
+                self.document.status.emit(f"The pipeline now applies to {current}")
+            elif not self.document.open_model(recipe.model, trust=recipe.trust):
+                note = (
+                    f"The pipeline was opened, but its model '{recipe.model}' could not be opened;"
+                    f" it now applies to {self.document.source or 'no model'}."
+                )
         self.document.load_recipe(recipe, path)
         self.document.undo_stack.setClean()
         self.show_error(note)

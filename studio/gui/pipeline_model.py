@@ -14,7 +14,8 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QUndoCommand
 
-from studio.pipeline import Recipe, Step, check_steps
+from studio.pipeline import Recipe, Step
+from studio.recipe_check import ModelLayout, check_recipe
 
 
 class PipelineModel(QObject):
@@ -47,13 +48,54 @@ class PipelineModel(QObject):
             data["model"] = model
         return Recipe.model_validate(data)
 
-    def problems(self, start_kind: str = "torch", loaded: Any = None) -> dict[int, str]:
-        """Problems by step index (stage order, params, availability, family): shown at once in the editor."""
-        _, problems = check_steps(self._steps, start_kind, loaded)
+    def problems(
+        self, start_kind: str = "torch", loaded: Any = None, layout: ModelLayout | None = None
+    ) -> dict[int, str]:
+        """Problems by step index, shown at once in the editor: stage order, params, availability, and with
+        a model open its family and the heads / layer names the steps give (`recipe_check`); index -1 is
+        the recipe as a whole."""
+        from studio.pipeline import check_steps
+
+        if loaded is not None:
+            found = [(p.step, p.message) for p in check_recipe(self.to_recipe(), loaded, layout)]
+        else:
+            found = list(check_steps(self._steps, start_kind, None)[1])
         out: dict[int, str] = {}
-        for index, message in problems:
-            out.setdefault(index, message)
+        for index, message in found:
+            out.setdefault(-1 if index is None else index, message)
         return out
+
+    def insertion_index(self, technique: str, start_kind: str = "torch") -> int:
+        """Where a block added without a position goes: the last place where its stage kind fits.
+
+        A block fits at position i when the model reaching i has its input kind and the step now at i (if
+        any) takes its output kind, so a torch step lands before `export.onnx` instead of after the export
+        where the pipeline could not run. Without such a place, the last position with the right input
+        kind; without that, the end (the editor then shows why it cannot run).
+        """
+        from studio.techniques.base import registry
+
+        techniques = registry()
+        cls = techniques.get(technique)
+        if cls is None:
+            return len(self._steps)
+        kinds = [start_kind]  # kinds[i]: the model kind reaching position i
+        for step in self._steps:
+            known = techniques.get(step.technique)
+            kinds.append(known.output_kind if known is not None else kinds[-1])
+        inputs = [
+            techniques[s.technique].input_kind if s.technique in techniques else kinds[i]
+            for i, s in enumerate(self._steps)
+        ]
+        fits = [
+            i
+            for i in range(len(self._steps) + 1)
+            if kinds[i] == cls.input_kind and (i == len(self._steps) or inputs[i] == cls.output_kind)
+        ]
+        if fits:
+            return fits[-1]
+        right_input = [i for i in range(len(self._steps) + 1) if kinds[i] == cls.input_kind]
+        return right_input[-1] if right_input else len(self._steps)
 
     # ---------------------------------------------------------------------------- mutators (commands only)
 

@@ -125,8 +125,26 @@ class _StepRow:
             self.message.setText(message)
             self.message.setToolTip(message)
 
+    def _restyle(self, color: str) -> None:
+        # a style sheet on ::chunk alone switches the bar to the style-sheet look at a smaller height: keep
+        # the height of its neighbours and give the whole bar a frame
+        self.bar.setFixedHeight(self.bar.sizeHint().height())
+        self.bar.setStyleSheet(
+            f"QProgressBar {{ border: 1px solid {color}; border-radius: 3px; text-align: center; }}"
+            f"QProgressBar::chunk {{ background: {color}; }}"
+        )
+
     def mark_failed(self) -> None:
-        self.bar.setStyleSheet("QProgressBar::chunk { background: #d32f2f; }")
+        self._restyle("#d32f2f")
+        self.bar.setFormat("failed at %p%")
+
+    def mark_cancelled(self) -> None:
+        """A row the run did not finish because the user cancelled: grey, and says so."""
+        if self.bar.value() >= 100:
+            return
+        self._restyle("#9e9e9e")
+        self.bar.setFormat("cancelled at %p%" if self.bar.value() else "cancelled")
+        self.message.setText("cancelled")
 
     def remove(self) -> None:
         for w in (self.title, self.bar, self.message):
@@ -141,6 +159,7 @@ class RunPanel(QWidget):
     finished = Signal(dict)  # the run's result (`model-studio run --json`)
     failed = Signal(str)  # why the run failed (validation, an error event, a crash)
     cancelled = Signal()  # the user cancelled; nothing was saved
+    compare_requested = Signal()  # "Show in Compare" after a run: the window switches tabs (it never jumps)
 
     def __init__(self, document: StudioDocument, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -213,6 +232,11 @@ class RunPanel(QWidget):
         top.addWidget(self.elapsed_label)
         top.addSpacing(12)
         top.addWidget(self.status_label, 1)
+        self.compare_button = QPushButton("Show in Compare")
+        self.compare_button.setToolTip("Open the Compare tab with the new variant next to the others")
+        self.compare_button.clicked.connect(self.compare_requested.emit)
+        self.compare_button.hide()
+        top.addWidget(self.compare_button)
         layout.addLayout(top)
 
         self.error_banner = QFrame()
@@ -267,6 +291,7 @@ class RunPanel(QWidget):
         scroll.setWidgetResizable(True)
         scroll.setFrameShape(QFrame.Shape.NoFrame)
         scroll.setWidget(holder)
+        self.steps_scroll = scroll
         sv.addWidget(scroll)
         lv.addWidget(steps_box, 3)
 
@@ -356,6 +381,13 @@ class RunPanel(QWidget):
         self._rows.append(
             _StepRow(self.rows_grid, len(steps) + 1, "Evaluate", "measure the original and the new variant")
         )
+        # every row in view up to a long pipeline (the settings below scroll instead): Evaluate was hidden
+        # (computed from the rows' parts: the new widgets are not shown yet, so the grid's hint leaves them out)
+        one = self._rows[0]
+        spacing = max(0, self.rows_grid.verticalSpacing())
+        per_row = max(one.title.sizeHint().height(), one.bar.sizeHint().height())
+        per_row += one.message.fontMetrics().height() + 2 * spacing
+        self.steps_scroll.setMinimumHeight(min(per_row * len(self._rows) + 8, 600))
         uses_distill = any(s.technique == "distill" for s in steps)
         self.loss_plot.setVisible(uses_distill or bool(self._loss))
 
@@ -575,6 +607,8 @@ class RunPanel(QWidget):
             self._remove_job_folder()
         self._end()
         if cancelled:
+            for row in self._rows:
+                row.mark_cancelled()
             self.status_label.setText("Cancelled: nothing was saved.")
             self.log("cancelled; nothing was saved")
             self.cancelled.emit()
@@ -586,6 +620,7 @@ class RunPanel(QWidget):
             self.result_label.setText(summary)
             self.result_label.show()
             self.status_label.setText("Finished.")
+            self.compare_button.show()
             self.log(summary)
             self.document.status.emit(summary)
             self.finished.emit(outcome.result)
@@ -624,16 +659,16 @@ class RunPanel(QWidget):
 
     def _validate(self, recipe: Any) -> str:
         """The first problem `model-studio run` would refuse the recipe for, or ""."""
-        from studio.pipeline import check_steps, plan
+        from studio.pipeline import check_steps
+        from studio.recipe_check import check_recipe
 
         model = self.document.model
         try:
             if model is not None and recipe.model == self.document.source:
-                if recipe.task is not None:
-                    import copy
-
-                    model = copy.copy(model)  # plan sets the family from the recipe's task
-                plan(recipe, model)
+                # what `plan` checks, and the heads / layer names the steps give (they must exist here)
+                problems = check_recipe(recipe, model)
+                if problems:
+                    return problems[0].message
             else:
                 # No model in this window: check the steps alone (opening a checkpoint imports torch;
                 # the worker does that, and refuses anything else with an error event).
@@ -655,6 +690,7 @@ class RunPanel(QWidget):
         self._last_message = {}
         self.error_banner.hide()
         self.result_label.hide()
+        self.compare_button.hide()
         self.log_view.clear()
         for curve in self._curves.values():
             self.loss_plot.removeItem(curve)

@@ -119,8 +119,15 @@ def test_bar_charts_and_pareto_scatter(view, built):
         [a - b for a, b in zip(p95, heights, strict=True)]
     )
     assert len(view.size_bars.opts["height"]) == 3 and len(view.quality_bars.opts["x"]) == 3
+    # quality as its loss from 0 (the original's level), not bars of ~0.99 on an axis starting at 0.885
+    bf16_q = rows[ids["bf16"]]["metrics"]["quality"]["fidelity_cosine"]
+    assert list(view.quality_bars.opts["y0"]) == [0.0, 0.0, 0.0]
+    assert list(view.quality_bars.opts["height"])[order.index(ids["bf16"])] == pytest.approx(1 - bf16_q)
+    assert view.quality_plot.getPlotItem().getViewBox().viewRange()[1][0] == pytest.approx(0.0, abs=1e-12)
+    legend = view.quality_plot.getPlotItem().legend
+    assert [label.text for _sample, label in legend.items] == ["selected in the table"]
     ticks = view.size_plot.getPlotItem().getAxis("bottom")._tickLevels[0]
-    assert [t[1] for t in ticks][order.index(ids["original"])] == "original"
+    assert [t[1] for t in ticks][order.index(ids["original"])] == "original\nminilm"  # named after its model
     assert "(MB)" in view.size_plot.getPlotItem().getAxis("left").labelText
     assert "(ms)" in view.latency_plot.getPlotItem().getAxis("left").labelText
 
@@ -172,12 +179,18 @@ def test_ab_comparison_runs_off_the_gui_thread_and_drops_stale_results(view, bui
     rows = {
         table.item(r, 0).text(): [table.item(r, c).text() for c in range(6)] for r in range(table.rowCount())
     }
-    assert table.horizontalHeaderItem(1).text() == "A: original"
+    assert table.horizontalHeaderItem(1).text() == "A: original minilm"
     size = rows["size (MB)"]
     assert float(size[3].rstrip("×")) == pytest.approx(0.5, abs=0.01) and size[4] == "B"
     assert rows["latency b1 p50 (ms)"][5].startswith(("yes", "no"))
     assert rows["latency b4 p50 (ms)"][3].endswith("×")
     assert "quality: fidelity cosine" in rows
+    # every column in view: metric names whole, "Significant?" inside the table's right edge
+    header = table.horizontalHeader()
+    fm = table.fontMetrics()
+    assert header.sectionSize(0) >= max(fm.horizontalAdvance(name) for name in rows)
+    assert header.sectionViewportPosition(5) + 40 <= table.viewport().width()
+    assert header.sectionViewportPosition(5) >= 0
 
     # the histogram overlay: two curves of the same layer on the same bins
     overlay = view.overlay
@@ -187,7 +200,7 @@ def test_ab_comparison_runs_off_the_gui_thread_and_drops_stale_results(view, bui
     assert view.hist_a.yData.sum() == numel and view.hist_b.yData.sum() == numel
     assert list(view.hist_a.xData) == list(view.hist_b.xData)
     legend = [label.text for _sample, label in view.hist_legend.items]
-    assert legend == ["A: original", f"B: {_label(view, ids['bf16'])}"]
+    assert legend == ["A: original minilm", f"B: {_label(view, ids['bf16'])}"]
     assert "relative L2 change" in view.layer_info.text()
 
     with qtbot.waitSignal(view.histogram_shown, timeout=60000):

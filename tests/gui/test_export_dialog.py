@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from PySide6.QtCore import QThreadPool
+from PySide6.QtCore import QPoint, QRect, QThreadPool
+from PySide6.QtWidgets import QApplication, QLabel
 
 from studio.gui.compare_view import CompareView
 from studio.gui.document import StudioDocument
@@ -59,7 +60,7 @@ def test_formats_that_do_not_fit_are_disabled_with_the_reason(qtbot, document, b
 def test_transformers_folder_export_of_the_bfloat16_variant(qtbot, document, built, tmp_path):
     _root, ids = built
     dialog = _dialog(qtbot, document, ids["bf16"])
-    out = tmp_path / "minilm-bf16"
+    out = tmp_path / ("a-long-folder-name-that-wraps-" * 5) / "minilm-bf16"  # a message of several lines
     dialog.set_output_folder(out)
     assert dialog.export_button.isEnabled()
     with qtbot.waitSignal(dialog.exported, timeout=120000) as done:
@@ -70,6 +71,22 @@ def test_transformers_folder_export_of_the_bfloat16_variant(qtbot, document, bui
     assert any(p.suffix == ".safetensors" for p in out.iterdir())
     assert str(out) in dialog.message.text()
     assert dialog.export_button.isEnabled()
+    _assert_nothing_overlaps(dialog)
+
+
+def _assert_nothing_overlaps(dialog: ExportDialog) -> None:
+    """Every visible line of the dialog has the height its text needs, and none is drawn over another."""
+    qapp = QApplication.instance()
+    qapp.processEvents()
+    widgets = [*dialog.format_buttons.values(), *dialog.reason_labels.values(), dialog.message]
+    shown = [w for w in widgets if w.isVisible()]
+    rects = [QRect(w.mapTo(dialog, QPoint(0, 0)), w.size()) for w in shown]
+    for i, a in enumerate(rects):
+        for j in range(i + 1, len(rects)):
+            assert not a.intersects(rects[j]), (shown[i], shown[j])
+    for w in shown:
+        if isinstance(w, QLabel) and w.text():
+            assert w.height() >= w.heightForWidth(w.width()), w.text()[:40]
 
 
 def test_onnx_export_writes_the_graph_and_manifest(qtbot, document, built, tmp_path):

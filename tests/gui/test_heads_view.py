@@ -8,6 +8,8 @@ from PySide6.QtCore import QCoreApplication, QPoint, Qt
 
 from studio.gui.document import StudioDocument
 from studio.gui.heads_view import HeadsView
+from studio.pipeline import load_recipe
+from studio.resources import resource
 from studio.variants import Workspace
 
 pytestmark = pytest.mark.gui
@@ -34,6 +36,7 @@ def _compute(view: HeadsView, qtbot, method: str = "gradient", examples: int = 8
     view.seq_spin.setValue(seq)
     with qtbot.waitSignal(view.computed, timeout=120000):
         qtbot.mouseClick(view.compute_button, Qt.MouseButton.LeftButton)
+        assert view.progress.maximum() == 0  # busy while the model loads, not an empty bar
 
 
 def test_heatmap_masking_fidelity_and_prune_step(view, document, qtbot):
@@ -43,7 +46,11 @@ def test_heatmap_masking_fidelity_and_prune_step(view, document, qtbot):
     assert view.image.image.shape == (6, 12)
     assert view.stack.currentWidget() is view.plot
     assert view.importance.method == "gradient" and view.importance.examples == 8
-    assert view.progress.value() == 1000
+    assert view.progress.value() == 1000 and view.progress.maximum() == 1000
+    # the time the user waited, loading included, next to the time spent ranking
+    assert (
+        view.progress_label.text().startswith("done in ") and "s ranking heads)" in view.progress_label.text()
+    )
     left = view.plot.getPlotItem().getAxis("left")
     assert (
         left.labelText == "layer (attention block)"
@@ -88,6 +95,14 @@ def test_heatmap_masking_fidelity_and_prune_step(view, document, qtbot):
     document.undo_stack.undo()
     assert len(document.pipeline) == 0
     qtbot.waitUntil(lambda: view.fidelity is not None and view.fidelity < 1.0, timeout=60000)
+
+    # on the starter pipeline (export, optimize, quantize) the torch step goes before the export: it runs
+    document.pipeline.load(load_recipe(resource("recipes", "starter", "onnx-int8.yaml")))
+    assert document.pipeline.problems(document.start_kind(), document.model) == {}
+    qtbot.mouseClick(view.prune_button, Qt.MouseButton.LeftButton)
+    steps = [s.technique for s in document.pipeline.steps()]
+    assert steps == ["prune.heads", "export.onnx", "onnx.optimize", "onnx.quantize_dynamic"]
+    assert document.pipeline.problems(document.start_kind(), document.model) == {}
 
 
 def test_cancel_stops_a_computation(view, document, qtbot):

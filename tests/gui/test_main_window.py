@@ -4,6 +4,7 @@ layout restored from QSettings, the About box, shortcuts, and the offscreen scre
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
 
@@ -187,3 +188,57 @@ def test_screenshots_render_every_tab(qtbot, tmp_path, settings):
         assert (image.width(), image.height()) == (1280, 800)
         colours = {image.pixel(x, y) for x in range(0, 1280, 7) for y in range(0, 800, 7)}
         assert len(colours) > 50, f"{f.name} looks blank"
+
+
+def test_shipped_pipelines_and_the_shortcuts_are_in_the_menus(make_window, qtbot):
+    window = make_window()
+    opened: list[str] = []
+    window.open_pipeline_requested.connect(opened.append)
+    window._fill_shipped()
+    top = {a.text(): a for a in window.shipped_menu.actions()}
+    assert {"minilm-small", "minilm-low-latency", "starter", "bench"} <= set(top)
+    assert (
+        "4-bit" in top["minilm-small"].toolTip() or "20%" in top["minilm-small"].toolTip()
+    )  # what it is for
+    starter = top["starter"].menu().actions()[0]
+    assert starter.text() == "onnx-int8"
+    starter.trigger()
+    assert opened and opened[0].endswith("starter/onnx-int8.yaml")
+    assert window.shortcuts_action.shortcut().toString() == "F1"
+    dialog = window.show_shortcuts()
+    qtbot.waitUntil(dialog.isVisible)
+    keys = [dialog.table.item(r, 0).text() for r in range(dialog.table.rowCount())]
+    assert "Ctrl+R" in keys and "Ctrl+Shift+P" in keys and "F1" in keys
+    dialog.close()
+
+
+def test_opening_another_model_leaves_nothing_of_the_old_one(make_window, qtbot, gpt2):
+    window = make_window()
+    assert _open(window, qtbot, "builtin:minilm")
+    view = window.model_view
+    module = view.proxy.index(0, 0)  # embeddings: a module, described in the centre
+    view.tree.setCurrentIndex(module)
+    assert "embeddings: a module" in view.placeholder.text()
+    view.filter_edit.setText("no-such-layer")
+    assert "No layer or tensor matches “no-such-layer”" in view.tree_summary.text()  # an empty tree says why
+    view.filter_edit.setText("attention.self")
+    assert view.proxy.rowCount() > 0
+    assert _open(window, qtbot, str(gpt2))
+    assert view.filter_edit.text() == "" and view.proxy.rowCount() == view.tree_model.rowCount() > 0
+    assert "embeddings" not in view.placeholder.text() and "Select a weight tensor" in view.placeholder.text()
+    assert str(gpt2) in view.tree_summary.text()
+    assert window.heads_view.hover_label.text().startswith("Hover a cell")
+
+
+def test_a_text_model_without_a_tokenizer_says_what_it_cannot_do(make_window, qtbot, gpt2, tmp_path):
+    bare = tmp_path / "gpt2-no-tokenizer"
+    bare.mkdir()
+    for f in gpt2.iterdir():
+        if f.is_file() and not f.name.startswith(("tokenizer", "vocab", "special_tokens")):
+            shutil.copy(f, bare / f.name)
+    window = make_window()
+    assert _open(window, qtbot, str(bare))
+    notice = window.notice_banner.text()
+    assert window.notice_banner.isVisible() and "without tokenizer files" in notice and str(bare) in notice
+    assert _open(window, qtbot, str(gpt2))  # the same model with its tokenizer: nothing to say
+    assert not window.notice_banner.isVisible()

@@ -109,6 +109,10 @@ def test_selecting_a_tensor_shows_its_histogram_off_the_gui_thread(view, qtbot):
     assert not axis.logMode
     view.log_check.setChecked(True)
     assert axis.logMode and "log" in axis.labelText
+    # a decade of headroom above the peak on the log axis: the legend (top right) sits over no data
+    peak = float(np.max(view.hist_curve.yData))
+    top = view.plot.getPlotItem().getViewBox().viewRange()[1][1]
+    assert top >= np.log10(peak) + 0.9
 
     # INT8 grid: 255 levels at multiples of max|x| / 127, and the shaded clipping range
     view.int8_check.setChecked(True)

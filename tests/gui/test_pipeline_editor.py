@@ -24,7 +24,8 @@ from studio.gui.pipeline_editor import (
     PipelineEditor,
     technique_mime,
 )
-from studio.pipeline import Recipe, load_recipe
+from studio.pipeline import Recipe, load_recipe, parse_recipe
+from studio.resources import resource
 from studio.techniques.base import registry
 from studio.variants import Workspace
 
@@ -135,6 +136,40 @@ def test_double_click_appends_and_filter_hides(qtbot, editor, document):
     QTest.keyClicks(editor.filter_edit, "magnitude")
     visible = [tid for tid, it in palette.items_by_id().items() if not it.isHidden()]
     assert visible == ["prune.magnitude"]
+
+
+def test_double_click_puts_a_block_where_its_stage_fits(editor, document):
+    document.pipeline.load(load_recipe(resource("recipes", "starter", "onnx-int8.yaml")))
+    editor.pipeline.reset.emit()
+    palette = editor.palette_view
+    for tid in ("prune.magnitude", "onnx.half"):
+        rect = palette.visualItemRect(palette.items_by_id()[tid])
+        for click in (QTest.mouseClick, QTest.mouseDClick):  # a real double-click starts with a click
+            click(
+                palette.viewport(), Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier, rect.center()
+            )
+    # the torch block before the export (the last place a torch step can run), the ONNX one at the end
+    assert ids(document) == [
+        "prune.magnitude",
+        "export.onnx",
+        "onnx.optimize",
+        "onnx.quantize_dynamic",
+        "onnx.half",
+    ]
+    assert editor.problems() == {} and "Ready to run" in editor.problems_label.text()
+    assert editor.list.currentRow() == 4
+
+
+def test_insertion_index_rule(document):
+    pipeline = document.pipeline
+    assert pipeline.insertion_index("prune.heads") == 0  # empty: the only place
+    for tid in ("precision.half", "export.onnx", "onnx.optimize"):
+        document.add_step(tid)
+    assert pipeline.insertion_index("prune.heads") == 1  # after the torch step, before the export
+    assert pipeline.insertion_index("onnx.quantize_dynamic") == 3
+    assert pipeline.insertion_index("export.onnx") == 1  # a second export: no place runs, near the first
+    assert pipeline.insertion_index("onnx.optimize", start_kind="onnx") == 3
+    assert pipeline.insertion_index("no.such.block") == 3
 
 
 # ------------------------------------------------------------------------------------------------ drag and drop
@@ -383,3 +418,67 @@ def test_open_recipe_keeps_data_and_evaluate(editor, document, tmp_path):
     assert document.recipe().evaluate.sequence_length == 32
     assert editor.save_to(path)
     assert load_recipe(path) == recipe
+
+
+# ------------------------------------------------------------------------------------------------ the open model
+
+
+def heads_recipe(tmp_path, mapping, model="builtin:minilm"):
+    path = tmp_path / "heads.yaml"
+    data = {
+        "version": 1,
+        "model": model,
+        "steps": [{"technique": "prune.heads", "params": {"heads": mapping}}],
+    }
+    path.write_text(parse_recipe(data).to_yaml())
+    return path
+
+
+def test_heads_the_open_model_lacks_are_shown_before_running(qtbot, editor, document, gpt2, tmp_path):
+    """Heads chosen on MiniLM (12 per block) do not exist in the small GPT-2 (4 per block)."""
+    path = heads_recipe(tmp_path, {0: [7], 3: [1]})
+    assert editor.open_from(path)  # no model open yet: nothing to ask
+    with qtbot.waitSignal(editor.model_checked, timeout=120000):
+        assert document.open_model(str(gpt2))
+        assert editor.checking_model and "Checking the pipeline" in editor.problems_label.text()
+    problem = editor.list.item(0).data(PROBLEM_ROLE)
+    assert "step 1 (prune.heads): field 'heads'" in problem
+    assert "block 0 (transformer.h.0.attn) has 4 heads (0-3), no head 7" in problem
+    assert "Ready to run" not in editor.problems_label.text() and problem in editor.problems_label.text()
+    document.set_params(0, {"heads": {0: [1], 1: [3]}})  # heads this model has: fine again
+    assert editor.problems() == {}
+    assert "Ready to run on " + str(gpt2) in editor.problems_label.text()
+
+
+def test_a_pipeline_for_another_model_asks_which_model(qtbot, editor, document, gpt2, tmp_path):
+    with qtbot.waitSignal(editor.model_checked, timeout=120000):
+        assert document.open_model(str(gpt2))
+    path = heads_recipe(tmp_path, {0: [7]})  # made for MiniLM
+    asked = []
+    editor.ask_model = lambda recipe_model, open_model: asked.append((recipe_model, open_model))  # cancel
+    assert not editor.open_from(path)
+    assert asked == [("builtin:minilm", str(gpt2))] and len(document.pipeline) == 0
+
+    editor.ask_model = lambda *_: "open"  # keep the open model: the pipeline now applies to it
+    assert editor.open_from(path)
+    assert document.source == str(gpt2) and document.recipe().model == str(gpt2)
+    assert "no head 7" in editor.problems()[0]  # and is checked against it
+
+    editor.ask_model = lambda *_: "recipe"  # open the pipeline's model instead
+    with qtbot.waitSignal(editor.model_checked, timeout=120000):
+        assert editor.open_from(path)
+    assert document.source == "builtin:minilm" and editor.problems() == {}
+
+
+def test_palette_names_are_not_cut(editor):
+    palette = editor.palette_view
+    fm = palette.fontMetrics()
+    for tid, item in palette.items_by_id().items():
+        for column in (0, 1):
+            needed = fm.horizontalAdvance(item.text(column))
+            assert needed <= palette.columnWidth(column) - 4, (
+                tid,
+                column,
+                needed,
+                palette.columnWidth(column),
+            )

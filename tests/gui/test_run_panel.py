@@ -88,6 +88,10 @@ def test_a_crash_is_reported_then_the_empty_pipeline_runs_to_the_end(qtbot, pane
     assert variant["id"] in [v["id"] for v in workspace.list()]
     assert variant["metrics"]["quality"]["fidelity_cosine"] == pytest.approx(1.0, abs=1e-3)
     assert variant["id"] in panel.result_label.text() and panel.result_label.isVisibleTo(panel)
+    # the Compare tab is offered, not forced (the log stays in view)
+    assert panel.compare_button.isVisibleTo(panel)
+    with qtbot.waitSignal(panel.compare_requested, timeout=1000):
+        panel.compare_button.click()
     assert "loaded builtin:minilm" in panel.log_view.toPlainText()
     assert list((workspace.root / "tmp").iterdir()) == []
 
@@ -121,6 +125,24 @@ def test_loss_curve_while_distilling_then_cancel_leaves_nothing(qtbot, panel, do
     assert workspace.list() == before
     assert not panel.is_running() and panel.run_button.isEnabled()
     assert "Cancelled" in panel.status_label.text()
+    # the unfinished rows say they were cancelled instead of staying at their last percentage
+    assert panel._rows[1].bar.text().startswith("cancelled") and panel._rows[1].message.text() == "cancelled"
+    assert panel._rows[-1].bar.text() == "cancelled"
+    assert not panel.compare_button.isVisibleTo(panel)
+
+
+def test_every_step_row_is_in_view_with_five_steps(qtbot, panel, document):
+    steps = [{"technique": t} for t in ("precision.half", "export.onnx", "onnx.optimize", "onnx.half")]
+    panel.resize(1280, 600)  # a smaller window than the fixture's: the settings below must give way
+    load(document, steps=[*steps, {"technique": "onnx.quantize_dynamic"}])
+    assert len(panel._rows) == 7  # load, five steps, evaluate
+    evaluate = panel._rows[-1].bar
+    viewport = panel.steps_scroll.viewport()
+
+    def bottom() -> int:
+        return evaluate.mapTo(viewport, evaluate.rect().bottomLeft()).y()
+
+    qtbot.waitUntil(lambda: 0 < bottom() <= viewport.height(), timeout=5000)  # once the layout settles
 
 
 def test_an_invalid_pipeline_is_refused_before_starting(qtbot, panel, document):
