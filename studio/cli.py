@@ -239,6 +239,13 @@ def cmd_run(args: argparse.Namespace) -> int:
                 f"{exc.problem} (a dry run never loads code, even with --trust)", path=exc.path
             ) from exc
         raise
+    from studio.recipe_check import check_recipe
+
+    # Names of heads and layers are checked against this model before a worker starts (the run
+    # failed only after loading and calibrating otherwise).
+    problems = check_recipe(recipe, planned.model)
+    if problems:
+        raise BadInput(problems[0].message, path=args.recipe)
     steps = [p.technique.id for p in planned.steps]
     if args.dry_run:
         if args.json:

@@ -103,3 +103,23 @@ def test_family_and_stage_problems_come_from_check_steps(cnn_torchscript, minilm
 
 def test_unknown_layout_skips_the_structural_checks(small_gpt2):
     assert check_recipe(recipe(heads({0: [7]})), small_gpt2, layout=UNKNOWN) == []
+
+
+def test_run_refuses_heads_the_model_lacks_before_a_worker_starts(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = tmp_path / "heads.yaml"
+    recipe.write_text(
+        "version: 1\nmodel: builtin:minilm\nsteps:\n"
+        "  - technique: prune.heads\n    params: {heads: {0: [15]}}\n",
+        encoding="utf-8",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "studio", "run", str(recipe), "--dry-run", "--workspace", str(tmp_path / "ws")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "no head 15" in proc.stderr, proc.stderr
