@@ -134,7 +134,9 @@ def test_check_targets_marks_met_and_missed():
         "got": "cosine 0.9910, b32 5.50x",
     }
     missed = check_targets("x-small", {**row, "size_bytes": 21}, fp32)
-    assert target_mark(missed) == "MISSED (cosine >= 0.99, size <= 20% of FP32; got cosine 0.9910, size 21.0%)"
+    assert (
+        target_mark(missed) == "MISSED (cosine >= 0.99, size <= 20% of FP32; got cosine 0.9910, size 21.0%)"
+    )
     assert target_mark(check_targets("x-small", row, fp32)).startswith("MET (")
     assert target_mark({}) == ""
     assert check_targets("x-small", row, {})["got"].endswith("size share unknown (FP32 not built)")
