@@ -393,3 +393,61 @@ def test_passes_keep_external_weights_external(bert_classifier, work):
         assert uses_external_data(state.path)
         assert onnx_size(state.path) > 2 * state.path.stat().st_size  # the weights are in model.onnx.data
         assert make_runner(state)(batch).shape == ref.shape
+
+
+# ---------------------------------------------------------------------------------------------- Marian configs
+
+# (d_model, heads, tie_word_embeddings, share_encoder_decoder_embeddings): head counts, widths, tied and not
+MARIAN_CONFIGS = [(32, 4, True, True), (48, 6, False, False), (32, 8, True, False), (64, 2, False, True)]
+
+
+@pytest.mark.parametrize(("width", "heads", "tied", "shared"), MARIAN_CONFIGS)
+def test_marian_exports_with_references_in_every_configuration(width, heads, tied, shared, tmp_path):
+    """Translation references leave padding columns that the export trims from its second batch; the
+    trimmed labels were a strided view, and Marian's `labels.view(-1)` failed on it ("view size is not
+    compatible with input tensor's size and stride") in every configuration, with references."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    from tests.conftest import VOCAB, _save
+
+    torch.manual_seed(0)
+    cfg = MarianConfig(
+        vocab_size=VOCAB,
+        d_model=width,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=102,
+        decoder_start_token_id=0,
+        forced_eos_token_id=102,
+        tie_word_embeddings=tied,
+        share_encoder_decoder_embeddings=shared,
+    )
+    model = open_checkpoint(_save(MarianMTModel(cfg).eval(), tmp_path / "marian"))
+    references = load_examples("builtin:translation-en-de", 8)
+    assert all(e.target for e in references)
+    state, events = run_step(initial_state(model), "export.onnx", tmp_path / "work", examples=references)
+    assert events.metric("onnx_max_abs_diff") < 1e-4
+    family = family_for(model)
+    batch = family.batch(model, references, SEQ)
+    ref = make_runner("torch", model)(batch)
+    assert float((make_runner(state)(batch) - ref).abs().max()) < 1e-4
+
+
+def test_sub_batch_tensors_are_contiguous(marian):
+    from studio.techniques.onnx_export import sub_batch
+
+    model = open_checkpoint(marian)
+    batch = family_for(model).batch(model, load_examples("builtin:translation-en-de", 8), SEQ)
+    lengths = (batch.labels != -100).sum(1)
+    shortest = sorted(range(len(lengths)), key=lambda i: int(lengths[i]))[:2]
+    part = sub_batch(batch, sorted(shortest))
+    assert part.labels.shape[1] < batch.labels.shape[1]  # columns were trimmed: a slice before the fix
+    assert part.labels.is_contiguous() and all(v.is_contiguous() for v in part.inputs.values())
+    part.labels.view(-1)  # what the model's loss does
