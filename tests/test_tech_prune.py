@@ -156,6 +156,53 @@ def test_iterative_schedule_reaches_the_one_shot_mask(request, sentences, tmp_pa
     assert all((runs[0][k] == 0).equal(runs[1][k] == 0) for k in runs[0])
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_prunes_an_exported_program(cnn_pt2, scope, tmp_path):
+    """An ExportedProgram's module has no Conv2d / Linear layers (plain holders of weight and bias), so
+    prune.magnitude found "no prunable layers"; it now prunes the weights the graph uses as layer weights."""
+    import torch
+
+    from tests.conftest import SmallCNN
+
+    loaded = open_checkpoint(cnn_pt2)
+    module = loaded.module
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = module(x)
+    layers = prunable_layers(module, [], keep_output_layer=True)
+    assert [n for n, _ in layers] == ["0", "3"]  # the convolutions; the classifier "7" is the output layer
+    assert [n for n, _ in prunable_layers(module, ["3"], keep_output_layer=False)] == ["0", "7"]
+    batch_norm = module.get_submodule("1").weight.clone()  # a norm's scale is no layer weight
+
+    events = Events()
+    state = StageState("torch", loaded, module=module)
+    out = MagnitudePrune().run(
+        state, MagnitudeParams(sparsity=0.5, scope=scope), _ctx(loaded, tmp_path, [], events)
+    )
+    pruned = {n: out.module.get_submodule(n).weight for n in ("0", "3")}
+    if scope == "layer":
+        for w in pruned.values():
+            assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    zeros = sum(int((w == 0).sum()) for w in pruned.values())
+    assert zeros == round(0.5 * sum(w.numel() for w in pruned.values()))
+    assert events.metric("sparsity") == pytest.approx(0.5, abs=1e-3)
+    assert not (out.module.get_submodule("7").weight == 0).any()  # the output layer stays dense
+    assert torch.equal(out.module.get_submodule("1").weight, batch_norm)
+
+    # the graph reads the pruned weights: its outputs are those of the original network with those zeros
+    reference = SmallCNN.make()
+    with torch.no_grad():
+        for name, w in pruned.items():
+            reference[int(name)].weight.copy_(w)
+        after = out.module(x)
+        assert torch.allclose(after, reference(x), atol=1e-5) and not torch.allclose(after, before)
+    files = save_torch_variant(out.module, out.transforms, tmp_path / "v", None, example_inputs=(x,))
+    reopened = open_checkpoint(files[0])
+    with torch.no_grad():
+        assert torch.equal(reopened.module(x), after)
+    assert int((reopened.module.get_submodule("3").weight == 0).sum()) == int((pruned["3"] == 0).sum())
+
+
 def test_magnitude_params_are_strict():
     for bad in (
         {"sparsity": -0.1},

@@ -162,8 +162,43 @@ def schedule_targets(sparsity: float, iterations: int, kind: str) -> list[float]
     return out
 
 
+# The ATen ops whose argument 1 is a Linear / convolution weight, in an exported graph.
+_WEIGHT_OPS = ("linear", "conv1d", "conv2d", "conv3d", "convolution", "conv_transpose1d", "conv_transpose2d")
+
+
+def graph_weight_layers(module: Any) -> list[tuple[str, Any]] | None:
+    """(name, holder) of every Linear / conv weight of an fx GraphModule (an ExportedProgram's module()),
+    in the order the graph uses them; None for an ordinary module.
+
+    An exported program keeps the original module names but not its layer types: each layer is a plain
+    `Module` holding `weight` and `bias`, so layer types cannot say what to prune. The graph can: a
+    parameter passed as the weight of aten.linear / aten.conv* is a layer's weight (an embedding table or a
+    norm's scale is not), and pruning that parameter in place is pruning the layer, as for modules."""
+    import torch
+
+    graph = getattr(module, "graph", None)
+    if not isinstance(module, torch.fx.GraphModule) or graph is None:
+        return None
+    attrs = {n.name: str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    seen: dict[str, Any] = {}
+    for node in graph.nodes:
+        op = getattr(node.target, "__name__", str(node.target)).split(".")[0]
+        if node.op != "call_function" or op not in _WEIGHT_OPS or len(node.args) < 2:
+            continue
+        weight = node.args[1]
+        target = attrs.get(getattr(weight, "name", ""), "")
+        holder_name, _, leaf = target.rpartition(".")
+        if leaf != "weight" or holder_name in seen:
+            continue
+        holder = module.get_submodule(holder_name) if holder_name else module
+        if _dense_float_weight(holder) and holder.weight.dim() >= 2:
+            seen[holder_name] = holder
+    return list(seen.items())
+
+
 def prunable_layers(module: Any, exclude: Sequence[str], keep_output_layer: bool) -> list[tuple[str, Any]]:
-    """(name, module) of every Linear / Conv / GPT-2 Conv1D whose dense float weight may be pruned."""
+    """(name, module) of every Linear / Conv / GPT-2 Conv1D whose dense float weight may be pruned (for an
+    exported program: every weight its graph uses as one, see `graph_weight_layers`)."""
     import torch
 
     embedding_weights = {
@@ -171,7 +206,9 @@ def prunable_layers(module: Any, exclude: Sequence[str], keep_output_layer: bool
         for m in module.modules()
         if isinstance(m, torch.nn.Embedding) and m.weight.numel()
     }
-    layers = [(n, m) for n, m in module.named_modules() if _is_linear_like(m) and _dense_float_weight(m)]
+    layers = graph_weight_layers(module)
+    if layers is None:
+        layers = [(n, m) for n, m in module.named_modules() if _is_linear_like(m) and _dense_float_weight(m)]
     if keep_output_layer and layers:
         layers = layers[:-1]
     return [
