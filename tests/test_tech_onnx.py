@@ -451,3 +451,46 @@ def test_sub_batch_tensors_are_contiguous(marian):
     assert part.labels.shape[1] < batch.labels.shape[1]  # columns were trimmed: a slice before the fix
     assert part.labels.is_contiguous() and all(v.is_contiguous() for v in part.inputs.values())
     part.labels.view(-1)  # what the model's loss does
+
+
+# ---------------------------------------------------------------------------------------------- fusions after head pruning
+
+
+def _pruned_and_optimized(model, heads, folder):
+    """prune.heads with explicit heads, export, onnx.optimize: the optimized state and its events."""
+    pruned, _ = run_step(
+        initial_state(model), "prune.heads", folder, later=["export.onnx", "onnx.optimize"], heads=heads
+    )
+    exported, _ = run_step(pruned, "export.onnx", folder, index=1, later=["onnx.optimize"])
+    optimized, events = run_step(exported, "onnx.optimize", folder, index=2)
+    return pruned, optimized, events
+
+
+def test_even_head_pruning_keeps_the_attention_fusion(bert_classifier, tmp_path):
+    """The same number of heads left in every layer: the fusions get that head count (detection from the
+    graph finds none in transformers 5's graphs) and fuse as on the unpruned model."""
+    model = open_checkpoint(bert_classifier)
+    pruned, optimized, events = _pruned_and_optimized(model, {0: [1], 1: [3]}, tmp_path / "even")
+    ops = op_counts(optimized.path)
+    assert ops["Attention"] == 2 and ops["EmbedLayerNormalization"] == 1
+    assert events.metric("fusions_missing") == 0
+    assert not [e for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert "fusing with 3 heads per layer, attention width 24" in events.logs()
+    batch = family_for(model).batch(model, load_examples("builtin:sentences", 5), SEQ)
+    ref = make_runner("torch", model, artifact=pruned.module)(batch)
+    assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-4
+
+
+def test_uneven_head_pruning_warns_which_fusions_did_not_happen(bert_classifier, tmp_path):
+    model = open_checkpoint(bert_classifier)
+    pruned, optimized, events = _pruned_and_optimized(model, {0: [1, 2]}, tmp_path / "uneven")
+    ops = op_counts(optimized.path)
+    assert "Attention" not in ops  # one head count for the whole graph cannot fit 2 and 4 heads
+    assert events.metric("fusions_missing") == 2
+    (warning,) = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert "Attention: 0 of 2 attention layers fused" in warning
+    assert "EmbedLayerNormalization: not fused" in warning
+    assert "uneven head counts across layers (2, 4)" in warning and "balance: layers" in warning
+    batch = family_for(model).batch(model, load_examples("builtin:sentences", 5), SEQ)
+    ref = make_runner("torch", model, artifact=pruned.module)(batch)
+    assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-4  # slower, still right

@@ -16,6 +16,7 @@ from studio.inspection.heads import compute_head_importance
 from studio.techniques.base import RunContext, StageState, get_technique, initial_state
 from studio.techniques.prune import (
     DEFAULT_EXCLUDE,
+    HeadLayout,
     HeadsParams,
     HeadsPrune,
     MagnitudeParams,
@@ -25,6 +26,7 @@ from studio.techniques.prune import (
     find_ffns,
     prunable_layers,
     schedule_targets,
+    select_heads_per_layer,
     weight_sparsity,
 )
 from studio.techniques.torch_io import save_torch_variant
@@ -339,6 +341,7 @@ def test_heads_minilm_quarter_by_importance(minilm, sentences, tmp_path):
 
     blocks, _ = find_attention_blocks(out.module)
     assert sum(b.num_heads for b in blocks) == 72 - 18
+    assert [b.num_heads for b in blocks] == [9] * 6  # balance: layers, what ONNX Runtime's fusion needs
     assert out.info["attention_heads"] == {b.name: b.num_heads for b in blocks}  # for later steps
     assert all(b.num_heads >= 1 for b in blocks)
     assert events.metric("heads_removed") == 18
@@ -409,6 +412,44 @@ def test_heads_explicit_small_models(request, name, heads, expect, sentences, tm
     assert torch.equal(
         _outputs(model, out.module, sentences[:4]), _outputs(model, reloaded.module, sentences[:4])
     )
+
+
+def test_select_heads_per_layer_keeps_counts_equal_and_never_removes_more_than_asked():
+    layouts = [HeadLayout("bert", 4, 4, 8)] * 3
+    scores = [[0.4, 0.1, 0.3, 0.2], [0.9, 0.8, 0.05, 0.7], [0.2, 0.6, 0.5, 0.01]]
+    assert select_heads_per_layer(layouts, scores, 3) == {0: [1], 1: [2], 2: [3]}  # each layer's least
+    assert select_heads_per_layer(layouts, scores, 5) == {0: [1], 1: [2], 2: [3]}  # 6 would overshoot
+    assert select_heads_per_layer(layouts, scores, 6) == {0: [1, 3], 1: [2, 3], 2: [0, 3]}
+    assert select_heads_per_layer(layouts, scores, 2) is None  # fewer heads than layers: not evenly
+    gqa = [HeadLayout("qkv", 4, 2, 8)] * 2  # groups of two query heads per KV head
+    assert select_heads_per_layer(gqa, [[1, 1, 0, 0], [0, 0, 1, 1]], 4) == {0: [2, 3], 1: [0, 1]}
+    assert select_heads_per_layer(gqa, [[1, 1, 0, 0], [0, 0, 1, 1]], 3) is None  # whole groups only
+    uneven = [HeadLayout("bert", 4, 4, 8), HeadLayout("bert", 2, 2, 8)]  # an earlier uneven pruning
+    assert select_heads_per_layer(uneven, [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6]], 2) == {0: [0, 1]}
+
+
+@pytest.mark.parametrize(("balance", "count"), [("layers", 2), ("global", 2), ("layers", 1)])
+def test_heads_balance_and_the_uneven_warning(request, balance, count, sentences, tmp_path):
+    model = open_checkpoint(request.getfixturevalue("bert_classifier"))
+    events = Events()
+    ctx = RunContext(
+        original=model,
+        workdir=tmp_path,
+        calibration=sentences[:8],
+        sequence_length=SEQ,
+        later_steps=["export.onnx", "onnx.optimize"],
+        emit=events.append,
+    )
+    out = HeadsPrune().run(initial_state(model), HeadsParams(count=count, balance=balance), ctx)
+    counts = [b.num_heads for b in find_attention_blocks(out.module)[0]]
+    assert sum(counts) == 8 - count
+    warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    if balance == "layers" and count == 2:
+        assert counts == [3, 3] and not warnings
+    if count == 1:  # one head from two layers: not evenly, so ranked across layers, and said so
+        assert any("cannot be removed evenly from 2 layers" in w for w in warnings)
+    if len(set(counts)) > 1:
+        assert any("uneven head counts" in w and "onnx.optimize" in w for w in warnings)
 
 
 def test_heads_gqa_by_importance_removes_whole_groups(request, sentences, tmp_path):

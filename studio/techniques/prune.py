@@ -653,6 +653,14 @@ class HeadsParams(Params):
         description="How heads are ranked for fraction/count: gradient of the loss w.r.t. a head mask "
         "(Michel et al. 2019) or output change when the head is zeroed. Computed on the calibration data.",
     )
+    balance: Literal["layers", "global"] = Field(
+        "layers",
+        description="For fraction/count. layers: every layer keeps the same number of heads (its least "
+        "important go), never more removed than asked: ONNX Runtime fuses attention with one head count "
+        "for the whole graph, so uneven counts lose the Attention fusion of onnx.optimize (MiniLM: 285 nodes "
+        "instead of 46, b1 about 2.4x slower). global: the least important heads across all layers, which "
+        "keeps a little more fidelity but leaves uneven counts",
+    )
 
     @field_validator("heads")
     @classmethod
@@ -818,6 +826,44 @@ def select_heads(
     return {i: sorted(h) for i, h in chosen.items()}, notes
 
 
+def select_heads_per_layer(
+    layouts: Sequence[HeadLayout], scores: Sequence[Sequence[float]], target: int
+) -> dict[int, list[int]] | None:
+    """At most `target` heads removed so that every layer keeps the same number (a multiple of its KV
+    group size under grouped-query attention), each layer losing its least important heads (whole KV groups,
+    scored by the sum of their query heads); None when no such choice removes anything."""
+    total = sum(layout.heads for layout in layouts)
+    group = max(layout.group for layout in layouts)
+    keep = max(math.ceil((total - target) / len(layouts)), 1)  # never more removed than asked
+    keep = math.ceil(keep / group) * group
+    if keep >= max(layout.heads for layout in layouts) or any(
+        keep > layout.heads or keep % layout.group for layout in layouts
+    ):
+        return None
+    chosen: dict[int, list[int]] = {}
+    for i, (layout, row) in enumerate(zip(layouts, scores, strict=True)):
+        g = layout.group
+        units = sorted(
+            (sum(row[h] for h in range(k * g, (k + 1) * g)), list(range(k * g, (k + 1) * g)))
+            for k in range(layout.kv_heads)
+        )
+        drop = (layout.heads - keep) // g
+        if drop:
+            chosen[i] = sorted(h for _score, heads in units[:drop] for h in heads)
+    return chosen or None
+
+
+def uneven_heads_note(counts: Sequence[int]) -> str | None:
+    """A warning when layers end with different head counts (onnx.optimize cannot fuse their attention)."""
+    if len(set(counts)) <= 1:
+        return None
+    return (
+        f"layers keep uneven head counts ({', '.join(map(str, counts))}): ONNX Runtime's attention fusion "
+        "(onnx.optimize) takes one head count for the whole graph, so these layers stay unfused and run "
+        "slower; prune the same number of heads in every layer to keep it"
+    )
+
+
 @register
 class HeadsPrune(Technique):
     id = "prune.heads"
@@ -858,9 +904,25 @@ class HeadsPrune(Technique):
                     f"layers keeps at least one head, so at most {limit} can go"
                 )
             scores = self._importance(state, module, params, ctx)
-            chosen, notes = select_heads(blocks, layouts, scores, target)
-            for note in notes:
-                ctx.log(note, level="warning")
+            balanced = select_heads_per_layer(layouts, scores, target) if params.balance == "layers" else None
+            if balanced is not None:
+                chosen = balanced
+                removing = sum(len(h) for h in chosen.values())
+                ctx.log(
+                    f"the same number of heads removed in every layer (balance: layers, keeps ONNX Runtime's "
+                    f"attention fusion): {removing} of the {target} asked"
+                    + ("" if removing == target else f" ({target} does not split evenly over the layers)")
+                )
+            else:
+                if params.balance == "layers":
+                    ctx.log(
+                        f"{target} heads cannot be removed evenly from {len(blocks)} layers: ranking them "
+                        "across layers instead",
+                        level="warning",
+                    )
+                chosen, notes = select_heads(blocks, layouts, scores, target)
+                for note in notes:
+                    ctx.log(note, level="warning")
             method = params.importance
 
         pruned: dict[str, list[int]] = {}
@@ -887,6 +949,9 @@ class HeadsPrune(Technique):
             record["pruned_kv"] = pruned_kv
         # later steps (ONNX attention fusion) must not take the head count from the config any more
         heads_now = {b.name: b.num_heads for b in find_attention_blocks(module)[0]}
+        note = uneven_heads_note(list(heads_now.values()))
+        if note:
+            ctx.log(note, level="warning" if "onnx.optimize" in ctx.later_steps else "info")
         return dataclasses.replace(
             state,
             module=module,
