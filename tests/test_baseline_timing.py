@@ -78,3 +78,10 @@ def test_each_run_times_the_original_with_its_variant(bert_classifier, tmp_path)
     second_b = second["variants"][0]["metrics"]["baseline_latency_ms"]["1"]["samples"]
     assert first_b != second_b  # timed again, not the cached samples
     assert workspace.get(second["baseline"]["id"])["metrics"]["latency_ms"]["1"]["samples"] == second_b
+    # comparing the baseline with the first variant uses the original's time from the first run
+    from studio.compare import compare
+
+    out = compare(workspace, second["baseline"]["id"], first["variants"][0]["id"], weights=False, examples=0)
+    first_m = first["variants"][0]["metrics"]
+    expected = first_m["baseline_latency_ms"]["1"]["p50"] / first_m["latency_ms"]["1"]["p50"]
+    assert out["latency_significance"]["1"]["speedup_b_over_a"] == pytest.approx(expected)
