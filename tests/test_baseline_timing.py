@@ -61,6 +61,8 @@ def test_each_run_times_the_original_with_its_variant(bert_classifier, tmp_path)
         runs.append((result, [e.message for e in events if isinstance(e, Log)]))
     (first, _), (second, second_logs) = runs
     assert first["baseline"]["id"] == second["baseline"]["id"]  # one cached baseline record
+    assert second["baseline"]["created"] == first["baseline"]["created"]  # still listed first
+    assert workspace.list()[0]["kind"] == "baseline"
     assert any("timed again, in turns with the variant" in m for m in second_logs)
     for result, logs in runs:
         (variant,) = result["variants"]

@@ -271,7 +271,9 @@ def record_baseline_latency(
         "throughput_per_s": {b: stats["throughput_per_s"] for b, stats in timed.items()},
         "latency_timed": "interleaved with the newest variant of this baseline, in its run",
     }
-    return workspace.record_baseline(baseline["model"], baseline["cache_key"], updated, baseline["artifact"])
+    return workspace.record_baseline(
+        baseline["model"], baseline["cache_key"], updated, baseline["artifact"], created=baseline.get("created")
+    )
 
 
 def evaluate_variant(
