@@ -272,7 +272,11 @@ def record_baseline_latency(
         "latency_timed": "interleaved with the newest variant of this baseline, in its run",
     }
     return workspace.record_baseline(
-        baseline["model"], baseline["cache_key"], updated, baseline["artifact"], created=baseline.get("created")
+        baseline["model"],
+        baseline["cache_key"],
+        updated,
+        baseline["artifact"],
+        created=baseline.get("created"),
     )
 
 
