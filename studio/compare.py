@@ -204,10 +204,24 @@ def disagreements(
     return acc.worst(k)
 
 
+def same_run_latency(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A baseline compared with one of its variants gets the latency timed in that variant's run (in turns
+    with it, `baseline_latency_ms`), not the latest run's: both numbers then come from the same minutes."""
+
+    def timed_with(base: dict[str, Any], child: dict[str, Any]) -> dict[str, Any]:
+        timed = child["metrics"].get("baseline_latency_ms")
+        if base["kind"] != "baseline" or child.get("parent") != base["id"] or not timed:
+            return base
+        throughput = {k: v["throughput_per_s"] for k, v in timed.items() if "throughput_per_s" in v}
+        return {**base, "metrics": {**base["metrics"], "latency_ms": timed, "throughput_per_s": throughput}}
+
+    return timed_with(a, b), timed_with(b, a)
+
+
 def compare(
     workspace: Any, a: str, b: str, *, weights: bool = True, examples: int = 32, data: str | None = None
 ) -> dict[str, Any]:
-    ra, rb = workspace.get(a), workspace.get(b)
+    ra, rb = same_run_latency(workspace.get(a), workspace.get(b))
     out: dict[str, Any] = {
         "a": {k: ra[k] for k in ("id", "kind", "parent", "model", "artifact")},
         "b": {k: rb[k] for k in ("id", "kind", "parent", "model", "artifact")},

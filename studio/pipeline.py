@@ -293,7 +293,7 @@ def run_plan(plan_: Plan, workspace: Any, sink: Sink, *, job_id: str | None = No
     Returns the result object of `model-studio run --json`.
     """
     from studio.evaluation.data import load_examples
-    from studio.evaluation.measure import evaluate_baseline, evaluate_state
+    from studio.evaluation.measure import evaluate_baseline, evaluate_state, record_baseline_latency
 
     recipe, model = plan_.recipe, plan_.model
     n = len(plan_.steps)
@@ -308,6 +308,8 @@ def run_plan(plan_: Plan, workspace: Any, sink: Sink, *, job_id: str | None = No
         files = save_state(state, artifact, calibration, recipe.evaluate.sequence_length)
         metrics = evaluate_state(state, artifact, model, recipe, evaluation, sink)
         metrics["step_seconds"] = step_times
+        # the original's latency as timed in turns with this variant, not a cached time from another run
+        baseline = record_baseline_latency(workspace, baseline, metrics)
         record = workspace.commit_variant(
             artifact,
             kind=state.kind,

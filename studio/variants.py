@@ -467,8 +467,9 @@ class Workspace:
         return self.get(vid)
 
     def record_baseline(
-        self, model: str, cache_key: str, metrics: dict[str, Any], artifact: str
+        self, model: str, cache_key: str, metrics: dict[str, Any], artifact: str, created: float | None = None
     ) -> dict[str, Any]:
+        """Insert or update the baseline of `cache_key`; `created` keeps an updated one's place in the list."""
         bid = "baseline-" + hashlib.sha256(cache_key.encode()).hexdigest()[:12]
         self._insert(
             {
@@ -480,7 +481,7 @@ class Workspace:
                 "recipe": {},
                 "metrics": metrics,
                 "artifact": artifact,
-                "created": time.time(),
+                "created": time.time() if created is None else created,
                 "cache_key": cache_key,
             }
         )

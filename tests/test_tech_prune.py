@@ -16,6 +16,7 @@ from studio.inspection.heads import compute_head_importance
 from studio.techniques.base import RunContext, StageState, get_technique, initial_state
 from studio.techniques.prune import (
     DEFAULT_EXCLUDE,
+    HeadLayout,
     HeadsParams,
     HeadsPrune,
     MagnitudeParams,
@@ -25,6 +26,7 @@ from studio.techniques.prune import (
     find_ffns,
     prunable_layers,
     schedule_targets,
+    select_heads_per_layer,
     weight_sparsity,
 )
 from studio.techniques.torch_io import save_torch_variant
@@ -154,6 +156,53 @@ def test_iterative_schedule_reaches_the_one_shot_mask(request, sentences, tmp_pa
         out = MagnitudePrune().run(initial_state(bert), params, _ctx(bert, tmp_path, [], Events()))
         runs.append(out.module.state_dict())
     assert all((runs[0][k] == 0).equal(runs[1][k] == 0) for k in runs[0])
+
+
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_magnitude_prunes_an_exported_program(cnn_pt2, scope, tmp_path):
+    """An ExportedProgram's module has no Conv2d / Linear layers (plain holders of weight and bias), so
+    prune.magnitude found "no prunable layers"; it now prunes the weights the graph uses as layer weights."""
+    import torch
+
+    from tests.conftest import SmallCNN
+
+    loaded = open_checkpoint(cnn_pt2)
+    module = loaded.module
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = module(x)
+    layers = prunable_layers(module, [], keep_output_layer=True)
+    assert [n for n, _ in layers] == ["0", "3"]  # the convolutions; the classifier "7" is the output layer
+    assert [n for n, _ in prunable_layers(module, ["3"], keep_output_layer=False)] == ["0", "7"]
+    batch_norm = module.get_submodule("1").weight.clone()  # a norm's scale is no layer weight
+
+    events = Events()
+    state = StageState("torch", loaded, module=module)
+    out = MagnitudePrune().run(
+        state, MagnitudeParams(sparsity=0.5, scope=scope), _ctx(loaded, tmp_path, [], events)
+    )
+    pruned = {n: out.module.get_submodule(n).weight for n in ("0", "3")}
+    if scope == "layer":
+        for w in pruned.values():
+            assert float((w == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    zeros = sum(int((w == 0).sum()) for w in pruned.values())
+    assert zeros == round(0.5 * sum(w.numel() for w in pruned.values()))
+    assert events.metric("sparsity") == pytest.approx(0.5, abs=1e-3)
+    assert not (out.module.get_submodule("7").weight == 0).any()  # the output layer stays dense
+    assert torch.equal(out.module.get_submodule("1").weight, batch_norm)
+
+    # the graph reads the pruned weights: its outputs are those of the original network with those zeros
+    reference = SmallCNN.make()
+    with torch.no_grad():
+        for name, w in pruned.items():
+            reference[int(name)].weight.copy_(w)
+        after = out.module(x)
+        assert torch.allclose(after, reference(x), atol=1e-5) and not torch.allclose(after, before)
+    files = save_torch_variant(out.module, out.transforms, tmp_path / "v", None, example_inputs=(x,))
+    reopened = open_checkpoint(files[0])
+    with torch.no_grad():
+        assert torch.equal(reopened.module(x), after)
+    assert int((reopened.module.get_submodule("3").weight == 0).sum()) == int((pruned["3"] == 0).sum())
 
 
 def test_magnitude_params_are_strict():
@@ -292,6 +341,7 @@ def test_heads_minilm_quarter_by_importance(minilm, sentences, tmp_path):
 
     blocks, _ = find_attention_blocks(out.module)
     assert sum(b.num_heads for b in blocks) == 72 - 18
+    assert [b.num_heads for b in blocks] == [9] * 6  # balance: layers, what ONNX Runtime's fusion needs
     assert out.info["attention_heads"] == {b.name: b.num_heads for b in blocks}  # for later steps
     assert all(b.num_heads >= 1 for b in blocks)
     assert events.metric("heads_removed") == 18
@@ -362,6 +412,44 @@ def test_heads_explicit_small_models(request, name, heads, expect, sentences, tm
     assert torch.equal(
         _outputs(model, out.module, sentences[:4]), _outputs(model, reloaded.module, sentences[:4])
     )
+
+
+def test_select_heads_per_layer_keeps_counts_equal_and_never_removes_more_than_asked():
+    layouts = [HeadLayout("bert", 4, 4, 8)] * 3
+    scores = [[0.4, 0.1, 0.3, 0.2], [0.9, 0.8, 0.05, 0.7], [0.2, 0.6, 0.5, 0.01]]
+    assert select_heads_per_layer(layouts, scores, 3) == {0: [1], 1: [2], 2: [3]}  # each layer's least
+    assert select_heads_per_layer(layouts, scores, 5) == {0: [1], 1: [2], 2: [3]}  # 6 would overshoot
+    assert select_heads_per_layer(layouts, scores, 6) == {0: [1, 3], 1: [2, 3], 2: [0, 3]}
+    assert select_heads_per_layer(layouts, scores, 2) is None  # fewer heads than layers: not evenly
+    gqa = [HeadLayout("qkv", 4, 2, 8)] * 2  # groups of two query heads per KV head
+    assert select_heads_per_layer(gqa, [[1, 1, 0, 0], [0, 0, 1, 1]], 4) == {0: [2, 3], 1: [0, 1]}
+    assert select_heads_per_layer(gqa, [[1, 1, 0, 0], [0, 0, 1, 1]], 3) is None  # whole groups only
+    uneven = [HeadLayout("bert", 4, 4, 8), HeadLayout("bert", 2, 2, 8)]  # an earlier uneven pruning
+    assert select_heads_per_layer(uneven, [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6]], 2) == {0: [0, 1]}
+
+
+@pytest.mark.parametrize(("balance", "count"), [("layers", 2), ("global", 2), ("layers", 1)])
+def test_heads_balance_and_the_uneven_warning(request, balance, count, sentences, tmp_path):
+    model = open_checkpoint(request.getfixturevalue("bert_classifier"))
+    events = Events()
+    ctx = RunContext(
+        original=model,
+        workdir=tmp_path,
+        calibration=sentences[:8],
+        sequence_length=SEQ,
+        later_steps=["export.onnx", "onnx.optimize"],
+        emit=events.append,
+    )
+    out = HeadsPrune().run(initial_state(model), HeadsParams(count=count, balance=balance), ctx)
+    counts = [b.num_heads for b in find_attention_blocks(out.module)[0]]
+    assert sum(counts) == 8 - count
+    warnings = [e["message"] for e in events if e["type"] == "log" and e["level"] == "warning"]
+    if balance == "layers" and count == 2:
+        assert counts == [3, 3] and not warnings
+    if count == 1:  # one head from two layers: not evenly, so ranked across layers, and said so
+        assert any("cannot be removed evenly from 2 layers" in w for w in warnings)
+    if len(set(counts)) > 1:
+        assert any("uneven head counts" in w and "onnx.optimize" in w for w in warnings)
 
 
 def test_heads_gqa_by_importance_removes_whole_groups(request, sentences, tmp_path):

@@ -1,9 +1,12 @@
 """Measuring a model the same way every time: latency, peak memory, size on disk, quality.
 
 The baseline (the original checkpoint) and every variant are measured on their own runtime (torch, ONNX
-Runtime, TensorRT) with the same batches. Baseline metrics are cached in the workspace per model and
-evaluation settings, since timing is the slow part; fidelity is always computed against baseline outputs
-produced in the same run.
+Runtime, TensorRT) with the same batches. The baseline's size and peak memory are cached in the workspace
+per model and evaluation settings; its latency is not: a cached time was measured under other conditions
+(another load on the machine, another thermal state), so the original is timed again in every run,
+interleaved with the variant (call after call, in turns), and both numbers come from the same minutes.
+Fidelity is always computed against baseline outputs produced in the same run. A median whose confidence
+interval is wide is flagged, in the metrics and in the log.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 
 from studio.checkpoints.base import LoadedModel
 from studio.evaluation.data import Example, timing_examples
-from studio.evaluation.latency import time_calls
+from studio.evaluation.latency import TimingPolicy, summarise
 from studio.evaluation.quality import QualityAccumulator, spearman_on_pairs
 from studio.events import Log, Progress
 from studio.families import Batch, family_for
@@ -26,6 +29,9 @@ from studio.families import Batch, family_for
 Runner = Callable[[Batch], Any]
 QUALITY_BATCH = 16
 PROBE_TIMEOUT_S = 600
+# A 95% CI of the median wider than this share of the median is flagged: the runs varied too much (a busy
+# machine, frequency scaling) for small differences to mean anything.
+WIDE_CI = 0.10
 
 
 # ------------------------------------------------------------------------------------------------ runners
@@ -60,45 +66,106 @@ def quality_batches(model: LoadedModel, examples: Sequence[Example], seq_len: in
 # ------------------------------------------------------------------------------------------------ measuring
 
 
-def measure_runtime(
-    runner: Runner,
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], policy: TimingPolicy | None = None
+) -> dict[str, list[float]]:
+    """Per-call times (ms) of several callables timed in turns: after a warm-up of each, every round runs
+    each once, the order rotating, until each has `min_runs` samples and the round loop has run
+    `min_seconds` per callable (or `max_runs` / `max_seconds` per callable is reached). A slow phase of the
+    machine then hits all of them alike."""
+    policy = policy or TimingPolicy()
+    labels = list(calls)
+    for label in labels:  # first calls allocate, compile kernels, fill caches
+        started = time.perf_counter()
+        for i in range(10_000):
+            calls[label]()
+            if i + 1 >= policy.warmup_runs and time.perf_counter() - started >= policy.warmup_seconds:
+                break
+    samples: dict[str, list[float]] = {label: [] for label in labels}
+    began = time.perf_counter()
+    n = len(labels)
+    for r in range(policy.max_runs):
+        for label in labels[r % n :] + labels[: r % n]:
+            t0 = time.perf_counter()
+            calls[label]()
+            samples[label].append((time.perf_counter() - t0) * 1000.0)
+        elapsed = time.perf_counter() - began
+        if elapsed >= policy.max_seconds * n:
+            break
+        if r + 1 >= policy.min_runs and elapsed >= policy.min_seconds * n:
+            break
+    return samples
+
+
+def flag_wide_ci(stats: dict[str, Any]) -> dict[str, Any]:
+    """Add `ci_rel_width` (the 95% CI of p50 as a share of p50) and `ci_wide` to timing statistics."""
+    lo, hi = stats["ci95"]
+    width = (hi - lo) / stats["p50"] if stats["p50"] > 0 else 0.0
+    return {**stats, "ci_rel_width": round(width, 4), "ci_wide": width > WIDE_CI}
+
+
+def measure_interleaved(
+    runners: dict[str, Runner],
     model: LoadedModel,
     examples: Sequence[Example],
     spec: Any,
     sink: Callable[[Any], None],
-    label: str,
     step: int,
-    memory_of: tuple[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Latency per batch size, throughput, and peak memory (see `peak_memory`) of one runner;
-    `memory_of` is (kind, module or file) of what the runner runs."""
+) -> dict[str, dict[str, Any]]:
+    """Latency and throughput per batch size of each runner (label -> runner), timed interleaved in this
+    run; label -> {"latency_ms": {batch: stats}, "throughput_per_s": {batch: items/s}}."""
     family = family_for(model)
-    latency: dict[str, Any] = {}
-    throughput: dict[str, float] = {}
     sizes = list(spec.batch_sizes)
-    memory: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {label: {"latency_ms": {}, "throughput_per_s": {}} for label in runners}
     for k, b in enumerate(sizes):
         batch = family.batch(model, timing_examples(examples, b, spec.sequence_length), spec.sequence_length)
-        sink(Progress(step, k / len(sizes), f"{label}: timing batch {b}"))
-        if memory_of is not None and b == max(sizes):
-            memory = peak_memory(*memory_of, model, batch, spec.threads)
-            if "error" in memory:
-                sink(Log(f"{label}: {memory['error']}", level="warning", step=step))
-        stats = time_calls(lambda batch=batch: runner(batch), b)
-        latency[str(b)] = stats
-        throughput[str(b)] = stats["throughput_per_s"]
         sink(
-            Log(
-                f"{label}: batch {b} p50 {stats['p50']:.2f} ms (95% CI {stats['ci95'][0]:.2f}-"
-                f"{stats['ci95'][1]:.2f}, {stats['runs']} runs)",
-                step=step,
-            )
+            Progress(step, 0.3 + 0.6 * k / len(sizes), f"timing batch {b}: {' and '.join(runners)} in turns")
         )
-    out: dict[str, Any] = {"latency_ms": latency, "throughput_per_s": throughput}
-    if "total_mb" in memory:
-        out["peak_memory_mb"] = memory["total_mb"]
-        out["memory"] = memory
+        samples = time_interleaved({label: (lambda r=r, x=batch: r(x)) for label, r in runners.items()})
+        for label, times in samples.items():
+            stats = flag_wide_ci(summarise(times, b))
+            out[label]["latency_ms"][str(b)] = stats
+            out[label]["throughput_per_s"][str(b)] = stats["throughput_per_s"]
+            sink(
+                Log(
+                    f"{label}: batch {b} p50 {stats['p50']:.2f} ms (95% CI {stats['ci95'][0]:.2f}-"
+                    f"{stats['ci95'][1]:.2f}, {stats['runs']} runs, interleaved)",
+                    step=step,
+                )
+            )
+            if stats["ci_wide"]:
+                sink(
+                    Log(
+                        f"{label}: batch {b}: the 95% CI of p50 spans {stats['ci_rel_width']:.0%} of it (over "
+                        f"{WIDE_CI:.0%}): the runs varied, the machine was probably busy; differences smaller "
+                        "than that are not measured, rerun on a quiet machine",
+                        level="warning",
+                        step=step,
+                    )
+                )
     return out
+
+
+def measure_memory(
+    kind: str,
+    target: Any,
+    model: LoadedModel,
+    examples: Sequence[Example],
+    spec: Any,
+    sink: Any,
+    label: str,
+    step: int,
+) -> dict[str, Any]:
+    """Peak memory (see `peak_memory`) at the largest batch size, as metrics."""
+    family = family_for(model)
+    b = max(spec.batch_sizes)
+    batch = family.batch(model, timing_examples(examples, b, spec.sequence_length), spec.sequence_length)
+    memory = peak_memory(kind, target, model, batch, spec.threads)
+    if "error" in memory:
+        sink(Log(f"{label}: {memory['error']}", level="warning", step=step))
+        return {}
+    return {"peak_memory_mb": memory["total_mb"], "memory": memory} if "total_mb" in memory else {}
 
 
 def peak_memory(
@@ -189,30 +256,51 @@ def evaluate_baseline(
     sink: Callable[[Any], None],
     step: int = -1,
 ) -> dict[str, Any]:
-    """The original's metrics, measured once per model and settings and then read from the workspace."""
+    """The original's size and peak memory, measured once per model and settings and then read from the
+    workspace. Its latency is timed with the variant in each run (`evaluate_variant`) and written back by
+    `record_baseline_latency`."""
     threads = set_threads(recipe.evaluate.threads)
     key = baseline_key(model, recipe, threads)
     cached = workspace.cached_baseline(key)
     if cached is not None:
-        sink(Log(f"baseline metrics from the workspace cache ({cached['id']})", step=step))
-        return cached
-    kind = "onnx" if model.format == "onnx" else "torch"
-    runner = runner_for(kind, model.path if kind == "onnx" else model.module, model, threads)
-    metrics: dict[str, Any] = {"size_bytes": weights_size(model), "runtime": kind, "threads": threads}
-    if recipe.evaluate.latency:
-        metrics.update(
-            measure_runtime(
-                runner,
-                model,
-                examples,
-                recipe.evaluate,
-                sink,
-                "original",
-                step,
-                memory_of=(kind, recipe.model),  # measured from the checkpoint, in a fresh process
+        sink(
+            Log(
+                f"baseline size and memory from the workspace cache ({cached['id']}); its latency is timed "
+                "again, in turns with the variant",
+                step=step,
             )
         )
+        return cached
+    kind = "onnx" if model.format == "onnx" else "torch"
+    metrics: dict[str, Any] = {"size_bytes": weights_size(model), "runtime": kind, "threads": threads}
+    if recipe.evaluate.latency:  # measured from the checkpoint, in a fresh process
+        metrics.update(
+            measure_memory(kind, recipe.model, model, examples, recipe.evaluate, sink, "original", step)
+        )
     return workspace.record_baseline(recipe.model, key, metrics, str(model.path))
+
+
+def record_baseline_latency(
+    workspace: Any, baseline: dict[str, Any], metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """Store the original's latency timed in this run (with the variant whose `metrics` carry it as
+    `baseline_latency_ms`) on the baseline record, so comparing the two compares numbers of one run."""
+    timed = metrics.get("baseline_latency_ms")
+    if not timed or not baseline.get("cache_key"):
+        return baseline
+    updated = {
+        **baseline["metrics"],
+        "latency_ms": timed,
+        "throughput_per_s": {b: stats["throughput_per_s"] for b, stats in timed.items()},
+        "latency_timed": "interleaved with the newest variant of this baseline, in its run",
+    }
+    return workspace.record_baseline(
+        baseline["model"],
+        baseline["cache_key"],
+        updated,
+        baseline["artifact"],
+        created=baseline.get("created"),
+    )
 
 
 def evaluate_variant(
@@ -255,11 +343,13 @@ def evaluate_variant(
     metrics["baseline_quality"] = base_q
     metrics["disagreements"] = acc.worst()
     if recipe.evaluate.latency:
-        metrics.update(
-            measure_runtime(
-                runner, model, examples, recipe.evaluate, sink, "variant", step, memory_of=(kind, target)
-            )
+        sink(Progress(step, 0.3, "peak memory of the variant"))
+        metrics.update(measure_memory(kind, target, model, examples, recipe.evaluate, sink, "variant", step))
+        timed = measure_interleaved(
+            {"variant": runner, "original": base_runner}, model, examples, recipe.evaluate, sink, step
         )
+        metrics.update(timed["variant"])
+        metrics["baseline_latency_ms"] = timed["original"]["latency_ms"]  # the same minutes, in turns
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 

@@ -186,7 +186,11 @@ def export_examples(ctx: RunContext, n: int = 8) -> list[Any]:
 
 def sub_batch(batch: Batch, rows: Sequence[int]) -> Batch:
     """Some rows of a batch, without the padding columns none of them needs (a smaller batch and a
-    shorter sequence: a second shape for the dynamic axes, without tokenizing or generating again)."""
+    shorter sequence: a second shape for the dynamic axes, without tokenizing or generating again).
+
+    Every tensor is made contiguous: a column slice is a strided view, and models flatten their inputs
+    with `.view` (Marian's loss does `labels.view(-1)`), which fails on one ("view size is not compatible
+    with input tensor's size and stride") whenever references leave padding columns to trim."""
     import torch
 
     from studio.families import Batch
@@ -197,11 +201,11 @@ def sub_batch(batch: Batch, rows: Sequence[int]) -> Batch:
     if mask is not None and mask.dim() == 2 and mask.any():
         used = mask.bool().any(0).nonzero().squeeze(1)  # padding may be on either side
         start, stop = int(used.min()), max(int(used.max()) + 1, int(used.min()) + 2)
-        inputs = {k: v[:, start:stop] if v.dim() == 2 else v for k, v in inputs.items()}
+        inputs = {k: v[:, start:stop].contiguous() if v.dim() == 2 else v for k, v in inputs.items()}
     labels = None if batch.labels is None else batch.labels[index]
     if labels is not None and labels.dim() == 2:
         used = (labels != -100).any(0).nonzero()
-        labels = labels[:, : max(int(used.max()) + 1 if len(used) else 1, 2)]
+        labels = labels[:, : max(int(used.max()) + 1 if len(used) else 1, 2)].contiguous()
     return Batch(inputs=inputs, labels=labels)
 
 
