@@ -352,6 +352,11 @@ class Seq2Seq(Family):
             if config.decoder_start_token_id is not None
             else config.pad_token_id
         )
+        if start is None or config.pad_token_id is None:
+            raise BadInput(
+                "the seq2seq config sets neither decoder_start_token_id nor pad_token_id, so the decoder "
+                "inputs cannot be built: set them in config.json (Marian uses the pad token for both)"
+            )
         shifted = labels.new_full(labels.shape, start)
         shifted[:, 1:] = labels[:, :-1]
         return shifted.masked_fill(shifted == -100, config.pad_token_id)

@@ -494,3 +494,19 @@ def test_uneven_head_pruning_warns_which_fusions_did_not_happen(bert_classifier,
     batch = family_for(model).batch(model, load_examples("builtin:sentences", 5), SEQ)
     ref = make_runner("torch", model, artifact=pruned.module)(batch)
     assert float((make_runner(optimized)(batch) - ref).abs().max()) < 1e-4  # slower, still right
+
+
+def test_seq2seq_config_without_start_or_pad_token_is_refused_clearly(marian):
+    """A Marian config with neither decoder_start_token_id nor pad_token_id failed in masked_fill with a
+    TypeError; it is a BadInput that says which config fields to set."""
+    from types import SimpleNamespace
+
+    from studio.errors import BadInput
+
+    model = open_checkpoint(marian)
+    family = family_for(model)
+    batch = family.batch(model, load_examples("builtin:translation-en-de", 2), SEQ)
+    # transformers 5's MarianConfig refuses None itself; other seq2seq configs (and older files) allow it
+    config = SimpleNamespace(decoder_start_token_id=None, pad_token_id=None)
+    with pytest.raises(BadInput, match="decoder_start_token_id nor pad_token_id"):
+        family.decoder_input_ids(batch, config)
