@@ -38,6 +38,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.errors import BadInput
+from studio.safe_files import check_structure
+
 INT_LIMIT = 2_000_000_000  # QSpinBox holds a C int
 ERROR_STYLE = "color: #d32f2f;"
 
@@ -410,10 +413,17 @@ class _FieldEditor:
                     raise _ParseError(f"'{p}' is not a number") from None
             return out
         try:
-            return yaml.safe_load(text) if text else None
+            value = yaml.safe_load(text) if text else None
+            # a typed value is one parameter: bound its nesting and size as a recipe's are bounded
+            check_structure(value, "value", None, max_depth=32, max_nodes=100_000)
+            return value
         except yaml.YAMLError as exc:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise _ParseError(f"not valid YAML/JSON: {problem}") from None
+        except RecursionError:
+            raise _ParseError("nested too deeply") from None
+        except BadInput as exc:
+            raise _ParseError(exc.problem) from None
 
     def set_error(self, message: str) -> None:
         self.error.setText(message)

@@ -326,6 +326,8 @@ def test_optional_and_dict_fields(qtbot):
     heads = form.editor("heads")
     heads.setText("{0: [1, 2]")  # broken YAML
     assert "YAML" in form.field_error("heads") and len(edits) == 1
+    heads.setText("[" * 5000 + "]" * 5000)  # nested thousands deep: an error under the field, no crash
+    assert "nested" in form.field_error("heads") and len(edits) == 1
     heads.setText("{0: [1, 2], 3: [0]}")
     assert "exactly one" in form.error() and len(edits) == 1  # fraction and heads both set
     fraction.setChecked(False)
