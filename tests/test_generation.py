@@ -295,3 +295,12 @@ def test_run_json_has_generation_metrics_for_baseline_and_variant(tmp_path, llam
     quality = variant["metrics"]["quality"]
     assert 0.0 <= quality["generation_match"] <= 1.0 and quality["perplexity"] > 1.0
     assert variant["metrics"]["baseline_quality"]["generation_match"] == 1.0
+    from studio.compare import metric_table
+    from studio.variants import Workspace
+
+    ws = Workspace(tmp_path / "ws")
+    rows = {r["metric"]: r for r in metric_table(ws.get(result["baseline"]["id"]), ws.get(variant["id"]))}
+    for name in ("ttft_ms.b1.p50", "tpot_ms.b2.p50", "decode_tokens_per_s.b1", "kv_cache_mb"):
+        assert rows[name]["a"] > 0 and rows[name]["b"] > 0
+    assert rows["kv_cache_mb"]["better"] is None  # INT8 weights: the float cache is the same size
+    assert rows["quality.generation_match"]["a"] == 1.0

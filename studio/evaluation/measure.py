@@ -155,7 +155,9 @@ def baseline_key(model: LoadedModel, recipe: Any, threads: int) -> str:
         "model": recipe.model,
         "task": recipe.task,
         "files": stamp,
-        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        # without a generation section the key stays what it was before the section existed
+        "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"generation"})
+        | ({"generation": recipe.evaluate.generation.model_dump()} if recipe.evaluate.generation else {}),
         "evaluation": [recipe.data.evaluation, recipe.data.evaluation_examples],
         "threads": threads,
         "cpu": machine_info()["cpu"],
