@@ -130,6 +130,28 @@ def test_the_cache_loop_generates_what_recomputing_generates(which, request):
     assert mine.tolist() == recomputed_greedy(model.module, prompts, 6).tolist()
 
 
+def test_seq2seq_encoder_once_then_decoder_steps(marian):
+    """Marian: the cache loop generates what recomputing encoder and decoder generates, and the measured
+    cache holds the decoder's self-attention (start token + new tokens) and the cross-attention (prompt)."""
+    import torch
+
+    from studio.evaluation.generation import generation_prompts, greedy_tokens, measure_generation
+
+    model = opened(marian)
+    prompts = generation_prompts(model, examples(), 2, 7)
+    decoded = torch.zeros((2, 1), dtype=torch.long)  # decoder_start_token_id 0
+    with torch.no_grad():
+        for _ in range(5):
+            out = model.module(input_ids=prompts, decoder_input_ids=decoded, use_cache=False)
+            decoded = torch.cat([decoded, out.logits[:, -1].argmax(-1)[:, None]], dim=1)
+    assert greedy_tokens(model.module, "seq2seq", prompts, 5).tolist() == decoded[:, 1:].tolist()
+    s = spec(prompt_tokens=7, new_tokens=5, batch_sizes=[1])
+    out = measure_generation("torch", model.module, model, examples(), s, policy=FAST)
+    check_metrics(out, s)
+    per_position = 2 * 2 * 4 * 8 * 4  # layers, k+v, heads, head dim, float32
+    assert out["kv_cache_bytes"] == per_position * ((1 + 5) + 7)
+
+
 def test_prompts_are_the_same_every_time_and_fill_the_length():
     from studio.evaluation.data import Example
     from studio.evaluation.generation import generation_prompts
