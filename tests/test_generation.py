@@ -281,7 +281,7 @@ def test_shipped_recipe_is_valid():
     from studio.pipeline import load_recipe, plan
     from studio.resources import resource
 
-    recipe = load_recipe(resource("recipes", "tinylm-generation.yaml"))
+    recipe = load_recipe(resource("recipes", "generation", "tinylm-generation.yaml"))
     gen = recipe.evaluate.generation
     assert (gen.prompt_tokens, gen.new_tokens, gen.batch_sizes) == (64, 32, [1, 4])
     assert plan(recipe).model.family == "causal-lm"
