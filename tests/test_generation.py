@@ -183,6 +183,20 @@ def test_an_onnx_graph_without_cache_says_it_is_not_measured(tmp_path):
     assert "cache-enabled export" in out["unavailable"] and logged[0][0] == "warning"
 
 
+def test_a_torch_module_without_a_cache_interface_says_it_is_not_measured(llama):
+    import torch
+
+    out = measure_generation_of(torch.nn.Linear(2, 2), opened(llama))
+    assert set(out) == {"prompt_tokens", "new_tokens", "unavailable"}
+    assert "past_key_values" in out["unavailable"]
+
+
+def measure_generation_of(module, model):
+    from studio.evaluation.generation import measure_generation
+
+    return measure_generation("torch", module, model, examples(), spec(), policy=FAST)
+
+
 # ------------------------------------------------------------------------------------------------ quality
 
 

@@ -261,7 +261,12 @@ def measure_generation(
         log("warning", out["unavailable"])
         return out
     policy = policy or TimingPolicy()
-    loop = GreedyLoop(target, model.family)
+    try:
+        loop = GreedyLoop(target, model.family)
+    except BadInput as exc:  # the variant is built already: say why, rather than lose the whole run
+        out["unavailable"] = exc.problem
+        log("warning", out["unavailable"])
+        return out
     torch.manual_seed(0)  # greedy decoding is deterministic; the seed keeps anything random fixed too
     p, n = spec.prompt_tokens, spec.new_tokens
     for b in spec.batch_sizes:
