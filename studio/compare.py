@@ -39,6 +39,16 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                 out[f"latency_ms.b{b}.{k}"] = float(lat[k])
     for b, v in (metrics.get("throughput_per_s") or {}).items():
         out[f"throughput_per_s.b{b}"] = float(v)
+    gen = metrics.get("generation") or {}
+    for b, g in gen.items():
+        if isinstance(g, dict):
+            for k in ("ttft_ms", "tpot_ms"):
+                if "p50" in g.get(k, {}):
+                    out[f"{k}.b{b}.p50"] = float(g[k]["p50"])
+            if "decode_tokens_per_s" in g:
+                out[f"decode_tokens_per_s.b{b}"] = float(g["decode_tokens_per_s"])
+    if "kv_cache_bytes" in gen:
+        out["kv_cache_mb"] = gen["kv_cache_bytes"] / 1e6
     for k, v in (metrics.get("quality") or {}).items():
         if isinstance(v, (int, float)):
             out[f"quality.{k}"] = float(v)
@@ -49,6 +59,9 @@ LOWER_IS_BETTER = (
     "size_mb",
     "peak_memory_mb",
     "latency_ms",
+    "ttft_ms",
+    "tpot_ms",
+    "kv_cache_mb",
     "quality.kl_divergence",
     "quality.perplexity",
     "quality.rmse",

@@ -421,6 +421,16 @@ def family_for(model: LoadedModel) -> Family:
     return Family()
 
 
+def context_length(model: LoadedModel) -> int | None:
+    """The most positions the model can attend to (None when its config does not say)."""
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_target_positions"):
+        value = getattr(config, name, None) if config is not None else None
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def image_shape_of(model: LoadedModel) -> tuple[int, int, int]:
     cfg = model.config
     if cfg is not None and getattr(cfg, "image_size", None):

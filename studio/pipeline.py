@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from studio.checkpoints.base import FAMILIES, LoadedModel
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress, from_dict
+from studio.families import context_length
 from studio.safe_files import MB, check_structure, read_text
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -43,6 +44,24 @@ class DataSpec(_Strict):
     evaluation_examples: int = Field(64, ge=1, le=100_000, description="how many evaluation examples to use")
 
 
+class GenerationSpec(_Strict):
+    """Generation speed of causal LMs and seq2seq models (TTFT, TPOT, tokens/s, KV cache): the same
+    greedy prompts for the baseline and every variant. Checked against the model in `check_generation`."""
+
+    prompt_tokens: int = Field(
+        128, ge=1, le=65_536, description="tokens per prompt (from the evaluation data)"
+    )
+    new_tokens: int = Field(64, ge=1, le=65_536, description="tokens generated after each prompt (greedy)")
+    batch_sizes: list[int] = Field(default_factory=lambda: [1], description="batch sizes timed")
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("batch sizes must be a non-empty list of positive integers")
+        return v
+
+
 class EvaluateSpec(_Strict):
     batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="batch sizes timed")
     sequence_length: int = Field(128, ge=1, le=65_536, description="tokens per example (text models)")
@@ -51,6 +70,9 @@ class EvaluateSpec(_Strict):
         None, ge=1, le=1024, description="CPU threads for timing (default: all cores)"
     )
     profile: bool = Field(False, description="also record the 10 slowest operators of one forward pass")
+    generation: GenerationSpec | None = Field(
+        None, description="also time generation (causal-lm / seq2seq): prompt_tokens, new_tokens, batch_sizes"
+    )
 
     @field_validator("batch_sizes")
     @classmethod
@@ -227,6 +249,37 @@ def check_steps(
     return planned, problems
 
 
+GENERATIVE = ("causal-lm", "seq2seq")
+
+
+def check_generation(spec: EvaluateSpec, model: LoadedModel) -> list[str]:
+    """Problems with `evaluate.generation` for this model, found before anything runs."""
+    gen = spec.generation
+    if gen is None:
+        return []
+    if model.family not in GENERATIVE:
+        return [
+            f"field 'evaluate.generation': generation metrics need a causal-lm or seq2seq model, "
+            f"but {model.family} models do not generate (remove the section)"
+        ]
+    limit = context_length(model)
+    if limit is None:
+        return []
+    if model.family == "seq2seq":  # the prompt goes to the encoder, the new tokens to the decoder
+        longest = max(gen.prompt_tokens, gen.new_tokens)
+        if longest > limit:
+            return [
+                f"field 'evaluate.generation': {longest} tokens on one side is beyond the model's context "
+                f"of {limit} positions"
+            ]
+    elif gen.prompt_tokens + gen.new_tokens > limit:
+        return [
+            f"field 'evaluate.generation': prompt_tokens + new_tokens = {gen.prompt_tokens + gen.new_tokens} "
+            f"is beyond the model's context of {limit} positions"
+        ]
+    return []
+
+
 def plan(
     recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None, trust: bool = False
 ) -> Plan:
@@ -238,6 +291,7 @@ def plan(
     if recipe.task is not None:
         model.family = recipe.task
     planned, problems = check_steps(recipe.steps, stage_of(model), model)
+    problems += [(-1, p) for p in check_generation(recipe.evaluate, model)]
     if problems:
         raise BadInput(problems[0][1], path=path)
     kind = planned[-1].technique.output_kind if planned else stage_of(model)

@@ -22,7 +22,12 @@ from typing import Any
 from studio.checkpoints.base import LoadedModel
 from studio.evaluation.data import Example, timing_examples
 from studio.evaluation.latency import TimingPolicy, summarise
-from studio.evaluation.quality import QualityAccumulator, spearman_on_pairs
+from studio.evaluation.quality import (
+    QualityAccumulator,
+    generation_match,
+    sliding_window_perplexity,
+    spearman_on_pairs,
+)
 from studio.events import Log, Progress
 from studio.families import Batch, family_for
 
@@ -240,7 +245,9 @@ def baseline_key(model: LoadedModel, recipe: Any, threads: int) -> str:
         "model": recipe.model,
         "task": recipe.task,
         "files": stamp,
-        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        # without a generation section the key stays what it was before the section existed
+        "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"generation"})
+        | ({"generation": recipe.evaluate.generation.model_dump()} if recipe.evaluate.generation else {}),
         "evaluation": [recipe.data.evaluation, recipe.data.evaluation_examples],
         "threads": threads,
         "cpu": machine_info()["cpu"],
@@ -277,6 +284,11 @@ def evaluate_baseline(
         metrics.update(
             measure_memory(kind, recipe.model, model, examples, recipe.evaluate, sink, "original", step)
         )
+    if recipe.evaluate.generation is not None:
+        target = model.path if kind == "onnx" else model.module
+        metrics["generation"] = generation_metrics(
+            kind, target, model, recipe, examples, sink, "original", step
+        )
     return workspace.record_baseline(recipe.model, key, metrics, str(model.path))
 
 
@@ -301,6 +313,70 @@ def record_baseline_latency(
         baseline["artifact"],
         created=baseline.get("created"),
     )
+
+
+def generation_metrics(
+    kind: str,
+    target: Any,
+    model: LoadedModel,
+    recipe: Any,
+    examples: Sequence[Example],
+    sink: Callable[[Any], None],
+    label: str,
+    step: int,
+) -> dict[str, Any]:
+    """TTFT, TPOT, tokens/s and KV-cache bytes (studio/evaluation/generation.py) as the recipe asks."""
+    from studio.evaluation.generation import measure_generation
+
+    sink(Progress(step, 0.9, f"{label}: timing generation"))
+    return measure_generation(
+        kind,
+        target,
+        model,
+        examples,
+        recipe.evaluate.generation,
+        log=lambda level, message: sink(Log(f"{label}: {message}", level=level, step=step)),
+    )
+
+
+def lm_text_ids(model: LoadedModel, examples: Sequence[Example]) -> Any:
+    """The whole evaluation text as one token stream (the examples joined by blank lines)."""
+    import warnings
+
+    with warnings.catch_warnings():  # longer than the model's context on purpose: it is windowed
+        warnings.simplefilter("ignore")
+        tok = model.tokenizer
+        ids = tok("\n\n".join(e.text for e in examples), return_tensors="pt", verbose=False)["input_ids"]
+    return ids[0]
+
+
+def lm_perplexity(runner: Runner, model: LoadedModel, ids: Any, seq_len: int) -> float:
+    """Sliding-window perplexity over the whole evaluation text: windows of the evaluation's sequence
+    length (at most the model's context), stride half a window."""
+    import torch
+
+    from studio.families import accepted_inputs, context_length
+
+    window = max(2, min(seq_len, context_length(model) or seq_len))
+    accepted = accepted_inputs(model)
+
+    def logits_of(chunk: Any) -> Any:
+        inputs = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
+        return runner(Batch(inputs={k: v for k, v in inputs.items() if k in accepted}))
+
+    return sliding_window_perplexity(logits_of, ids, window, max(1, window // 2))
+
+
+def generation_quality(
+    base_module: Any, var_module: Any, model: LoadedModel, examples: Sequence[Example], spec: Any
+) -> float:
+    """generation_match of two torch modules on the generation prompts (up to 8 of them)."""
+    from studio.evaluation.generation import generation_prompts, greedy_tokens
+
+    prompts = generation_prompts(model, examples, min(8, max(1, len(examples))), spec.prompt_tokens)
+    base = greedy_tokens(base_module, model.family, prompts, spec.new_tokens)
+    var = greedy_tokens(var_module, model.family, prompts, spec.new_tokens)
+    return generation_match(base, var)
 
 
 def evaluate_variant(
@@ -339,6 +415,14 @@ def evaluate_variant(
         var_q["spearman"], base_q["spearman"] = (
             pair_spearman(r, model, pairs, seq) for r in (runner, base_runner)
         )
+    if model.family == "causal-lm":
+        ids = lm_text_ids(model, examples)
+        var_q["perplexity"] = lm_perplexity(runner, model, ids, seq)
+        base_q["perplexity"] = lm_perplexity(base_runner, model, ids, seq)
+    gen = recipe.evaluate.generation
+    if gen is not None and kind == "torch" and base_kind == "torch" and model.family == "causal-lm":
+        var_q["generation_match"] = generation_quality(model.module, runner.module, model, examples, gen)
+        base_q["generation_match"] = 1.0
     metrics["quality"] = var_q
     metrics["baseline_quality"] = base_q
     metrics["disagreements"] = acc.worst()
@@ -350,6 +434,11 @@ def evaluate_variant(
         )
         metrics.update(timed["variant"])
         metrics["baseline_latency_ms"] = timed["original"]["latency_ms"]  # the same minutes, in turns
+    if gen is not None:
+        module_or_file = runner.module if kind == "torch" else target
+        metrics["generation"] = generation_metrics(
+            kind, module_or_file, model, recipe, examples, sink, "variant", step
+        )
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 

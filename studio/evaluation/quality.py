@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from studio.errors import BadInput
 from studio.families import Batch
 
 
@@ -149,3 +150,54 @@ def sentence_bleu(hypothesis: str, reference: str) -> float:
     import sacrebleu
 
     return float(sacrebleu.sentence_bleu(hypothesis, [reference]).score)
+
+
+def sliding_window_nll(logits_of: Any, ids: Any, window: int, stride: int) -> tuple[float, int]:
+    """Summed next-token NLL of the whole token stream `ids` (1-D) and how many tokens it scored.
+
+    Windows of `window` tokens start every `stride` tokens; each window scores only the tokens no earlier
+    window scored, so every token after the first is scored once, with up to `window - stride` tokens of
+    context before the scored part (the usual strided perplexity: not one truncated window, and not
+    windows that restart without context). `logits_of(window_ids [1, L]) -> logits [1, L, vocab]`.
+    """
+    import torch.nn.functional as F
+
+    if window < 2:
+        raise BadInput(f"a perplexity window needs at least 2 tokens, got {window}")
+    stride = max(1, min(stride, window))
+    n = int(ids.shape[0])
+    total, count, scored_to = 0.0, 0, 1  # token 0 has nothing before it
+    begin = 0
+    while scored_to < n:
+        end = min(begin + window, n)
+        chunk = ids[begin:end].unsqueeze(0)
+        logp = F.log_softmax(logits_of(chunk)[0, :-1].double(), dim=-1)  # position i predicts token i + 1
+        first = scored_to - begin  # index in the chunk of the first token not scored yet
+        targets = chunk[0, first:]
+        nll = -logp[first - 1 :].gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        total += float(nll.sum())
+        count += int(targets.numel())
+        scored_to = end
+        if end == n:
+            break
+        begin = min(begin + stride, scored_to - 1)  # the next window keeps at least one token of context
+    return total, count
+
+
+def sliding_window_perplexity(logits_of: Any, ids: Any, window: int, stride: int) -> float:
+    total, count = sliding_window_nll(logits_of, ids, window, stride)
+    return math.exp(total / count) if count else float("nan")
+
+
+def generation_match(baseline_tokens: Any, variant_tokens: Any) -> float:
+    """Mean share, over prompts, of the greedy new tokens that agree with the baseline's before the first
+    difference (1.0: the variant generates exactly the baseline's text)."""
+    rows = []
+    for base, var in zip(baseline_tokens.tolist(), variant_tokens.tolist(), strict=True):
+        same = 0
+        for a, b in zip(base, var, strict=True):
+            if a != b:
+                break
+            same += 1
+        rows.append(same / len(base) if base else 1.0)
+    return sum(rows) / len(rows) if rows else 1.0

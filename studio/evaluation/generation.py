@@ -1,0 +1,309 @@
+"""Generation speed of causal LMs and seq2seq models: TTFT, TPOT, tokens/s, KV-cache bytes, peak memory.
+
+One forward pass at a fixed length says little about a generative model: users wait for the first token
+(prefill, TTFT) and then for every next one (decode, TPOT), and the KV cache is what grows with context.
+So prefill and decode are timed separately, by our own greedy loop over `model(...)` with
+`past_key_values` (not `generate()`, whose logits processors, stopping criteria and bookkeeping would be
+timed too). The same prompts, built from the evaluation data, are used for the baseline and every variant.
+
+- TTFT: one prefill of the prompts plus the argmax of the last position (a fresh cache per call), timed
+  by `latency.time_calls` (warm-up, then enough runs for a stable median, bootstrap CI of the median).
+- TPOT: every decode step (one new token for each sequence of the batch, cache included) of complete
+  greedy runs, repeated under the same policy; decode tokens/s = batch / TPOT p50.
+- kv_cache_bytes: the bytes the cache tensors hold after prompt + new tokens at batch 1 (the last new
+  token is fed too, so the cache covers exactly prompt_tokens + new_tokens positions).
+- peak_memory_mb: on CUDA the allocator's peak during the largest batch's generation; on the CPU the
+  resident-memory growth of this process during it (memory freed by earlier work and reused is not
+  counted, so it is a lower bound; the number is comparable between variants of the same run).
+
+ONNX graphs are measured only when they take past key/values; today's export.onnx writes causal LMs
+without the cache, so for them the metrics say that generation needs a cache-enabled export.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from studio.errors import BadInput
+from studio.evaluation.data import Example, timing_examples
+from studio.evaluation.latency import TimingPolicy, summarise, time_calls
+
+if TYPE_CHECKING:
+    import torch
+
+    from studio.checkpoints.base import LoadedModel
+
+NO_CACHE_EXPORT = (
+    "generation metrics need a graph exported with past key/values inputs (a cache-enabled export); "
+    "this graph has none, so every new token would recompute the whole prompt: not measured"
+)
+
+
+# ------------------------------------------------------------------------------------------------ prompts
+
+
+def generation_prompts(
+    model: LoadedModel, examples: Sequence[Example], batch_size: int, prompt_tokens: int
+) -> torch.Tensor:
+    """`batch_size` prompts of exactly `prompt_tokens` token ids from the evaluation text.
+
+    Each prompt is real text long enough to fill the length, truncated to it; a tokenizer that still
+    gives fewer tokens has its ids repeated, so no prompt needs padding (whose positions a hand-written
+    cache loop would have to shift) and every variant sees the same ids.
+    """
+    import torch
+
+    tok = model.tokenizer
+    if tok is None:
+        raise BadInput("generation metrics need the model's tokenizer, and it has none", path=model.path)
+    rows = []
+    for example in timing_examples(examples, batch_size, prompt_tokens):
+        ids = list(tok(example.text, truncation=True, max_length=prompt_tokens)["input_ids"])
+        if not ids:
+            raise BadInput("the tokenizer gives no tokens for the evaluation text", path=model.path)
+        while len(ids) < prompt_tokens:
+            ids += ids[: prompt_tokens - len(ids)]
+        rows.append(ids[:prompt_tokens])
+    return torch.tensor(rows, dtype=torch.long)
+
+
+# ------------------------------------------------------------------------------------------------ the loop
+
+
+def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
+    """The key and value tensors a transformers cache holds (DynamicCache: `layers[i].keys/values`;
+    EncoderDecoderCache: its self-attention and cross-attention caches)."""
+    for inner in ("self_attention_cache", "cross_attention_cache"):
+        if hasattr(cache, inner):
+            yield from cache_tensors(getattr(cache, inner))
+    for layer in getattr(cache, "layers", []) or []:
+        for name in ("keys", "values"):
+            t = getattr(layer, name, None)
+            if t is not None:
+                yield t
+
+
+def cache_bytes(cache: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
+
+
+class GreedyLoop:
+    """Greedy decoding of one torch module with a KV cache: `prefill` then `step`, one token at a time."""
+
+    def __init__(self, module: Any, family: str) -> None:
+        import torch
+
+        self.module = module
+        self.seq2seq = family == "seq2seq"
+        config = getattr(module, "config", None)
+        try:
+            params = inspect.signature(module.forward).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if config is None or "past_key_values" not in params:
+            raise BadInput(
+                "generation metrics need a transformers model that takes past_key_values; this variant's "
+                f"module ({type(module).__name__}) does not"
+            )
+        self.config = config
+        tensors = [*module.parameters(), *module.buffers()]
+        self.device = tensors[0].device if tensors else torch.device("cpu")
+        start = getattr(config, "decoder_start_token_id", None)
+        self.start = start if start is not None else getattr(config, "pad_token_id", 0) or 0
+
+    def _cache(self) -> Any:
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        if self.seq2seq:
+            return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
+        return DynamicCache(config=self.config)
+
+    def prefill(self, prompts: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The first new token of each prompt, and the state (cache, encoder outputs) decoding goes on from."""
+        import torch
+
+        ids = prompts.to(self.device)
+        cache = self._cache()
+        state: dict[str, Any] = {"cache": cache}
+        if self.seq2seq:
+            state["encoder_outputs"] = self.module.get_encoder()(input_ids=ids)
+            start = torch.full((len(ids), 1), self.start, dtype=torch.long, device=self.device)
+            out = self.module(
+                encoder_outputs=state["encoder_outputs"],
+                decoder_input_ids=start,
+                past_key_values=cache,
+                use_cache=True,
+            )
+        else:
+            out = self.module(input_ids=ids, past_key_values=cache, use_cache=True)
+        return out.logits[:, -1].argmax(-1), state
+
+    def step(self, token: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """Feed one token per sequence; the next greedy token."""
+        if self.seq2seq:
+            out = self.module(
+                encoder_outputs=state["encoder_outputs"],
+                decoder_input_ids=token[:, None],
+                past_key_values=state["cache"],
+                use_cache=True,
+            )
+        else:
+            out = self.module(input_ids=token[:, None], past_key_values=state["cache"], use_cache=True)
+        return out.logits[:, -1].argmax(-1)
+
+    def sync(self) -> None:
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def generate(self, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Greedy new tokens [batch, new_tokens]; the returned state's cache covers prompt + new tokens
+        (the last token is fed too, so what it holds is the cache at that context length)."""
+        import torch
+
+        with torch.inference_mode():
+            token, state = self.prefill(prompts)
+            out = [token]
+            for _ in range(new_tokens - 1):
+                token = self.step(token, state)
+                out.append(token)
+            self.step(token, state)
+        return torch.stack(out, dim=1).cpu(), state
+
+
+def greedy_tokens(module: Any, family: str, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The greedy new tokens of `module` after each prompt ([batch, new_tokens])."""
+    return GreedyLoop(module, family).generate(prompts, new_tokens)[0]
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _decode_samples(loop: GreedyLoop, prompts: Any, new_tokens: int, policy: TimingPolicy) -> list[float]:
+    """Milliseconds of every decode step of complete greedy runs: one warm-up run, then runs until the
+    policy has enough steps and time (a run is never cut short, so late steps count as often as early)."""
+    import torch
+
+    steps = max(new_tokens - 1, 1)  # with one new token, one step is still timed (and not reported twice)
+    samples: list[float] = []
+    with torch.inference_mode():
+        for warm in (True, False):
+            began = time.perf_counter()
+            while True:
+                token, state = loop.prefill(prompts)
+                loop.sync()
+                for _ in range(steps):
+                    t0 = time.perf_counter()
+                    token = loop.step(token, state)
+                    loop.sync()
+                    if not warm:
+                        samples.append((time.perf_counter() - t0) * 1000.0)
+                elapsed = time.perf_counter() - began
+                if warm:
+                    if elapsed >= policy.warmup_seconds:
+                        break
+                    continue
+                if len(samples) >= policy.max_runs * steps or elapsed >= policy.max_seconds:
+                    break
+                if len(samples) >= policy.min_runs and elapsed >= policy.min_seconds:
+                    break
+    return samples
+
+
+def _percentiles(stats: dict[str, Any]) -> dict[str, Any]:
+    """The latency summary without the per-call throughput (meaningless for a token step)."""
+    return {k: v for k, v in stats.items() if k != "throughput_per_s"}
+
+
+def _peak_memory_mb(loop: GreedyLoop, prompts: Any, new_tokens: int) -> float:
+    import torch
+
+    if loop.device.type == "cuda":
+        torch.cuda.synchronize(loop.device)
+        before = torch.cuda.memory_allocated(loop.device)
+        torch.cuda.reset_peak_memory_stats(loop.device)
+        loop.generate(prompts, new_tokens)
+        torch.cuda.synchronize(loop.device)
+        return round((torch.cuda.max_memory_allocated(loop.device) - before) / 1e6, 2)
+    from studio.evaluation.memprobe import PeakRSS
+
+    with PeakRSS() as mem:
+        loop.generate(prompts, new_tokens)
+    return round(max(0.0, mem.delta_mb), 2)
+
+
+def measure_generation(
+    kind: str,
+    target: Any,
+    model: LoadedModel,
+    examples: Sequence[Example],
+    spec: Any,
+    *,
+    policy: TimingPolicy | None = None,
+    log: Callable[[str, str], None] | None = None,
+) -> dict[str, Any]:
+    """The `generation` metrics of one runnable (a torch module, or an ONNX file) for `spec`
+    (GenerationSpec: prompt_tokens, new_tokens, batch_sizes); `log(level, message)` reports progress."""
+    import torch
+
+    log = log or (lambda level, message: None)
+    out: dict[str, Any] = {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens}
+    if kind == "onnx":
+        out["unavailable"] = _onnx_reason(target)
+        log("warning", out["unavailable"])
+        return out
+    if kind != "torch":
+        out["unavailable"] = f"generation metrics are measured for torch variants only, not {kind}"
+        log("warning", out["unavailable"])
+        return out
+    policy = policy or TimingPolicy()
+    try:
+        loop = GreedyLoop(target, model.family)
+    except BadInput as exc:  # the variant is built already: say why, rather than lose the whole run
+        out["unavailable"] = exc.problem
+        log("warning", out["unavailable"])
+        return out
+    torch.manual_seed(0)  # greedy decoding is deterministic; the seed keeps anything random fixed too
+    p, n = spec.prompt_tokens, spec.new_tokens
+    for b in spec.batch_sizes:
+        prompts = generation_prompts(model, examples, b, p)
+
+        def first_token(prompts: Any = prompts) -> None:
+            with torch.inference_mode():
+                loop.prefill(prompts)
+
+        ttft = time_calls(first_token, b, policy, loop.sync)
+        tpot = summarise(_decode_samples(loop, prompts, n, policy), b)
+        out[str(b)] = {
+            "ttft_ms": _percentiles(ttft),
+            "tpot_ms": _percentiles(tpot),
+            "decode_tokens_per_s": b * 1000.0 / tpot["p50"] if tpot["p50"] > 0 else 0.0,
+            "prefill_tokens_per_s": b * p * 1000.0 / ttft["p50"] if ttft["p50"] > 0 else 0.0,
+        }
+        log(
+            "info",
+            f"generation batch {b}: TTFT p50 {ttft['p50']:.2f} ms, TPOT p50 {tpot['p50']:.2f} ms "
+            f"({out[str(b)]['decode_tokens_per_s']:.0f} tokens/s)",
+        )
+    _, state = loop.generate(generation_prompts(model, examples, 1, p), n)
+    out["kv_cache_bytes"] = cache_bytes(state["cache"])
+    out["kv_cache_bytes_per_token"] = out["kv_cache_bytes"] / (p + n)
+    largest = max(spec.batch_sizes)
+    out["peak_memory_mb"] = _peak_memory_mb(loop, generation_prompts(model, examples, largest, p), n)
+    return out
+
+
+def _onnx_reason(path: Any) -> str:
+    from studio.checkpoints.onnx_file import load_onnx_graph
+
+    names = [i.name for i in load_onnx_graph(path).graph.input]
+    if any(name.startswith("past") for name in names):
+        return (
+            "this graph takes past key/values, but generating with an ONNX cache is not implemented here "
+            "yet: not measured"
+        )
+    return NO_CACHE_EXPORT
