@@ -206,7 +206,10 @@ def validate_search(recipe: Recipe, path: str | Path | None = None) -> SearchSpe
                     f"field '{field}': no step {position} (the recipe has {len(recipe.steps)} steps, numbered from 1)"
                 )
             step = recipe.steps[position - 1]
-            params_cls = get_technique(step.technique).Params
+            try:
+                params_cls = get_technique(step.technique).Params
+            except BadInput as exc:
+                raise BadInput(f"field '{field}': step {position}: {exc.problem}") from None
             if OPTIONAL_KEY in entry and not isinstance(entry[OPTIONAL_KEY], bool):
                 raise BadInput(f"field '{field}.{OPTIONAL_KEY}': expected true or false")
             names = [k for k in entry if k != OPTIONAL_KEY]
