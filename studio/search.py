@@ -27,6 +27,7 @@ from studio.errors import BadInput, DiskFull
 from studio.search_space import metric_of, parse_constraint, trial_recipe, validate_search, violation
 
 Log = Callable[[str], None]
+STOPPED_KEY = "stopped_trials"  # study user attribute: numbers of the trials a stop cut short
 
 
 def _stderr(line: str) -> None:
@@ -110,8 +111,10 @@ class _Runner:
         return result["variants"][0], None
 
 
-def _row(trial: Any, objectives: list[str]) -> dict[str, Any]:
-    attrs = trial.user_attrs
+def _row(trial: Any, stopped: set[int]) -> dict[str, Any]:
+    attrs = dict(trial.user_attrs)
+    if trial.number in stopped:
+        attrs["error"] = "stopped before the trial finished"
     cons = attrs.get("constraint_values")
     return {
         "number": trial.number,
@@ -174,12 +177,16 @@ def run_search(
         sampler=_sampler(spec.sampler, spec.seed),
         load_if_exists=True,
     )
+    # Stopped trials (Ctrl+C, or a search killed outright, which leaves its trial RUNNING) are recorded as
+    # failed, so the sampler moves on, but they do not count towards the budget: nothing was learnt.
+    stopped = set(study.user_attrs.get(STOPPED_KEY, []))
     for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # A search killed outright leaves its trial RUNNING; nothing can finish it now.
         study.tell(stale.number, state=TrialState.FAIL)
-        log(f"search: trial {stale.number} of an earlier search never finished: recorded as failed")
+        stopped.add(stale.number)
+        log(f"search: trial {stale.number} of an earlier search never finished: recorded as stopped")
+    study.set_user_attr(STOPPED_KEY, sorted(stopped))
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=finished))
+    done = sum(t.number not in stopped for t in study.get_trials(deepcopy=False, states=finished))
     if done:
         log(f"search: resuming {name} ({done} trials done, {max(0, total - done)} to go)")
     run = runner or _Runner(workspace, None if recipe_path is None else str(recipe_path), trust)
@@ -190,18 +197,18 @@ def run_search(
         label = f"trial {trial.number} ({done + 1}/{total})"
         t0 = time.perf_counter()
         try:
-            concrete = trial_recipe(recipe, trial)
-            plan(concrete, planned.model, trust=trust)
-        except BadInput as exc:
-            error: str | None = f"invalid combination: {exc.problem}"
-            variant = None
-        else:
             try:
+                concrete = trial_recipe(recipe, trial)
+                plan(concrete, planned.model, trust=trust)
+            except BadInput as exc:
+                error: str | None = f"invalid combination: {exc.problem}"
+                variant = None
+            else:
                 variant, error = run(concrete)
-            except BaseException:
-                trial.set_user_attr("error", "stopped before the trial finished")
-                study.tell(trial, state=TrialState.FAIL)
-                raise
+        except BaseException:  # Ctrl+C (the runner has cancelled the worker) or a bug: keep the study sound
+            study.set_user_attr(STOPPED_KEY, sorted(stopped | {trial.number}))
+            study.tell(trial, state=TrialState.FAIL)
+            raise
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
         if error is not None:
             trial.set_user_attr("error", error)
@@ -233,9 +240,9 @@ def run_search(
         done += 1
         new += 1
         if on_trial is not None:
-            on_trial(_row(study.trials[trial.number], objectives))
+            on_trial(_row(study.trials[trial.number], stopped))
 
-    rows = [_row(t, objectives) for t in study.get_trials(deepcopy=False, states=finished)]
+    rows = [_row(t, stopped) for t in study.get_trials(deepcopy=False, states=finished)]
     front = pareto_front(rows, objectives, signs)
     best = min(front, key=lambda r: signs[0] * r["values"][metric_of(objectives[0])]) if front else None
     out: dict[str, Any] = {

@@ -7,6 +7,10 @@ classifier with a tiny evaluation and timing off, so the whole file stays around
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -298,3 +302,35 @@ def test_search_end_to_end_then_resume(bert_classifier, tmp_path, capsys):
     assert [t["number"] for t in again["trials"]] == [0, 1, 2]
     assert again["trials"][:2] == result["trials"]
     assert len(Workspace(ws).list()) == len(variants) + (again["trials"][2]["state"] == "COMPLETE")
+
+
+def test_ctrl_c_keeps_the_study_and_leaves_no_half_variant(bert_classifier, tmp_path, capsys):
+    path = _tiny_search(bert_classifier, tmp_path, {2: {"optional": True}, 3: {"per_channel": [True, False]}})
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "studio", "search", str(path), "--workspace", str(ws), "--trials", "3"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # the first trial's line: the second trial's worker starts right after it
+        lines.append(line)
+        if line.startswith("search: trial 0"):
+            break
+    assert lines and lines[-1].startswith("search: trial 0"), "".join(lines)
+    for _ in range(1200):  # stop the second trial while its worker works: its job folder exists
+        if any(p.is_dir() for p in (ws / "tmp").iterdir()) or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait() == 130, rest
+    assert "search stopped" in rest
+    kept = [r for r in Workspace(ws).list() if r["kind"] != "baseline"]
+    assert len(kept) == 1  # trial 0's; the stopped trial saved nothing ...
+    assert not [p for p in (ws / "tmp").iterdir() if p.is_dir()]  # ... and left no work folder
+
+    # the next run resumes: the stopped trial is recorded but does not count towards the budget
+    code, result = _search(capsys, str(path), "--workspace", str(ws), "--trials", "2")
+    assert code == 0
+    states = [(t["number"], t["state"]) for t in result["trials"]]
+    assert states[:2] == [(0, "COMPLETE"), (1, "FAIL")] and len(states) == 3 and result["new_trials"] == 1
+    assert result["trials"][1]["error"] == "stopped before the trial finished"
+    assert result["trials"][0]["variant"] == kept[0]["id"]
