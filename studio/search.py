@@ -166,17 +166,31 @@ def run_search(
 
     name = study_name(recipe, recipe_path)
     folder = workspace.root / "searches"
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise BadInput("is not a folder: the studio keeps its search studies there", path=folder) from exc
     db = folder / f"{name}.db"
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
-    storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage,
-        directions=["maximize" if s < 0 else "minimize" for s in signs],
-        sampler=_sampler(spec.sampler, spec.seed),
-        load_if_exists=True,
-    )
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            directions=["maximize" if s < 0 else "minimize" for s in signs],
+            sampler=_sampler(spec.sampler, spec.seed),
+            load_if_exists=True,
+        )
+    except Exception as exc:  # SQLAlchemy/Optuna errors: a damaged or foreign file where the study belongs
+        raise BadInput(
+            f"cannot open the search study ({type(exc).__name__}); it is damaged or not an Optuna study: "
+            "move it away to start this search afresh",
+            path=db,
+        ) from exc
+    if [d.name.lower() for d in study.directions] != ["maximize" if s < 0 else "minimize" for s in signs]:
+        raise BadInput(
+            "the stored study optimizes in other directions: move it away to start afresh", path=db
+        )
     # Stopped trials (Ctrl+C, or a search killed outright, which leaves its trial RUNNING) are recorded as
     # failed, so the sampler moves on, but they do not count towards the budget: nothing was learnt.
     stopped = set(study.user_attrs.get(STOPPED_KEY, []))

@@ -334,3 +334,15 @@ def test_ctrl_c_keeps_the_study_and_leaves_no_half_variant(bert_classifier, tmp_
     assert states[:2] == [(0, "COMPLETE"), (1, "FAIL")] and len(states) == 3 and result["new_trials"] == 1
     assert result["trials"][1]["error"] == "stopped before the trial finished"
     assert result["trials"][0]["variant"] == kept[0]["id"]
+
+
+def test_a_damaged_study_file_is_bad_input(bert_classifier, tmp_path, capsys):
+    path = _tiny_search(bert_classifier, tmp_path, {3: {"per_channel": [True, False]}})
+    ws = tmp_path / "ws"
+    (ws / "searches").mkdir(parents=True)
+    name = study_name(load_recipe(path), path)
+    (ws / "searches" / f"{name}.db").write_bytes(b"not a database at all" * 100)
+    assert main(["search", str(path), "--workspace", str(ws)]) == 2
+    err = capsys.readouterr().err
+    assert f"{name}.db" in err and "damaged or not an Optuna study" in err
+    assert Workspace(ws).list() == []
