@@ -215,7 +215,7 @@ def test_pareto_front_is_the_feasible_non_dominated_set():
 # ------------------------------------------------------------------------------------------------ searches
 
 
-def _tiny_search(model: Path, tmp_path: Path, space: dict, trials: int = 2) -> Path:
+def _tiny_search(model: Path, tmp_path: Path, space: dict, trials: int = 2, sampler: str = "tpe") -> Path:
     data = {
         "model": str(model),
         "data": {"calibration_examples": 4, "evaluation_examples": 4},
@@ -226,6 +226,7 @@ def _tiny_search(model: Path, tmp_path: Path, space: dict, trials: int = 2) -> P
             "constraints": {"quality.output_cosine": ">= 0.5"},
             "trials": trials,
             "seed": 3,
+            "sampler": sampler,
             "space": space,
         },
     }
@@ -241,8 +242,10 @@ def _search(capsys, *args: str) -> tuple[int, dict]:
     return code, json.loads(out)
 
 
-def test_failed_trials_are_recorded_and_the_search_goes_on(bert_classifier, tmp_path, capsys):
-    path = _tiny_search(bert_classifier, tmp_path, {1: {"optional": True}, 3: {"per_channel": [True, False]}})
+@pytest.mark.parametrize("sampler", ["tpe", "nsga2"])
+def test_failed_trials_are_recorded_and_the_search_goes_on(bert_classifier, tmp_path, capsys, sampler):
+    space = {1: {"optional": True}, 3: {"per_channel": [True, False]}}
+    path = _tiny_search(bert_classifier, tmp_path, space, sampler=sampler)
     ws = tmp_path / "ws"
     (ws / "searches").mkdir(parents=True)
     name = study_name(load_recipe(path), path)
