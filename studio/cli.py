@@ -514,6 +514,56 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from studio.pipeline import load_recipe
+    from studio.search import run_search
+    from studio.search_space import validate_search
+
+    if args.ray:
+        raise BadInput(
+            f"--ray {args.ray}: running trials on a Ray cluster is not yet supported; run without --ray"
+        )
+    recipe = load_recipe(args.recipe)
+    validate_search(recipe, args.recipe)  # before the workspace is touched
+    try:
+        result = run_search(
+            recipe, workspace_path(args), recipe_path=args.recipe, trials=args.trials, trust=args.trust
+        )
+    except KeyboardInterrupt:
+        print(
+            "model-studio: search stopped; the finished trials are kept (run the same command to resume)",
+            file=sys.stderr,
+        )
+        return 130
+    if args.json:
+        json.dump(result, sys.stdout, default=str)
+        sys.stdout.write("\n")
+    else:
+        print_search_summary(result)
+    if result["best"] is None:
+        print("model-studio: no trial met the constraints", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_search_summary(result: dict[str, Any]) -> None:
+    front = set(result["pareto"])
+    print(f"search {result['study']}: {len(result['trials'])} trials ({result['new_trials']} new)")
+    for t in result["trials"]:
+        mark = "*" if t["variant"] in front else " "
+        values = ", ".join(f"{k} {v:.4g}" for k, v in t["values"].items())
+        status = (
+            values + ("" if t["feasible"] else "  (infeasible)") if t["state"] == "COMPLETE" else t["error"]
+        )
+        print(f" {mark} {t['number']:>4} {t['variant'] or '-':<24} {status}")
+    if result["best"] is not None:
+        print(f"\n* Pareto front; best: {result['best']}\nits recipe: {result['recipe']}")
+    elif result.get("closest"):
+        c = result["closest"]
+        print(f"\nno trial met the constraints; closest: trial {c['number']} ({c['variant']}), ", end="")
+        print(f"off by {c['violation']:.4g}")
+
+
 def cmd_screenshots(args: argparse.Namespace) -> int:
     from studio.gui_entry import screenshots
 
@@ -650,6 +700,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--trust", action="store_true", help=TRUST_HELP)
     p.set_defaults(handler=cmd_sensitivity)
+
+    p = sub.add_parser(
+        "search", help="search a recipe's `search:` space for the best variants on this machine (Optuna)"
+    )
+    p.add_argument("recipe", help="a recipe file with a search: section")
+    p.add_argument("--trials", type=int, help="trials in the study (default: the recipe's search.trials)")
+    p.add_argument("--json", action="store_true", help="print the result JSON")
+    p.add_argument("--trust", action="store_true", help=TRUST_HELP + "; a recipe's own trust: is ignored")
+    p.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster (not yet supported)")
+    p.add_argument("--workspace", help=ws_help)
+    p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("screenshots", help="render each main view offscreen to PNG files")
     p.add_argument("dir", help="output folder")

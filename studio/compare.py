@@ -55,6 +55,11 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """The metric names other commands use (`model-studio search` objectives): the same as this table's."""
+    return _flat_metrics(metrics)
+
+
 LOWER_IS_BETTER = (
     "size_mb",
     "peak_memory_mb",

@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
 
 from studio.checkpoints.base import FAMILIES, LoadedModel
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress, from_dict
 from studio.families import context_length
 from studio.safe_files import MB, check_structure, read_text
+from studio.search_space import SearchSpec
 
 # ------------------------------------------------------------------------------------------------ recipe
 
@@ -95,6 +96,18 @@ class Recipe(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     steps: list[Step] = Field(default_factory=list)
     evaluate: EvaluateSpec = Field(default_factory=EvaluateSpec)
+    search: SearchSpec | None = Field(
+        None, description="what `model-studio search` explores (ignored by `model-studio run`)"
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_empty_search(self, handler: Any) -> dict[str, Any]:
+        # A recipe without a search section dumps exactly as before the section existed, so the recipes
+        # recorded in workspaces and saved by the editor do not grow a `search: null`.
+        data = handler(self)
+        if data.get("search") is None:
+            data.pop("search", None)
+        return data
 
     @field_validator("task")
     @classmethod

@@ -1,0 +1,286 @@
+"""`model-studio search`: a multi-objective Optuna study over a recipe's `search:` space (Qt-free core).
+
+Every trial is a normal run in its own worker process (the client `model-studio run` uses), so a trial that
+crashes or exhausts memory cannot take the search down, and every finished trial is a variant in the
+workspace with its recipe. Trials run one at a time: a trial's timing never overlaps another's.
+
+The study lives in the workspace (`searches/<name>.db`, Optuna's SQLite storage) under a name derived
+from the recipe's content without its trial count, so running the same recipe again resumes it: raising
+`trials` (or `--trials`) adds only the missing trials. Constraints go to the sampler as Optuna's
+`constraints_func`; a trial whose combination fails (refused by validation, or an error in a step) is
+recorded as failed with its error and the search goes on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from studio.errors import BadInput, DiskFull
+from studio.search_space import metric_of, parse_constraint, trial_recipe, validate_search, violation
+
+Log = Callable[[str], None]
+STOPPED_KEY = "stopped_trials"  # study user attribute: numbers of the trials a stop cut short
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def study_name(recipe: Any, recipe_path: str | Path | None) -> str:
+    """`<recipe stem>-<hash>`: the hash covers everything but the trial count, so a longer run resumes."""
+    data = recipe.model_dump(mode="json")
+    data["search"].pop("trials", None)
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(recipe_path).stem if recipe_path else "recipe").strip("-")
+    return f"{stem or 'recipe'}-{digest}"
+
+
+def _sampler(kind: str, seed: int | None) -> Any:
+    import optuna
+
+    def constraints(trial: Any) -> list[float]:
+        return list(trial.user_attrs.get("constraint_values", []))
+
+    with warnings.catch_warnings():  # constraints_func is marked experimental in Optuna 4
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
+
+
+def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:
+    """a dominates b: no worse in every objective and better in one (signs turn maxima into minima)."""
+    pa = [s * v for s, v in zip(signs, a, strict=True)]
+    pb = [s * v for s, v in zip(signs, b, strict=True)]
+    return all(x <= y for x, y in zip(pa, pb, strict=True)) and any(
+        x < y for x, y in zip(pa, pb, strict=True)
+    )
+
+
+def pareto_front(
+    rows: list[dict[str, Any]], objectives: list[str], signs: list[float]
+) -> list[dict[str, Any]]:
+    """The feasible, completed trials no other feasible trial dominates."""
+    ok = [r for r in rows if r["state"] == "COMPLETE" and r["feasible"]]
+    vec = {r["number"]: [r["values"][metric_of(o)] for o in objectives] for r in ok}
+    return [r for r in ok if not any(_dominates(vec[o["number"]], vec[r["number"]], signs) for o in ok)]
+
+
+class _Runner:
+    """Runs one concrete recipe in a worker; returns (variant row, None) or (None, error message)."""
+
+    def __init__(self, workspace: Any, recipe_path: str | None, trust: bool) -> None:
+        self.workspace = workspace
+        self.recipe_path = recipe_path
+        self.trust = trust
+
+    def __call__(self, concrete: Any) -> tuple[dict[str, Any] | None, str | None]:
+        from studio.events import Done, Error
+        from studio.worker import WorkerClient
+
+        client = WorkerClient(
+            concrete.model_dump(mode="json"),
+            self.workspace.root,
+            recipe_path=self.recipe_path,
+            trust=self.trust,
+        )
+        result = error = None
+        try:
+            for event in client.events():
+                if isinstance(event, Done):
+                    result = event.result
+                elif isinstance(event, Error):
+                    error = event
+        except KeyboardInterrupt:
+            client.cancel()  # no half variant: the worker's folder goes with it
+            raise
+        if error is not None:
+            if error.kind == "disk-full":
+                raise DiskFull(error.message)
+            where = f"step {error.step + 1}: " if error.step is not None and error.step >= 0 else ""
+            return None, f"{error.kind}: {where}{error.message}"
+        assert result is not None
+        return result["variants"][0], None
+
+
+def _row(trial: Any, stopped: set[int]) -> dict[str, Any]:
+    attrs = dict(trial.user_attrs)
+    if trial.number in stopped:
+        attrs["error"] = "stopped before the trial finished"
+    cons = attrs.get("constraint_values")
+    return {
+        "number": trial.number,
+        "params": trial.params,
+        "variant": attrs.get("variant"),
+        "values": attrs.get("metrics", {}),
+        "feasible": bool(cons is not None and all(c <= 0 for c in cons))
+        if trial.state.name == "COMPLETE"
+        else False,
+        "violation": None if cons is None else sum(max(0.0, c) for c in cons),
+        "state": trial.state.name,
+        "error": attrs.get("error"),
+    }
+
+
+def run_search(
+    recipe: Any,
+    workspace: Any,
+    *,
+    recipe_path: str | Path | None = None,
+    trials: int | None = None,
+    trust: bool = False,
+    log: Log = _stderr,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+    runner: Callable[[Any], tuple[dict[str, Any] | None, str | None]] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the recipe's search until the study holds `trials` finished trials.
+
+    Returns `{"study", "storage", "trials", "pareto", "best", "recipe", "new_trials", "seconds"}`; `best` is
+    the feasible Pareto trial best on the first objective (None, with `closest`, when no trial is feasible).
+    Ctrl+C stops the running trial (its worker and folder removed), records it as failed and re-raises:
+    the study and the finished trials stay for the next run.
+    """
+    import optuna
+    from optuna.trial import FixedTrial, TrialState
+
+    from studio.compare import flat_metrics
+    from studio.pipeline import plan
+
+    spec = validate_search(recipe, recipe_path)
+    planned = plan(recipe, path=recipe_path, trust=trust)  # the recipe itself must be valid before any trial
+    total = spec.trials if trials is None else trials
+    if total < 1:
+        raise BadInput(f"--trials must be at least 1, got {total}")
+    objectives = list(spec.objectives)
+    signs = [-1.0 if o.startswith("max:") else 1.0 for o in objectives]
+    constraints = [(name, *parse_constraint(text)) for name, text in spec.constraints.items()]
+    wanted = [metric_of(o) for o in objectives] + [c[0] for c in constraints]
+
+    name = study_name(recipe, recipe_path)
+    folder = workspace.root / "searches"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise BadInput("is not a folder: the studio keeps its search studies there", path=folder) from exc
+    db = folder / f"{name}.db"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
+        study = optuna.create_study(
+            study_name=name,
+            storage=storage,
+            directions=["maximize" if s < 0 else "minimize" for s in signs],
+            sampler=_sampler(spec.sampler, spec.seed),
+            load_if_exists=True,
+        )
+    except Exception as exc:  # SQLAlchemy/Optuna errors: a damaged or foreign file where the study belongs
+        raise BadInput(
+            f"cannot open the search study ({type(exc).__name__}); it is damaged or not an Optuna study: "
+            "move it away to start this search afresh",
+            path=db,
+        ) from exc
+    if [d.name.lower() for d in study.directions] != ["maximize" if s < 0 else "minimize" for s in signs]:
+        raise BadInput(
+            "the stored study optimizes in other directions: move it away to start afresh", path=db
+        )
+    # Stopped trials (Ctrl+C, or a search killed outright, which leaves its trial RUNNING) are recorded as
+    # failed, so the sampler moves on, but they do not count towards the budget: nothing was learnt.
+    stopped = set(study.user_attrs.get(STOPPED_KEY, []))
+    for stale in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study.tell(stale.number, state=TrialState.FAIL)
+        stopped.add(stale.number)
+        log(f"search: trial {stale.number} of an earlier search never finished: recorded as stopped")
+    study.set_user_attr(STOPPED_KEY, sorted(stopped))
+    finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
+    done = sum(t.number not in stopped for t in study.get_trials(deepcopy=False, states=finished))
+    if done:
+        log(f"search: resuming {name} ({done} trials done, {max(0, total - done)} to go)")
+    run = runner or _Runner(workspace, None if recipe_path is None else str(recipe_path), trust)
+    started = time.perf_counter()
+    new = 0
+    while done < total:
+        trial = study.ask()
+        label = f"trial {trial.number} ({done + 1}/{total})"
+        t0 = time.perf_counter()
+        try:
+            try:
+                concrete = trial_recipe(recipe, trial)
+                plan(concrete, planned.model, trust=trust)
+            except BadInput as exc:
+                error: str | None = f"invalid combination: {exc.problem}"
+                variant = None
+            else:
+                variant, error = run(concrete)
+        except BaseException:  # Ctrl+C (the runner has cancelled the worker) or a bug: keep the study sound
+            study.set_user_attr(STOPPED_KEY, sorted(stopped | {trial.number}))
+            study.tell(trial, state=TrialState.FAIL)
+            raise
+        params = " ".join(f"{k}={v}" for k, v in trial.params.items())
+        if error is not None:
+            trial.set_user_attr("error", error)
+            study.tell(trial, state=TrialState.FAIL)
+            log(f"search: {label} failed in {time.perf_counter() - t0:.0f}s [{params}]: {error}")
+        else:
+            assert variant is not None
+            flat = flat_metrics(variant["metrics"])
+            missing = [m for m in wanted if m not in flat]
+            trial.set_user_attr("variant", variant["id"])
+            if missing:
+                trial.set_user_attr("error", f"not measured: {', '.join(missing)}")
+                study.tell(trial, state=TrialState.FAIL)
+                raise BadInput(
+                    f"the search names {', '.join(repr(m) for m in missing)}, which the runs of this model do not "
+                    f"measure (measured: {', '.join(sorted(flat))})",
+                    path=recipe_path,
+                )
+            values = {m: flat[m] for m in wanted}
+            cons = [violation(op, bound, flat[m]) for m, op, bound in constraints]
+            trial.set_user_attr("metrics", values)
+            trial.set_user_attr("constraint_values", cons)
+            study.tell(trial, [flat[metric_of(o)] for o in objectives])
+            shown = ", ".join(f"{m} {v:.4g}" for m, v in values.items())
+            mark = "" if all(c <= 0 for c in cons) else " (infeasible)"
+            log(
+                f"search: {label} -> {variant['id']} in {time.perf_counter() - t0:.0f}s [{params}]: {shown}{mark}"
+            )
+        done += 1
+        new += 1
+        if on_trial is not None:
+            on_trial(_row(study.trials[trial.number], stopped))
+
+    rows = [_row(t, stopped) for t in study.get_trials(deepcopy=False, states=finished)]
+    front = pareto_front(rows, objectives, signs)
+    best = min(front, key=lambda r: signs[0] * r["values"][metric_of(objectives[0])]) if front else None
+    out: dict[str, Any] = {
+        "study": name,
+        "storage": str(db),
+        "trials": rows,
+        "pareto": [r["variant"] for r in front],
+        "best": best["variant"] if best else None,
+        "recipe": None,
+        "new_trials": new,
+        "seconds": time.perf_counter() - started,
+    }
+    if best is not None:
+        concrete = trial_recipe(recipe, FixedTrial(best["params"], best["number"]))
+        path = folder / f"{name}-best.yaml"
+        header = (
+            f"# The best trial of search {name}: trial {best['number']}, variant {best['variant']}\n"
+            f"# (feasible, on the Pareto front of {', '.join(objectives)}, best on {objectives[0]}).\n"
+            "# Re-run it with: model-studio run THIS_FILE\n"
+        )
+        path.write_text(header + concrete.to_yaml(), encoding="utf-8")
+        out["recipe"] = str(path)
+    else:
+        scored = [r for r in rows if r["violation"] is not None]
+        closest = min(scored, key=lambda r: r["violation"]) if scored else None
+        out["closest"] = closest and {k: closest[k] for k in ("number", "variant", "values", "violation")}
+    return out
