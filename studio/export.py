@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import BadInput, StudioError, disk_full_error
+from studio.safe_files import make_parent_folder
 
 FORMATS = ("onnx", "tensorrt", "hf")
 _KIND_FOR_FORMAT = {"onnx": "onnx", "tensorrt": "tensorrt", "hf": "torch"}
@@ -74,18 +75,14 @@ def export_variant(workspace: Any, vid: str, fmt: str, out: str | Path) -> dict[
 
 
 def check_output_folder(out: Path) -> None:
-    """A new or empty folder in an existing, writable folder; anything else is a one-line BadInput."""
+    """A new or empty folder (missing folders above it are made); anything else is a one-line BadInput."""
     if out.is_symlink():
         raise BadInput("is a link; choose a new folder", path=out)
     if out.exists() and not out.is_dir():
         raise BadInput("is a file, not a folder; choose a new folder", path=out)
     if out.is_dir() and any(out.iterdir()):
         raise BadInput("the target exists and is not empty; choose a new folder", path=out)
-    parent = out.parent
-    if not parent.exists():
-        raise BadInput("the folder does not exist; create it first or choose another", path=parent)
-    if not parent.is_dir():
-        raise BadInput("is a file, not a folder; choose another place to export to", path=parent)
+    make_parent_folder(out)
 
 
 def output_error(exc: OSError, out: Path) -> StudioError:

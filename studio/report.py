@@ -196,14 +196,12 @@ def write_report(rows: list[dict[str, Any]], out: str | Path) -> Path:
     """Write the report atomically (a temporary file beside it, renamed over it), so a failed write never
     leaves a half file or destroys the previous report; an unusable path is a one-line BadInput."""
     from studio.errors import BadInput, disk_full_error
+    from studio.safe_files import make_parent_folder
 
     out = Path(out).expanduser()
     if out.is_dir():
         raise BadInput("is a folder; give the report a file name (e.g. report.html)", path=out)
-    if not out.parent.exists():
-        raise BadInput("the folder does not exist; create it first or choose another", path=out.parent)
-    if not out.parent.is_dir():
-        raise BadInput("is a file, not a folder; choose another place for the report", path=out.parent)
+    make_parent_folder(out)
     text = render(rows)
     tmp = out.with_name(f".{out.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
     created = False

@@ -169,3 +169,18 @@ def check_structure(data: Any, what: str, path: str | Path | None, max_depth: in
         if depth >= max_depth and children:
             raise BadInput(f"the {what} is nested more than {max_depth} levels deep", path=path)
         stack.extend((child, depth + 1) for child in children)
+
+
+def make_parent_folder(path: Path) -> None:
+    """Create the folders above `path` that do not exist yet (as `mkdir -p`, what a user who types
+    `--out new/dir/x` expects), refusing a path that runs through a file or into an unwritable place."""
+    parent = path.parent
+    ancestor = parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise BadInput("is a file, not a folder; choose another place", path=ancestor)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the folder ({exc.strerror or exc})", path=parent) from exc

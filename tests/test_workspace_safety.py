@@ -494,7 +494,7 @@ class TestOutputPathsAreChecked:
     def report(self, ws, out: Path) -> int:
         return main(["report", "--out", str(out), "--workspace", str(ws.root)])
 
-    def test_export_into_a_file_a_missing_or_read_only_folder(self, ws, tmp_path, capsys):
+    def test_export_into_a_file_or_read_only_folder_and_into_new_folders(self, ws, tmp_path, capsys):
         a_file = tmp_path / "a-file"
         a_file.write_text("keep me")
         full = tmp_path / "full"
@@ -503,7 +503,6 @@ class TestOutputPathsAreChecked:
         cases = {
             a_file: "is a file",
             a_file / "sub": "is a file",
-            tmp_path / "missing" / "out": "does not exist",
             full: "not empty",
         }
         for out, words in cases.items():
@@ -514,16 +513,18 @@ class TestOutputPathsAreChecked:
             assert "cannot write here" in one_line_error(capsys, self.export(ws, locked / "out"))
         assert list(locked.iterdir()) == []
         assert a_file.read_text() == "keep me" and (full / "old.txt").read_text() == "keep me too"
-        assert not (tmp_path / "missing").exists()
         assert self.export(ws, tmp_path / "fine") == 0  # the same variant exports where it can
+        # the folders above a new output folder are made, as mkdir -p
+        assert self.export(ws, tmp_path / "new" / "deeper" / "out") == 0
+        assert (tmp_path / "new" / "deeper" / "out").is_dir()
 
-    def test_report_into_a_folder_a_file_a_missing_or_read_only_folder(self, ws, tmp_path, capsys):
+    def test_report_into_a_folder_a_file_or_read_only_folder_and_into_new_folders(self, ws, tmp_path, capsys):
         a_file = tmp_path / "a-file"
         a_file.write_text("keep me")
         cases = {
             tmp_path: "is a folder",
             a_file / "r.html": "is a file",
-            tmp_path / "missing" / "r.html": "does not exist",
+            a_file / "sub" / "r.html": "is a file",
         }
         for out, words in cases.items():
             assert words in one_line_error(capsys, self.report(ws, out)), out
@@ -536,3 +537,4 @@ class TestOutputPathsAreChecked:
         assert previous.read_text() == "last week's report" and sorted(locked.iterdir()) == [previous]
         assert a_file.read_text() == "keep me"
         assert self.report(ws, tmp_path / "r.html") == 0 and "<html>" in (tmp_path / "r.html").read_text()
+        assert self.report(ws, tmp_path / "new" / "r.html") == 0  # a missing folder above is made
