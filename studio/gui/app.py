@@ -146,6 +146,8 @@ def open_workspace(root: Path | None) -> Any:
         return Workspace(root)
     except StudioError as exc:
         print(f"model-studio: error: {exc.message}", file=sys.stderr)
+        if os.environ.get("MODEL_STUDIO_SMOKE_TEST"):
+            return None  # an unattended start never waits on a dialog
         QMessageBox.critical(None, f"{APPLICATION}: cannot open the workspace", exc.message)
         return None
 
@@ -169,4 +171,8 @@ def run_app(args: argparse.Namespace) -> int:
 
         window.open_finished.connect(report)
     window.open_source(getattr(args, "open", None) or "builtin:minilm")
-    return app.exec()
+    code = app.exec()
+    from studio.gui.widgets import finish_tasks
+
+    finish_tasks()
+    return code

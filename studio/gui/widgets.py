@@ -289,6 +289,16 @@ def run_task(
     return task
 
 
+def finish_tasks(timeout_ms: int = 30_000) -> None:
+    """Cancel every task and wait for the pools, before the window goes at quit: a task still reading a
+    model would otherwise emit into deleted Qt objects and print tracebacks on the way out."""
+    for task in list(_LIVE.values()):
+        task.cancel()
+    pools = [QThreadPool.globalInstance()] + ([_POOL] if _POOL is not None else [])
+    for pool in pools:
+        pool.waitForDone(timeout_ms)
+
+
 # ------------------------------------------------------------------------------------------------ export
 
 
