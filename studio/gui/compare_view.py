@@ -461,6 +461,13 @@ def metric_title(name: str) -> str:
         return f"throughput {parts[1]} (/s)"
     if parts[0] == "quality":
         return "quality: " + ".".join(parts[1:]).replace("_", " ")
+    if name == "kv_cache_mb":
+        return "KV cache (MB)"
+    generation = {"ttft_ms": "time to first token", "tpot_ms": "time per output token"}
+    if parts[0] in generation and len(parts) == 3:
+        return f"{generation[parts[0]]} {parts[1]} {parts[2]} (ms)"
+    if parts[0] == "decode_tokens_per_s" and len(parts) == 2:
+        return f"decode {parts[1]} (tokens/s)"
     return name
 
 

@@ -15,6 +15,7 @@ from studio.gui.compare_view import (
     CompareView,
     NumericSortProxy,
     VariantTableModel,
+    metric_title,
 )
 from studio.gui.document import StudioDocument
 from studio.gui.widgets import export_plot, live_tasks, work_pool
@@ -56,6 +57,13 @@ def _select_rows(view: CompareView, ids: list[str]) -> None:
         row = _table_ids(view).index(vid)
         flags = QItemSelectionModel.SelectionFlag.Select | QItemSelectionModel.SelectionFlag.Rows
         model.select(view.proxy.index(row, 0), flags)
+
+
+def test_generation_metrics_have_titles_with_units():
+    assert metric_title("ttft_ms.b1.p50") == "time to first token b1 p50 (ms)"
+    assert metric_title("tpot_ms.b4.p50") == "time per output token b4 p50 (ms)"
+    assert metric_title("decode_tokens_per_s.b1") == "decode b1 (tokens/s)"
+    assert metric_title("kv_cache_mb") == "KV cache (MB)"
 
 
 def test_empty_workspace_says_what_to_do(qtbot, tmp_path, settings):
