@@ -12,10 +12,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from studio.checkpoints.base import FAMILIES, LoadedModel
 from studio.errors import BadInput, Unavailable
@@ -45,6 +53,15 @@ class DataSpec(_Strict):
     evaluation_examples: int = Field(64, ge=1, le=100_000, description="how many evaluation examples to use")
 
 
+def _positive_batch_sizes(v: list[int]) -> list[int]:
+    if not v or any(b < 1 for b in v):
+        raise ValueError("batch sizes must be a non-empty list of positive integers")
+    return v
+
+
+BatchSizes = Annotated[list[int], AfterValidator(_positive_batch_sizes)]
+
+
 class GenerationSpec(_Strict):
     """Generation speed of causal LMs and seq2seq models (TTFT, TPOT, tokens/s, KV cache): the same
     greedy prompts for the baseline and every variant. Checked against the model in `check_generation`."""
@@ -53,18 +70,11 @@ class GenerationSpec(_Strict):
         128, ge=1, le=65_536, description="tokens per prompt (from the evaluation data)"
     )
     new_tokens: int = Field(64, ge=1, le=65_536, description="tokens generated after each prompt (greedy)")
-    batch_sizes: list[int] = Field(default_factory=lambda: [1], description="batch sizes timed")
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(b < 1 for b in v):
-            raise ValueError("batch sizes must be a non-empty list of positive integers")
-        return v
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1], description="batch sizes timed")
 
 
 class EvaluateSpec(_Strict):
-    batch_sizes: list[int] = Field(default_factory=lambda: [1, 32], description="batch sizes timed")
+    batch_sizes: BatchSizes = Field(default_factory=lambda: [1, 32], description="batch sizes timed")
     sequence_length: int = Field(128, ge=1, le=65_536, description="tokens per example (text models)")
     latency: bool = Field(True, description="time the variants (off: quality and size only)")
     threads: int | None = Field(
@@ -74,13 +84,6 @@ class EvaluateSpec(_Strict):
     generation: GenerationSpec | None = Field(
         None, description="also time generation (causal-lm / seq2seq): prompt_tokens, new_tokens, batch_sizes"
     )
-
-    @field_validator("batch_sizes")
-    @classmethod
-    def _positive(cls, v: list[int]) -> list[int]:
-        if not v or any(b < 1 for b in v):
-            raise ValueError("batch sizes must be a non-empty list of positive integers")
-        return v
 
 
 class Recipe(_Strict):
