@@ -295,16 +295,16 @@ class TorchScheme:
     @contextlib.contextmanager
     def quantized(self, names: Collection[str]) -> Iterator[Any]:
         """The module with exactly `names` quantized (put back to float afterwards)."""
-        from studio.techniques.quantize import _set_submodule
+        from studio.techniques.quantize import set_submodule
 
         names = list(names)
         try:
             for name in names:
-                _set_submodule(self.root, name, self._make(name))
+                set_submodule(self.root, name, self._make(name))
             yield self.root
         finally:
             for name in names:
-                _set_submodule(self.root, name, self._float[name])
+                set_submodule(self.root, name, self._float[name])
 
     def fidelity(self, names: Collection[str], probe: FidelityProbe) -> float:
         from studio.evaluation.measure import runner_for

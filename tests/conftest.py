@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -91,16 +92,23 @@ def llama(models_dir) -> Path:
 @pytest.fixture(scope="session")
 def marian(models_dir) -> Path:
     import torch
-    from transformers import MarianConfig, MarianMTModel
+    from transformers import MarianMTModel
 
     torch.manual_seed(0)
-    cfg = MarianConfig(
+    return _save(MarianMTModel(marian_config()).eval(), models_dir / "marian")
+
+
+def marian_config(width: int = 32, heads: int = 4, **extra: Any) -> Any:
+    """A tiny Marian translation config (2 + 2 layers); tests vary width, heads and embedding sharing."""
+    from transformers import MarianConfig
+
+    return MarianConfig(
         vocab_size=VOCAB,
-        d_model=32,
+        d_model=width,
         encoder_layers=2,
         decoder_layers=2,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
         encoder_ffn_dim=64,
         decoder_ffn_dim=64,
         max_position_embeddings=128,
@@ -108,8 +116,8 @@ def marian(models_dir) -> Path:
         eos_token_id=102,
         decoder_start_token_id=0,
         forced_eos_token_id=102,
+        **extra,
     )
-    return _save(MarianMTModel(cfg).eval(), models_dir / "marian")
 
 
 class SmallCNN:

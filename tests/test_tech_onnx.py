@@ -407,28 +407,12 @@ def test_marian_exports_with_references_in_every_configuration(width, heads, tie
     trimmed labels were a strided view, and Marian's `labels.view(-1)` failed on it ("view size is not
     compatible with input tensor's size and stride") in every configuration, with references."""
     import torch
-    from transformers import MarianConfig, MarianMTModel
+    from transformers import MarianMTModel
 
-    from tests.conftest import VOCAB, _save
+    from tests.conftest import _save, marian_config
 
     torch.manual_seed(0)
-    cfg = MarianConfig(
-        vocab_size=VOCAB,
-        d_model=width,
-        encoder_layers=2,
-        decoder_layers=2,
-        encoder_attention_heads=heads,
-        decoder_attention_heads=heads,
-        encoder_ffn_dim=64,
-        decoder_ffn_dim=64,
-        max_position_embeddings=128,
-        pad_token_id=0,
-        eos_token_id=102,
-        decoder_start_token_id=0,
-        forced_eos_token_id=102,
-        tie_word_embeddings=tied,
-        share_encoder_decoder_embeddings=shared,
-    )
+    cfg = marian_config(width, heads, tie_word_embeddings=tied, share_encoder_decoder_embeddings=shared)
     model = open_checkpoint(_save(MarianMTModel(cfg).eval(), tmp_path / "marian"))
     references = load_examples("builtin:translation-en-de", 8)
     assert all(e.target for e in references)

@@ -132,7 +132,7 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
-def _set_submodule(root: Any, name: str, new: Any) -> None:
+def set_submodule(root: Any, name: str, new: Any) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, new)
@@ -285,13 +285,13 @@ class DynamicInt8(Technique):
                 old = root.get_submodule(name)
                 layer = DynamicInt8Linear.from_float(_float_weight(old), old.bias, p.per_channel)
                 before, after = before + _nbytes(old), after + _nbytes(layer)
-                _set_submodule(root, name, layer)
+                set_submodule(root, name, layer)
                 ctx.progress((i + 1) / total, f"quantized {name}")
             for j, name in enumerate(embeddings):
                 old = root.get_submodule(name)
                 new = Int8Embedding.from_float(old.weight)
                 before, after = before + _nbytes(old), after + _nbytes(new)
-                _set_submodule(root, name, new)
+                set_submodule(root, name, new)
                 ctx.progress((len(linears.chosen) + j + 1) / total, f"quantized {name}")
         _report(ctx, self.id, sel, before, after)
         ctx.log(
@@ -314,12 +314,12 @@ class DynamicInt8(Technique):
         for name in record.get("modules", []):
             old = _module_named(module, name, cls.id)
             in_features, out_features = _shape(old)
-            _set_submodule(
+            set_submodule(
                 module, name, DynamicInt8Linear(in_features, out_features, old.bias is not None, per_channel)
             )
         for name in record.get("embeddings", []):
             old = _module_named(module, name, cls.id)
-            _set_submodule(
+            set_submodule(
                 module, name, Int8Embedding(old.num_embeddings, old.embedding_dim, old.weight.dtype)
             )
         return module
@@ -478,7 +478,7 @@ class WeightOnly(Technique):
                         _float_weight(old), old.bias, p.bits, p.group_for(in_features), p.symmetric
                     )
                 before, after = before + _nbytes(old), after + _nbytes(new)
-                _set_submodule(root, name, new)
+                set_submodule(root, name, new)
                 ctx.progress((i + 1) / len(sel.chosen), f"quantized {name}")
         _report(ctx, self.id, sel, before, after)
         record = {
@@ -516,7 +516,7 @@ class WeightOnly(Technique):
                 )
             except ValueError as exc:
                 raise BadInput(f"{cls.id}: cannot rebuild layer '{name}': {exc}") from exc
-            _set_submodule(module, name, new)
+            set_submodule(module, name, new)
         for name in record.get("embeddings", []):
             old = _module_named(module, name, cls.id)
             width = old.embedding_dim
@@ -532,5 +532,5 @@ class WeightOnly(Technique):
                 )
             except ValueError as exc:
                 raise BadInput(f"{cls.id}: cannot rebuild embedding '{name}': {exc}") from exc
-            _set_submodule(module, name, new)
+            set_submodule(module, name, new)
         return module
