@@ -19,14 +19,9 @@ import pytest
 from studio.checkpoints import open_checkpoint
 from studio.errors import BadInput
 from studio.evaluation.data import load_examples
-from studio.sensitivity import (
-    FidelityProbe,
-    TorchScheme,
-    choose_exclusions,
-    choose_exclusions_from_report,
-    layer_sensitivity,
-)
+from studio.sensitivity import choose_exclusions_from_report, layer_sensitivity
 from studio.techniques.base import RunContext, get_technique, initial_state
+from studio.techniques.mixed_precision import FidelityProbe, TorchScheme, choose_exclusions
 
 FRAGILE = "encoder.layer.1.output.dense"
 FRAGILE_NODE = "/model/encoder/layer.1/output/dense/MatMul"

@@ -495,7 +495,7 @@ class OnnxQuantizeDynamic(Technique):
 
     def _mixed_precision(self, src: Path, params: QuantizeDynamicParams, ctx: RunContext) -> list[str]:
         """The nodes mixed precision keeps float (see studio.sensitivity)."""
-        from studio.sensitivity import OnnxScheme, mixed_precision
+        from studio.techniques.mixed_precision import OnnxScheme, mixed_precision
 
         assert params.mixed_precision is not None  # only called when set
         scheme = OnnxScheme(

@@ -20,16 +20,14 @@ MiniLM at batch 32 x sequence 128):
   not shrink; round-to-nearest group-wise codes packed two per byte in plain uint8 tensors do.
 
 Families: any torch model built of `torch.nn.Linear` layers (and transformers' `Conv1D`, GPT-2's
-transposed Linear). Only layers of exactly those types are swapped (subclasses such as the output
-projection of `nn.MultiheadAttention` are read directly by their owners); layers whose weight is tied
-to another module (a language-model head sharing the embedding table) stay float.
+transposed Linear). Which layers are swapped (exactly those types; tied weights stay float) and the
+quantized layer built for each are decided in studio/techniques/layer_swap.py, shared with the
+mixed-precision search so that it measures the very layers these blocks build.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -37,8 +35,21 @@ from pydantic import Field, field_validator
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
+from studio.techniques.layer_swap import (
+    DEFAULT_INT4_GROUP,
+    LayerScheme,
+    Selection,
+    empty_layer,
+    group_misfit,
+    group_width,
+    input_width,
+    is_linear,
+    module_named,
+    select,
+    set_submodule,
+    swap_layers,
+)
 
-DEFAULT_INT4_GROUP = 128
 # Config fields giving the input widths of a transformer's Linear layers (name -> description).
 WIDTH_FIELDS = {
     "hidden_size": "hidden size",
@@ -75,8 +86,8 @@ def _mixed_precision_field() -> Any:
 
 
 def _choose_float_layers(ctx: RunContext, technique: str, target: float, **scheme: Any) -> list[str]:
-    """The layers mixed precision keeps float (logged and kept as a metric by studio.sensitivity)."""
-    from studio.sensitivity import TorchScheme, mixed_precision
+    """The layers mixed precision keeps float (logged and kept as a metric by mixed_precision)."""
+    from studio.techniques.mixed_precision import TorchScheme, mixed_precision
 
     choice = mixed_precision(ctx, TorchScheme(**scheme), target, technique)
     if not choice.met:
@@ -93,91 +104,6 @@ def _check_patterns(value: list[str]) -> list[str]:
         if not pattern.strip():
             raise ValueError("an exclude entry is empty")
     return value
-
-
-# ---------------------------------------------------------------------------------------------- layers
-
-
-def _is_conv1d(module: Any) -> bool:
-    cls = type(module)
-    return cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers")
-
-
-def _is_linear(module: Any) -> bool:
-    import torch
-
-    return type(module) is torch.nn.Linear or _is_conv1d(module)
-
-
-def _float_weight(module: Any) -> Any:
-    """The weight as [out, in], whatever the layer's own layout (Conv1D stores [in, out])."""
-    return module.weight.t() if _is_conv1d(module) else module.weight
-
-
-def _shape(module: Any) -> tuple[int, int]:
-    """(in_features, out_features)."""
-    out_features, in_features = _float_weight(module).shape
-    return int(in_features), int(out_features)
-
-
-def _tied_parameters(root: Any) -> set[int]:
-    """ids of parameters reachable under more than one name (tied embeddings and heads)."""
-    seen: dict[int, int] = {}
-    for _name, p in root.named_parameters(remove_duplicate=False):
-        seen[id(p)] = seen.get(id(p), 0) + 1
-    return {k for k, n in seen.items() if n > 1}
-
-
-def _matches(name: str, pattern: str) -> bool:
-    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
-
-
-def set_submodule(root: Any, name: str, new: Any) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _module_named(root: Any, name: str, technique: str) -> Any:
-    try:
-        return root.get_submodule(name)
-    except AttributeError as exc:
-        raise BadInput(
-            f"{technique}: the variant's record names layer '{name}', which the rebuilt model does not have"
-        ) from exc
-
-
-@dataclasses.dataclass
-class Selection:
-    chosen: list[str]
-    excluded: list[str]
-    tied: list[str]
-
-
-def _select(root: Any, is_candidate: Any, exclude: Sequence[str], technique: str, what: str) -> Selection:
-    """The candidate layers to quantize, minus excluded ones and tied ones; unmatched patterns are errors."""
-    tied_ids = _tied_parameters(root)
-    candidates = [(n, m) for n, m in root.named_modules() if n and is_candidate(m)]
-    if not candidates:
-        raise BadInput(f"{technique}: the model has no {what} to quantize")
-    names = [n for n, _ in candidates]
-    for pattern in exclude:
-        if not any(_matches(n, pattern) for n in names):
-            examples = ", ".join(f"'{n}'" for n in names[:3])
-            raise BadInput(
-                f"{technique}: exclude entry '{pattern}' matches no {what} (they are named like {examples})"
-            )
-    sel = Selection([], [], [])
-    for name, module in candidates:
-        if any(_matches(name, p) for p in exclude):
-            sel.excluded.append(name)
-        elif id(getattr(module, "weight", None)) in tied_ids:
-            sel.tied.append(name)
-        else:
-            sel.chosen.append(name)
-    if not sel.chosen:
-        raise BadInput(f"{technique}: every {what} is excluded or tied; nothing would be quantized")
-    return sel
 
 
 def _refuse_unbuildable(technique: str, model: LoadedModel) -> None:
@@ -199,13 +125,17 @@ def _report(ctx: RunContext, technique: str, sel: Selection, bytes_before: int, 
     ctx.metric("quantized_weight_bytes_after", bytes_after)
 
 
-def _nbytes(module: Any) -> int:
-    tensors = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
-    total = sum(t.numel() * t.element_size() for t in tensors)
-    if hasattr(module, "unpacked"):  # DynamicInt8Linear keeps its weights packed for FBGEMM
-        codes, scales, bias = module.unpacked()
-        total += codes.numel() + scales.numel() * 4 + (0 if bias is None else bias.numel() * 4)
-    return total
+def _restore(module: Any, record: dict[str, Any], scheme: LayerScheme, technique: str) -> Any:
+    """Swap the layers a variant's record names for empty quantized ones, before its weights are loaded."""
+    for key, what in (("modules", "layer"), ("embeddings", "embedding")):
+        for name in record.get(key, []):
+            old = module_named(module, name, technique)
+            try:
+                new = empty_layer(old, scheme)
+            except ValueError as exc:
+                raise BadInput(f"{technique}: cannot rebuild {what} '{name}': {exc}") from exc
+            set_submodule(module, name, new)
+    return module
 
 
 # ---------------------------------------------------------------------------------------------- dynamic INT8
@@ -248,19 +178,12 @@ class DynamicInt8(Technique):
         _refuse_unbuildable(self.id, model)
 
     def run(self, state: StageState, params: DynamicInt8Params, ctx: RunContext) -> StageState:  # type: ignore[override]
-        import torch
-
-        from studio.techniques.quantized_layers import DynamicInt8Linear, Int8Embedding, vnni_available
+        from studio.techniques.quantized_layers import vnni_available
 
         p = params
         root = state.module
-        if not any(_is_linear(m) for m in root.modules()):
+        if not any(is_linear(m) for m in root.modules()):
             raise BadInput(f"{self.id}: the model has no Linear layer to quantize")
-
-        def candidate(m: Any) -> bool:
-            return _is_linear(m) or (p.embeddings and type(m) is torch.nn.Embedding)
-
-        what = "Linear layer or embedding" if p.embeddings else "Linear layer"
         exclude = list(p.exclude)
         if p.mixed_precision is not None:
             exclude += _choose_float_layers(
@@ -273,26 +196,11 @@ class DynamicInt8(Technique):
                 embeddings=p.embeddings,
                 exclude=p.exclude,
             )
-        sel = _select(root, candidate, exclude, self.id, what)
-        linears = dataclasses.replace(
-            sel, chosen=[n for n in sel.chosen if _is_linear(root.get_submodule(n))]
-        )
-        embeddings = [n for n in sel.chosen if n not in set(linears.chosen)]
-        total = len(sel.chosen)
-        before = after = 0
-        with torch.no_grad():
-            for i, name in enumerate(linears.chosen):
-                old = root.get_submodule(name)
-                layer = DynamicInt8Linear.from_float(_float_weight(old), old.bias, p.per_channel)
-                before, after = before + _nbytes(old), after + _nbytes(layer)
-                set_submodule(root, name, layer)
-                ctx.progress((i + 1) / total, f"quantized {name}")
-            for j, name in enumerate(embeddings):
-                old = root.get_submodule(name)
-                new = Int8Embedding.from_float(old.weight)
-                before, after = before + _nbytes(old), after + _nbytes(new)
-                set_submodule(root, name, new)
-                ctx.progress((len(linears.chosen) + j + 1) / total, f"quantized {name}")
+        sel = select(root, exclude, self.id, embeddings=p.embeddings)
+        linears = [n for n in sel.chosen if is_linear(root.get_submodule(n))]
+        embeddings = [n for n in sel.chosen if n not in set(linears)]
+        scheme = LayerScheme("int8", per_channel=p.per_channel)
+        before, after = swap_layers(root, linears + embeddings, scheme, ctx.progress)
         _report(ctx, self.id, sel, before, after)
         ctx.log(
             f"{self.id}: activations use {'8' if vnni_available() else '7 (no VNNI on this CPU)'} bits "
@@ -301,28 +209,15 @@ class DynamicInt8(Technique):
         record = {
             "technique": self.id,
             "per_channel": p.per_channel,
-            "modules": linears.chosen,
+            "modules": linears,
             "embeddings": embeddings,
         }
         return dataclasses.replace(state, module=root, transforms=[*state.transforms, record])
 
     @classmethod
     def restore(cls, module: Any, record: dict[str, Any]) -> Any:
-        from studio.techniques.quantized_layers import DynamicInt8Linear, Int8Embedding
-
-        per_channel = bool(record.get("per_channel", True))
-        for name in record.get("modules", []):
-            old = _module_named(module, name, cls.id)
-            in_features, out_features = _shape(old)
-            set_submodule(
-                module, name, DynamicInt8Linear(in_features, out_features, old.bias is not None, per_channel)
-            )
-        for name in record.get("embeddings", []):
-            old = _module_named(module, name, cls.id)
-            set_submodule(
-                module, name, Int8Embedding(old.num_embeddings, old.embedding_dim, old.weight.dtype)
-            )
-        return module
+        scheme = LayerScheme("int8", per_channel=bool(record.get("per_channel", True)))
+        return _restore(module, record, scheme, cls.id)
 
 
 # ---------------------------------------------------------------------------------------------- weight-only
@@ -359,9 +254,12 @@ class WeightOnlyParams(Params):
         return value
 
     def group_for(self, in_features: int) -> int:
-        if self.group_size is not None:
-            return self.group_size
-        return DEFAULT_INT4_GROUP if self.bits == 4 else in_features
+        return group_width(self.bits, self.group_size, in_features)
+
+    def layer_scheme(self) -> LayerScheme:
+        return LayerScheme(
+            "weight-only", bits=self.bits, group_size=self.group_size, symmetric=self.symmetric
+        )
 
 
 def _largest_divisor(width: int, at_most: int) -> int:
@@ -369,6 +267,35 @@ def _largest_divisor(width: int, at_most: int) -> int:
     while g * 2 <= at_most and width % (g * 2) == 0:
         g *= 2
     return g
+
+
+def _refuse_misfits(root: Any, names: list[str], p: WeightOnlyParams, technique: str) -> None:
+    """Every chosen layer is checked before any is changed: a group that does not tile its row, or an odd
+    width for 4-bit codes, is refused with the fix."""
+    scheme = p.layer_scheme()
+    for name in names:
+        module = root.get_submodule(name)
+        problem = scheme.misfit(module)
+        if problem is None:
+            continue
+        width = input_width(module)
+        group = p.group_for(width)
+        if not is_linear(module):
+            raise BadInput(
+                f"{technique}: group_size {group} does not fit the width {width} of embedding "
+                f"'{name}' (it must divide it, and 4-bit widths must be even); choose a divisor of "
+                f"{width} (e.g. {_largest_divisor(width, group)}) or exclude the table"
+            )
+        if problem == "indivisible":
+            raise BadInput(
+                f"{technique}: group_size {group} does not divide the input width {width} "
+                f"of layer '{name}'; choose a divisor of {width} (e.g. "
+                f"{_largest_divisor(width, group)}) or exclude the layer"
+            )
+        raise BadInput(
+            f"{technique}: layer '{name}' has an odd input width ({width}); 4-bit codes "
+            "are packed in pairs: exclude the layer or use bits 8"
+        )
 
 
 @register
@@ -400,29 +327,22 @@ class WeightOnly(Technique):
             if not isinstance(width, int) or width <= 0:
                 continue
             group = p.group_for(width)
-            if width % group:
+            problem = group_misfit(width, p.bits, group)
+            if problem == "indivisible":
                 raise BadInput(
                     f"quantize.weight_only: group_size {group} does not divide the model's {what} "
                     f"({field} = {width}), the input width of the Linear layers that read it; "
                     f"choose a divisor of {width}, e.g. {_largest_divisor(width, group)}"
                 )
-            if p.bits == 4 and width % 2:
+            if problem == "odd":
                 raise BadInput(
                     f"quantize.weight_only: 4-bit codes are packed in pairs but the {what} ({field} = {width}) "
                     "is odd; use bits 8"
                 )
 
     def run(self, state: StageState, params: WeightOnlyParams, ctx: RunContext) -> StageState:  # type: ignore[override]
-        import torch
-
-        from studio.techniques.quantized_layers import WeightOnlyEmbedding, WeightOnlyLinear
-
         p = params
         root = state.module
-
-        def candidate(m: Any) -> bool:
-            return _is_linear(m) or (p.embeddings and type(m) is torch.nn.Embedding)
-
         exclude = list(p.exclude)
         if p.mixed_precision is not None:
             exclude += _choose_float_layers(
@@ -437,49 +357,11 @@ class WeightOnly(Technique):
                 symmetric=p.symmetric,
                 exclude=p.exclude,
             )
-        what = "Linear layer or embedding" if p.embeddings else "Linear layer"
-        sel = _select(root, candidate, exclude, self.id, what)
-        embeddings = [n for n in sel.chosen if not _is_linear(root.get_submodule(n))]
-        for name in embeddings:
-            width = root.get_submodule(name).embedding_dim
-            group = p.group_for(width)
-            if width % group or (p.bits == 4 and width % 2):
-                raise BadInput(
-                    f"quantize.weight_only: group_size {group} does not fit the width {width} of embedding "
-                    f"'{name}' (it must divide it, and 4-bit widths must be even); choose a divisor of "
-                    f"{width} (e.g. {_largest_divisor(width, group)}) or exclude the table"
-                )
+        sel = select(root, exclude, self.id, embeddings=p.embeddings)
+        embeddings = [n for n in sel.chosen if not is_linear(root.get_submodule(n))]
         linears = [n for n in sel.chosen if n not in set(embeddings)]
-        for name in linears:  # every layer is checked before any is changed
-            in_features, _ = _shape(root.get_submodule(name))
-            group = p.group_for(in_features)
-            if in_features % group:
-                raise BadInput(
-                    f"quantize.weight_only: group_size {group} does not divide the input width {in_features} "
-                    f"of layer '{name}'; choose a divisor of {in_features} (e.g. "
-                    f"{_largest_divisor(in_features, group)}) or exclude the layer"
-                )
-            if p.bits == 4 and in_features % 2:
-                raise BadInput(
-                    f"quantize.weight_only: layer '{name}' has an odd input width ({in_features}); 4-bit codes "
-                    "are packed in pairs: exclude the layer or use bits 8"
-                )
-        before = after = 0
-        with torch.no_grad():
-            for i, name in enumerate(sel.chosen):
-                old = root.get_submodule(name)
-                if name in embeddings:
-                    new = WeightOnlyEmbedding.from_float(
-                        old.weight, None, p.bits, p.group_for(old.embedding_dim), p.symmetric
-                    )
-                else:
-                    in_features, _ = _shape(old)
-                    new = WeightOnlyLinear.from_float(
-                        _float_weight(old), old.bias, p.bits, p.group_for(in_features), p.symmetric
-                    )
-                before, after = before + _nbytes(old), after + _nbytes(new)
-                set_submodule(root, name, new)
-                ctx.progress((i + 1) / len(sel.chosen), f"quantized {name}")
+        _refuse_misfits(root, embeddings + linears, p, self.id)
+        before, after = swap_layers(root, sel.chosen, p.layer_scheme(), ctx.progress)
         _report(ctx, self.id, sel, before, after)
         record = {
             "technique": self.id,
@@ -494,43 +376,9 @@ class WeightOnly(Technique):
 
     @classmethod
     def restore(cls, module: Any, record: dict[str, Any]) -> Any:
-        from studio.techniques.quantized_layers import WeightOnlyEmbedding, WeightOnlyLinear
-
         params = WeightOnlyParams(
             bits=record.get("bits", 4),
             group_size=record.get("group_size"),
             symmetric=record.get("symmetric", True),
         )
-        for name in record.get("modules", []):
-            old = _module_named(module, name, cls.id)
-            in_features, out_features = _shape(old)
-            try:
-                new = WeightOnlyLinear(
-                    in_features,
-                    out_features,
-                    old.bias is not None,
-                    params.bits,
-                    params.group_for(in_features),
-                    params.symmetric,
-                    old.weight.dtype,
-                )
-            except ValueError as exc:
-                raise BadInput(f"{cls.id}: cannot rebuild layer '{name}': {exc}") from exc
-            set_submodule(module, name, new)
-        for name in record.get("embeddings", []):
-            old = _module_named(module, name, cls.id)
-            width = old.embedding_dim
-            try:
-                new = WeightOnlyEmbedding(
-                    width,
-                    old.num_embeddings,
-                    False,
-                    params.bits,
-                    params.group_for(width),
-                    params.symmetric,
-                    old.weight.dtype,
-                )
-            except ValueError as exc:
-                raise BadInput(f"{cls.id}: cannot rebuild embedding '{name}': {exc}") from exc
-            set_submodule(module, name, new)
-        return module
+        return _restore(module, record, params.layer_scheme(), cls.id)

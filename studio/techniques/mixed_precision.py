@@ -1,0 +1,398 @@
+"""Mixed precision: which layers to keep float so that a quantized model stays close to the original.
+
+A scheme quantizes any chosen subset of a model's layers and measures the result's fidelity against the
+original on fixed batches: `TorchScheme` swaps layers of a private copy of a torch module (the layers
+quantize.dynamic_int8 and quantize.weight_only would build, each built once); `OnnxScheme` runs ONNX
+Runtime's quantize_dynamic on the graph with a node list, so what is measured is what
+onnx.quantize_dynamic produces. `choose_exclusions` measures each layer all-but-one and keeps layers
+float, best fidelity won back per parameter first, until a target is met; `mixed_precision` runs it
+inside a pipeline step. The `sensitivity` verb (studio/sensitivity.py) reports the same measurements
+layer by layer.
+
+Fidelity is measured the way variants are judged: against the original's outputs on the same batches,
+as 1 - the family's divergence, which for encoders is the mean cosine of pooled embeddings (for
+classifiers and LMs: 1 - the KL divergence of the output distributions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from studio.checkpoints.base import LoadedModel
+from studio.errors import BadInput
+from studio.techniques.layer_swap import LayerScheme, is_linear, quantized_layer, select, set_submodule, shape
+
+# Ops whose constant weight onnx.quantize_dynamic turns into integers (input index of that weight).
+ONNX_WEIGHT_INPUT = {"MatMul": 1, "Attention": 1, "EmbedLayerNormalization": 2, "Gather": 0, "Conv": 1}
+
+Progress = Callable[[float, str], None]
+
+
+def no_progress(_fraction: float, _message: str = "") -> None:
+    return None
+
+
+@dataclass
+class Layer:
+    """One quantizable unit: `name` is what the scheme's block takes in its exclusion list."""
+
+    name: str
+    module: str  # the torch module it comes from ("" when the graph does not say)
+    kind: str  # linear, embedding, attention (fused), ...
+    parameters: int
+
+
+@dataclass
+class MixedPrecisionChoice:
+    """Layers kept float so that the quantized model reaches a fidelity target."""
+
+    target: float
+    excluded: list[str]
+    fidelity: float  # with those layers float, everything else quantized
+    fidelity_all: float  # everything quantized
+    met: bool
+    trace: list[tuple[int, float]]  # (layers kept float, fidelity) for each count tried
+
+
+# ------------------------------------------------------------------------------------------------ fidelity
+
+
+class FidelityProbe:
+    """Reference outputs computed once; `fidelity(runner)` runs a candidate on the same batches."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        examples: Sequence[Any],
+        sequence_length: int,
+        reference: Callable[[Any], Any] | None = None,
+    ) -> None:
+        from studio.evaluation.measure import quality_batches
+        from studio.families import family_for
+
+        if not examples:
+            raise BadInput("sensitivity needs examples to run the model on")
+        self.model = model
+        self.family = family_for(model)
+        self.examples = len(examples)
+        self.sequence_length = sequence_length
+        self.batches = quality_batches(model, examples, sequence_length)
+        if reference is None:
+            from studio.evaluation.measure import runner_for
+
+            kind = "onnx" if model.format == "onnx" else "torch"
+            reference = runner_for(kind, model.path if kind == "onnx" else model.module, model)
+        self.reference = [reference(b) for b in self.batches]
+
+    @property
+    def objective(self) -> str:
+        if self.family.name == "feature-extraction":
+            return "mean cosine of pooled embeddings against the original"
+        return f"1 - {self.family.name} divergence from the original's outputs"
+
+    def fidelity(self, runner: Callable[[Any], Any]) -> float:
+        total = 0.0
+        rows = 0
+        for batch, ref in zip(self.batches, self.reference, strict=True):
+            n = int(ref.shape[0])
+            total += (1.0 - self.family.divergence(ref, runner(batch), batch)) * n
+            rows += n
+        return total / rows
+
+
+# ------------------------------------------------------------------------------------------------ schemes
+
+
+class TorchScheme:
+    """Quantize layers of a private copy of a torch module, one swap at a time.
+
+    `scheme` is "torch-int8" (quantize.dynamic_int8's layers) or "weight-only" (quantize.weight_only's,
+    with `bits`, `group_size`, `symmetric`); "int4" is weight-only with 4 bits. Layers are chosen as the
+    block chooses them (tied weights and `exclude` left out).
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        scheme: str,
+        *,
+        per_channel: bool = True,
+        embeddings: bool | None = None,
+        bits: int = 4,
+        group_size: int | None = None,
+        symmetric: bool = True,
+        exclude: Sequence[str] = (),
+    ) -> None:
+        if scheme == "int4":
+            scheme, bits = "weight-only", 4
+        if scheme not in ("torch-int8", "weight-only"):
+            raise BadInput(f"unknown torch scheme '{scheme}'")
+        if embeddings is None:
+            embeddings = scheme == "torch-int8"
+        self.scheme = scheme
+        self.swap = LayerScheme(
+            "int8" if scheme == "torch-int8" else "weight-only", per_channel, bits, group_size, symmetric
+        )
+        self.root = copy.deepcopy(module)
+        technique = "quantize.dynamic_int8" if scheme == "torch-int8" else "quantize.weight_only"
+        sel = select(self.root, list(exclude), technique, embeddings=embeddings)
+        self.layers: list[Layer] = []
+        self.skipped: list[str] = []
+        for name in sel.chosen:
+            m = self.root.get_submodule(name)
+            if self.swap.misfit(m):
+                self.skipped.append(name)  # the block refuses these: they must be excluded
+                continue
+            if is_linear(m):
+                width, out_features = shape(m)
+                params, kind = width * out_features, "linear"
+            else:
+                params, kind = int(m.weight.numel()), "embedding"
+            self.layers.append(Layer(name, name, kind, params))
+        if not self.layers:
+            raise BadInput(f"{technique}: no layer of this model can be quantized by the {scheme} scheme")
+        self._float = {layer.name: self.root.get_submodule(layer.name) for layer in self.layers}
+        self._quantized: dict[str, Any] = {}
+
+    def _make(self, name: str) -> Any:
+        """Each layer's quantized version is built once and swapped in and out across measurements."""
+        if name not in self._quantized:
+            self._quantized[name] = quantized_layer(self._float[name], self.swap)
+        return self._quantized[name]
+
+    @contextlib.contextmanager
+    def quantized(self, names: Collection[str]) -> Iterator[Any]:
+        """The module with exactly `names` quantized (put back to float afterwards)."""
+        names = list(names)
+        try:
+            for name in names:
+                set_submodule(self.root, name, self._make(name))
+            yield self.root
+        finally:
+            for name in names:
+                set_submodule(self.root, name, self._float[name])
+
+    def fidelity(self, names: Collection[str], probe: FidelityProbe) -> float:
+        from studio.evaluation.measure import runner_for
+
+        with self.quantized(names) as module:
+            return probe.fidelity(runner_for("torch", module, probe.model))
+
+    def close(self) -> None:
+        self._quantized.clear()
+
+
+class OnnxScheme:
+    """Quantize chosen nodes of an ONNX graph with onnx.quantize_dynamic's own tool, one file per trial."""
+
+    def __init__(
+        self,
+        graph: Path,
+        workdir: Path,
+        *,
+        per_channel: bool = True,
+        reduce_range: bool = False,
+        weight_type: str = "int8",
+        op_types: Sequence[str] = ("MatMul", "Attention", "EmbedLayerNormalization", "Gather"),
+        exclude: Sequence[str] = (),
+    ) -> None:
+        from studio.checkpoints.onnx_file import load_onnx_graph
+
+        self.graph = Path(graph)
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.per_channel = per_channel
+        self.reduce_range = reduce_range
+        self.weight_type = weight_type
+        self.op_types = list(op_types)
+        proto = load_onnx_graph(self.graph).graph
+        self.layers = onnx_layers(proto, self.op_types, exclude)
+        if not self.layers:
+            raise BadInput("the graph has no node onnx.quantize_dynamic can quantize", path=self.graph)
+        self._trial = 0
+
+    def quantize(self, names: Collection[str], out: Path) -> Path:
+        import onnx
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        from studio.techniques.onnx_passes import needs_external_data
+
+        with _quiet_root_logger():
+            quantize_dynamic(
+                str(self.graph),
+                str(out),
+                op_types_to_quantize=self.op_types,
+                per_channel=self.per_channel,
+                reduce_range=self.reduce_range,
+                weight_type=QuantType.QInt8 if self.weight_type == "int8" else QuantType.QUInt8,
+                nodes_to_quantize=sorted(names),
+                use_external_data_format=needs_external_data(self.graph),
+                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            )
+        return out
+
+    def fidelity(self, names: Collection[str], probe: FidelityProbe) -> float:
+        import shutil
+
+        from studio.evaluation.runners import OnnxRunner
+
+        if not names:  # nodes_to_quantize=[] would mean "every node" to ONNX Runtime
+            return probe.fidelity(OnnxRunner(self.graph, probe.model))
+        self._trial += 1
+        folder = self.workdir / f"trial{self._trial:04d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            path = self.quantize(names, folder / "model.onnx")
+            return probe.fidelity(OnnxRunner(path, probe.model))
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def close(self) -> None:
+        return None
+
+
+def onnx_layers(graph: Any, op_types: Sequence[str], exclude: Sequence[str] = ()) -> list[Layer]:
+    """The nodes of `op_types` with a constant weight, named as onnx.quantize_dynamic's lists take them."""
+    inits = {t.name: t for t in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    layers = []
+    for node in graph.node:
+        slot = ONNX_WEIGHT_INPUT.get(node.op_type)
+        if node.op_type not in op_types or slot is None or len(node.input) <= slot:
+            continue
+        weight = inits.get(node.input[slot])
+        if weight is None or not node.name or node.name in exclude:
+            continue
+        params = 1
+        for d in weight.dims:
+            params *= int(d)
+        kind = {
+            "MatMul": "linear",
+            "Attention": "attention",
+            "EmbedLayerNormalization": "embedding",
+            "Gather": "embedding",
+            "Conv": "conv",
+        }[node.op_type]
+        layers.append(Layer(node.name, _module_of(node, consumers), kind, params))
+    return layers
+
+
+def _path_module(name: str) -> str:
+    """'/model/encoder/layer.0/output/dense/MatMul' -> 'encoder.layer.0.output.dense'."""
+    if not name.startswith("/"):
+        return ""
+    parts = name.strip("/").split("/")[:-1]
+    if parts and parts[0] == "model":
+        parts = parts[1:]
+    return ".".join(parts)
+
+
+def _module_of(node: Any, consumers: dict[str, list[Any]]) -> str:
+    own = _path_module(node.name)
+    if own:
+        return own
+    if node.op_type == "EmbedLayerNormalization":
+        return "embeddings"
+    if node.op_type == "Attention":  # fused: named after the output projection that reads it
+        for out in node.output:
+            for user in consumers.get(out, []):
+                module = _path_module(user.name)
+                if module.endswith(".output.dense"):
+                    return module.removesuffix(".output.dense") + ".self"
+    return ""
+
+
+@contextlib.contextmanager
+def _quiet_root_logger() -> Iterator[None]:
+    """ONNX Runtime's quantization tool logs every node at INFO and warns through the root logger."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+# ------------------------------------------------------------------------------------------------ mixed precision
+
+
+def choose_exclusions(
+    scheme: TorchScheme | OnnxScheme,
+    probe: FidelityProbe,
+    target: float,
+    progress: Progress = no_progress,
+) -> MixedPrecisionChoice:
+    """Layers to keep float so that fidelity reaches `target`, the best value for their size first.
+
+    Every layer is first measured all-but-one (what keeping it float alone wins back); then layers are
+    kept float one more at a time, in order of fidelity won back per parameter (a float layer costs size
+    and time in proportion to its weights: MiniLM's embedding node wins back a little for 35 MB), until
+    the target is met. If even the float model misses the target (an earlier step lost more), that is
+    an error the user must resolve.
+    """
+    names = [layer.name for layer in scheme.layers]
+    full = scheme.fidelity(names, probe)
+    progress(0.05, f"everything quantized: fidelity {full:.5f}")
+    if full >= target:
+        return MixedPrecisionChoice(target, [], full, full, True, [(0, full)])
+    none = scheme.fidelity([], probe)
+    if none < target:
+        raise BadInput(
+            f"mixed precision: the model before quantization already has fidelity {none:.5f} on the "
+            f"calibration examples, below the target {target}; lower the target"
+        )
+    gains: dict[str, float] = {}
+    for i, name in enumerate(names):
+        gains[name] = scheme.fidelity([n for n in names if n != name], probe) - full
+        progress(0.05 + 0.65 * (i + 1) / len(names), f"all but {name}: +{gains[name]:.5f}")
+    size = {layer.name: max(1, layer.parameters) for layer in scheme.layers}
+    helpful = sorted((n for n in names if gains[n] > 0), key=lambda n: gains[n] / size[n], reverse=True)
+    order = helpful + sorted((n for n in names if gains[n] <= 0), key=lambda n: gains[n], reverse=True)
+    trace = [(0, full)]
+    fidelity = full
+    excluded: list[str] = []
+    for k in range(1, len(order) + 1):
+        excluded = order[:k]
+        keep = set(excluded)
+        fidelity = scheme.fidelity([n for n in names if n not in keep], probe)
+        trace.append((k, fidelity))
+        progress(0.7 + 0.3 * k / len(order), f"{k} layer(s) float: fidelity {fidelity:.5f}")
+        if fidelity >= target:
+            return MixedPrecisionChoice(target, excluded, fidelity, full, True, trace)
+    return MixedPrecisionChoice(target, excluded, fidelity, full, fidelity >= target, trace)
+
+
+def mixed_precision(
+    ctx: Any,
+    scheme: TorchScheme | OnnxScheme,
+    target: float,
+    technique: str,
+    max_examples: int = 64,
+) -> MixedPrecisionChoice:
+    """Run `choose_exclusions` inside a pipeline step: calibration examples, the original as reference,
+    progress and logs through the step's context."""
+    examples = list(ctx.calibration)[:max_examples]
+    if not examples:
+        raise BadInput(f"{technique}: mixed precision needs calibration examples to measure fidelity on")
+    probe = FidelityProbe(ctx.original, examples, ctx.sequence_length)  # the original is the reference
+    ctx.progress(0.0, "mixed precision: measuring layer sensitivity")
+    choice = choose_exclusions(
+        scheme, probe, target, lambda f, m: ctx.progress(0.8 * f, f"mixed precision: {m}")
+    )
+    ctx.log(
+        f"{technique}: mixed precision for fidelity >= {target} on {len(examples)} calibration examples: "
+        f"everything quantized {choice.fidelity_all:.5f}; kept float ({len(choice.excluded)}): "
+        f"{', '.join(choice.excluded) or 'none'} -> {choice.fidelity:.5f}"
+    )
+    ctx.metric("mixed_precision_fidelity", choice.fidelity, target=target, excluded=len(choice.excluded))
+    return choice
