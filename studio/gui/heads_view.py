@@ -49,48 +49,33 @@ def heads_off(n: int) -> str:
     return f"{n} head off" if n == 1 else f"{n} heads off"
 
 
-class FidelityProbe:
-    """Measures the masked model against the unmasked one on a fixed batch; the reference outputs are
-    computed once per model. Only ever called from the heads view's single pool thread."""
+class MaskedHeadsFidelity:
+    """Fidelity of the model with some heads masked, measured as variants are judged (the core's
+    FidelityProbe: 1 - the family's divergence from the unmasked outputs, the mean cosine of pooled
+    embeddings for encoders). The reference outputs are computed on first use, on the heads view's single
+    pool thread, never on the GUI thread."""
 
-    def __init__(self, model: Any, examples: int, seq_len: int) -> None:
+    def __init__(self, model: Any) -> None:
         self.model = model
-        self.examples = examples
-        self.seq_len = seq_len
-        self._ready = False
-
-    def _prepare(self) -> None:
-        import torch
-
-        from studio.evaluation.data import load_examples
-        from studio.families import family_for
-        from studio.inspection.attention import require_attention_blocks
-
-        self.module = self.model.module
-        self.blocks, _ = require_attention_blocks(self.module, self.model.path)
-        self.family = family_for(self.model)
-        examples = load_examples(DATA, self.examples)
-        self.batch = self.family.batch(self.model, examples, self.seq_len)
-        with torch.no_grad():
-            self.reference = self.family.forward(self.module, self.batch)
-        self._ready = True
+        self._probe: Any = None
 
     def fidelity(self, masked: frozenset[tuple[int, int]]) -> float:
         import torch
-        import torch.nn.functional as F
 
-        from studio.inspection.attention import head_mask
+        from studio.evaluation.data import load_examples
+        from studio.evaluation.measure import runner_for
+        from studio.inspection.attention import head_mask, require_attention_blocks
+        from studio.techniques.mixed_precision import FidelityProbe
 
-        if not self._ready:
-            self._prepare()
+        if self._probe is None:
+            self.blocks, _ = require_attention_blocks(self.model.module, self.model.path)
+            examples = load_examples(DATA, FIDELITY_EXAMPLES)
+            self._probe = FidelityProbe(self.model, examples, FIDELITY_SEQUENCE_LENGTH)
         values = [torch.ones(b.num_heads) for b in self.blocks]
         for layer, head in masked:
             values[layer][head] = 0.0
-        with torch.no_grad(), head_mask(self.blocks, values):
-            output = self.family.forward(self.module, self.batch)
-        ref = self.reference.double().reshape(-1, self.reference.shape[-1])
-        out = output.double().reshape(-1, output.shape[-1])
-        return float(F.cosine_similarity(ref, out, dim=-1).mean())
+        with head_mask(self.blocks, values):
+            return self._probe.fidelity(runner_for("torch", self.model.module, self.model))
 
 
 def compute_importance(model: Any, method: str, examples: int, seq_len: int, progress: Any) -> HeadImportance:
@@ -125,7 +110,7 @@ class HeadsView(QWidget):
         self._started = time.monotonic()
         self._compute_task = None
         self._fidelity_seq = 0  # bumped on every masked-set change; older results are dropped
-        self._probe: FidelityProbe | None = None
+        self._probe: MaskedHeadsFidelity | None = None
         self._build()
         document.model_changed.connect(self.on_model_changed)
         self.on_model_changed()
@@ -221,7 +206,8 @@ class HeadsView(QWidget):
         self.fidelity_label.setFont(big)
         self.fidelity_label.setWordWrap(True)
         self.fidelity_note = QLabel(
-            f"Mean cosine similarity of the model output with the heads off vs all heads on, on "
+            f"Fidelity of the model with the heads off vs all heads on (mean cosine of the embeddings for "
+            f"encoders, 1 - the divergence of the output distributions otherwise), on "
             f"{FIDELITY_EXAMPLES} builtin sentences at {FIDELITY_SEQUENCE_LENGTH} tokens. 1.0 = unchanged."
         )
         self.fidelity_note.setWordWrap(True)
@@ -293,9 +279,7 @@ class HeadsView(QWidget):
         self.masked.clear()
         self.fidelity = None
         model = self.document.model
-        self._probe = (
-            FidelityProbe(model, FIDELITY_EXAMPLES, FIDELITY_SEQUENCE_LENGTH) if model is not None else None
-        )
+        self._probe = MaskedHeadsFidelity(model) if model is not None else None
         self.masked_list.clear()
         self.info_label.setText("")
         self.hover_label.setText(HOVER_HINT)  # not a cell of the old model's layers
