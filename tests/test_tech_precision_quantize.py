@@ -273,3 +273,52 @@ def test_listed_with_schemas():
         assert info["input_kind"] == info["output_kind"] == "torch"
         assert info["category"] in ("precision", "quantization")
         assert all(p.get("description") for p in info["params"]["properties"].values())
+
+
+# ---------------------------------------------------------------------------------------------- mixed precision
+
+
+def test_mixed_precision_scheme_measures_the_layers_the_block_builds(gpt2, tmp_path):
+    """The search swaps the same layers (GPT-2's Conv1D, tied head left out) for the same quantized layers."""
+    import torch
+
+    from studio.techniques.mixed_precision import TorchScheme
+
+    model = open_checkpoint(gpt2)
+    exclude = ["transformer.h.0.mlp"]
+    scheme = TorchScheme(model.module, "torch-int8", exclude=exclude)
+    state, _ = apply(model, "quantize.dynamic_int8", {"exclude": exclude}, tmp_path)
+    record = state.transforms[-1]
+    names = [layer.name for layer in scheme.layers]
+    assert sorted(names) == sorted(record["modules"] + record["embeddings"])
+    assert "transformer.h.0.mlp.c_fc" not in names and "lm_head" not in names
+    assert "transformer.wpe" in record["embeddings"]
+    layer = "transformer.h.1.mlp.c_fc"
+    with scheme.quantized([layer]) as module:
+        measured = module.get_submodule(layer).unpacked()
+    built = state.module.get_submodule(layer).unpacked()
+    assert all(torch.equal(a, b) for a, b in zip(measured, built, strict=True))
+
+
+def test_weight_only_layers_the_scheme_skips_are_the_ones_the_block_refuses(bert_classifier, tmp_path):
+    """One group check: with groups of 64 only the FFN output layers (input width 64) fit a BERT of hidden
+    size 32; the mixed-precision scheme skips the others, and with those excluded the block runs and
+    quantizes exactly the scheme's layers."""
+    import torch
+
+    from studio.techniques.mixed_precision import TorchScheme
+
+    model = open_checkpoint(bert_classifier)
+    params = {"bits": 4, "group_size": 64}
+    scheme = TorchScheme(model.module, "weight-only", exclude=["classifier"], **params)
+    names = [layer.name for layer in scheme.layers]
+    assert names == ["bert.encoder.layer.0.output.dense", "bert.encoder.layer.1.output.dense"]
+    widths = {n: m.in_features for n, m in model.module.named_modules() if type(m) is torch.nn.Linear}
+    assert set(scheme.skipped) == {n for n, w in widths.items() if w % 64 and n != "classifier"}
+
+    with pytest.raises(BadInput, match="does not divide the input width 32"):
+        apply(model, "quantize.weight_only", {**params, "exclude": ["classifier"]}, tmp_path)
+    state, _ = apply(
+        model, "quantize.weight_only", {**params, "exclude": ["classifier", *scheme.skipped]}, tmp_path
+    )
+    assert state.transforms[-1]["modules"] == names
