@@ -85,18 +85,25 @@ def _mixed_precision_field() -> Any:
     )
 
 
-def _choose_float_layers(ctx: RunContext, technique: str, target: float, **scheme: Any) -> list[str]:
-    """The layers mixed precision keeps float (logged and kept as a metric by mixed_precision)."""
-    from studio.techniques.mixed_precision import TorchScheme, mixed_precision
+def _selection(
+    ctx: RunContext, technique: str, root: Any, p: DynamicInt8Params | WeightOnlyParams, **scheme: Any
+) -> Selection:
+    """The layers to quantize: every candidate but the excluded ones and, with `mixed_precision`, those it
+    keeps float (measured on a copy with the same `scheme`; logged and kept as a metric there)."""
+    exclude = list(p.exclude)
+    if p.mixed_precision is not None:
+        from studio.techniques.mixed_precision import TorchScheme, mixed_precision
 
-    choice = mixed_precision(ctx, TorchScheme(**scheme), target, technique)
-    if not choice.met:
-        ctx.log(
-            f"{technique}: fidelity {choice.fidelity:.5f} stays below the target {target} even with "
-            f"{len(choice.excluded)} layers float",
-            level="warning",
-        )
-    return choice.excluded
+        torch_scheme = TorchScheme(root, embeddings=p.embeddings, exclude=p.exclude, **scheme)
+        choice = mixed_precision(ctx, torch_scheme, p.mixed_precision, technique)
+        if not choice.met:
+            ctx.log(
+                f"{technique}: fidelity {choice.fidelity:.5f} stays below the target {p.mixed_precision} "
+                f"even with {len(choice.excluded)} layers float",
+                level="warning",
+            )
+        exclude += choice.excluded
+    return select(root, exclude, technique, embeddings=p.embeddings)
 
 
 def _check_patterns(value: list[str]) -> list[str]:
@@ -184,19 +191,7 @@ class DynamicInt8(Technique):
         root = state.module
         if not any(is_linear(m) for m in root.modules()):
             raise BadInput(f"{self.id}: the model has no Linear layer to quantize")
-        exclude = list(p.exclude)
-        if p.mixed_precision is not None:
-            exclude += _choose_float_layers(
-                ctx,
-                self.id,
-                p.mixed_precision,
-                module=root,
-                scheme="torch-int8",
-                per_channel=p.per_channel,
-                embeddings=p.embeddings,
-                exclude=p.exclude,
-            )
-        sel = select(root, exclude, self.id, embeddings=p.embeddings)
+        sel = _selection(ctx, self.id, root, p, scheme="torch-int8", per_channel=p.per_channel)
         linears = [n for n in sel.chosen if is_linear(root.get_submodule(n))]
         embeddings = [n for n in sel.chosen if n not in set(linears)]
         scheme = LayerScheme("int8", per_channel=p.per_channel)
@@ -343,21 +338,8 @@ class WeightOnly(Technique):
     def run(self, state: StageState, params: WeightOnlyParams, ctx: RunContext) -> StageState:  # type: ignore[override]
         p = params
         root = state.module
-        exclude = list(p.exclude)
-        if p.mixed_precision is not None:
-            exclude += _choose_float_layers(
-                ctx,
-                self.id,
-                p.mixed_precision,
-                module=root,
-                scheme="weight-only",
-                embeddings=p.embeddings,
-                bits=p.bits,
-                group_size=p.group_size,
-                symmetric=p.symmetric,
-                exclude=p.exclude,
-            )
-        sel = select(root, exclude, self.id, embeddings=p.embeddings)
+        scheme = {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric}
+        sel = _selection(ctx, self.id, root, p, scheme="weight-only", **scheme)
         embeddings = [n for n in sel.chosen if not is_linear(root.get_submodule(n))]
         linears = [n for n in sel.chosen if n not in set(embeddings)]
         _refuse_misfits(root, embeddings + linears, p, self.id)
