@@ -107,7 +107,7 @@ def accepted_inputs(model: LoadedModel) -> tuple[str, ...]:
     import inspect
 
     if model.format == "onnx":
-        from studio.checkpoints.onnx_file import load_onnx_graph
+        from studio.checkpoints.onnx_graph import load_onnx_graph
 
         names = {i.name for i in load_onnx_graph(model.path).graph.input}
         return tuple(k for k in TEXT_INPUTS if k in names)

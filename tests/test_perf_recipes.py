@@ -188,8 +188,8 @@ def test_compile_inductor_same_outputs_and_recompiles_when_reopened(bert_classif
 def test_split_skip_layer_norm_and_blockwise_keep_outputs(minilm, tmp_path):
     import onnx
 
+    from studio.checkpoints.onnx_graph import op_counts
     from studio.pipeline import Recipe
-    from studio.techniques.onnx_passes import op_counts
 
     recipe = Recipe.model_validate(
         {

@@ -10,12 +10,13 @@ import pytest
 from pydantic import ValidationError
 
 from studio.checkpoints import open_checkpoint
+from studio.checkpoints.onnx_graph import op_counts
 from studio.errors import BadInput
 from studio.evaluation.data import load_examples
 from studio.evaluation.runners import OnnxRunner, TorchRunner, make_runner
 from studio.families import family_for
 from studio.techniques.base import RunContext, StageState, get_technique, initial_state
-from studio.techniques.onnx_passes import DYNAMIC_OP_TYPES, op_counts
+from studio.techniques.onnx.quantization import DYNAMIC_OP_TYPES
 
 SEQ = 32
 
@@ -92,7 +93,7 @@ def optimized(exported, work):
 
 
 def test_export_is_verified_and_carries_metadata_and_side_files(minilm, exported):
-    from studio.techniques.onnx_export import read_metadata
+    from studio.checkpoints.onnx_graph import read_metadata
 
     state, events = exported
     assert state.kind == "onnx" and state.path.name == "model.onnx"
@@ -254,7 +255,7 @@ def test_quantize_static_qdq(optimized, reference, work):
 
 
 def test_onnx_half(exported, reference, work):
-    from studio.techniques.onnx_passes import float_initializer_types
+    from studio.checkpoints.onnx_graph import float_initializer_types
 
     state, _ = run_step(exported[0], "onnx.half", work, index=7)
     assert float_initializer_types(state.path) == {"float16"}
@@ -270,7 +271,7 @@ def test_onnx_half(exported, reference, work):
 
 
 def test_precision_half_then_export_gives_a_half_graph(minilm, reference, work):
-    from studio.techniques.onnx_passes import float_initializer_types
+    from studio.checkpoints.onnx_graph import float_initializer_types
 
     state = initial_state(minilm)
     state, _ = run_step(state, "precision.half", work, index=9, dtype="float16")
@@ -283,7 +284,7 @@ def test_precision_half_then_export_gives_a_half_graph(minilm, reference, work):
 
 
 def test_bfloat16_is_exported_as_float16(bert_classifier, work):
-    from studio.techniques.onnx_passes import float_initializer_types
+    from studio.checkpoints.onnx_graph import float_initializer_types
 
     model = open_checkpoint(bert_classifier)
     state, _ = run_step(initial_state(model), "precision.half", work / "bf16", dtype="bfloat16")
@@ -372,7 +373,7 @@ def test_passes_keep_external_weights_external(bert_classifier, work):
 
     import onnx
 
-    from studio.techniques.onnx_export import onnx_size, uses_external_data
+    from studio.checkpoints.onnx_graph import onnx_size, uses_external_data
 
     model = open_checkpoint(bert_classifier)
     state, _ = run_step(initial_state(model), "export.onnx", work / "ext", verify=False)
@@ -425,7 +426,7 @@ def test_marian_exports_with_references_in_every_configuration(width, heads, tie
 
 
 def test_sub_batch_tensors_are_contiguous(marian):
-    from studio.techniques.onnx_export import sub_batch
+    from studio.techniques.onnx.export import sub_batch
 
     model = open_checkpoint(marian)
     batch = family_for(model).batch(model, load_examples("builtin:translation-en-de", 8), SEQ)

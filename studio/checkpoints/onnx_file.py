@@ -1,4 +1,5 @@
-"""ONNX models: initializers for inspection (external data read per tensor), onnxruntime for running."""
+"""ONNX checkpoints opened as a LoadedModel: every tensor and the studio metadata checked, initializers shown
+under their torch names (external data read per tensor). Reading and writing graph files is onnx_graph's."""
 
 from __future__ import annotations
 
@@ -7,116 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel, TensorRef
+from studio.checkpoints.onnx_graph import (
+    MAX_ELEMENTS,
+    byte_size,
+    check_external_data,
+    initializer_array,
+    load_onnx_graph,
+    metadata_of,
+)
 from studio.errors import BadInput
-
-
-def load_onnx_graph(path: Path) -> Any:
-    """The ModelProto without external weights; a damaged file becomes BadInput."""
-    import onnx
-
-    try:
-        return onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError and friends
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInput(f"not a valid ONNX model ({first})", path=path) from exc
-
-
-def initializer_array(init: Any, base: str | Path) -> Any:
-    """One initializer's values as stored (numpy), its external data read from the graph's folder if it has any
-    (checked first: inside that folder, present and long enough)."""
-    from onnx import numpy_helper
-    from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
-
-    where = Path(base)
-    try:
-        if uses_external_data(init):
-            check_external_data(init, where)
-            load_external_data_for_tensor(init, str(base))
-        return numpy_helper.to_array(init)
-    except BadInput:
-        raise
-    except Exception as exc:  # onnx/numpy raise many types on data that does not fit the tensor's dims
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadInput(f"ONNX tensor '{init.name}' cannot be read ({first})", path=where) from exc
-
-
-# Bits per element of each ONNX TensorProto data type (STRING has no fixed size).
-_BITS = {
-    1: 32, 2: 8, 3: 8, 4: 16, 5: 16, 6: 32, 7: 64, 9: 8, 10: 16, 11: 64, 12: 32, 13: 64, 14: 64, 15: 128,
-    16: 16, 17: 8, 18: 8, 19: 8, 20: 8, 21: 4, 22: 4, 23: 4, 24: 8, 25: 2, 26: 2, 27: 6, 28: 6,
-}  # fmt: skip
-_MAX_ELEMENTS = 1 << 48
-
-
-def _numel(tensor: Any, path: Path) -> int:
-    n = 1
-    for d in tensor.dims:
-        if d < 0:
-            raise BadInput(
-                f"ONNX tensor '{tensor.name}' has a negative dimension {list(tensor.dims)}", path=path
-            )
-        n *= d
-    if n >= _MAX_ELEMENTS:
-        raise BadInput(
-            f"ONNX tensor '{tensor.name}' has impossibly large dimensions {list(tensor.dims)}", path=path
-        )
-    return n
-
-
-def _byte_size(tensor: Any, path: Path) -> int | None:
-    """Bytes the tensor's values take as raw data, or None for strings."""
-    if tensor.data_type == 8:
-        return None
-    bits = _BITS.get(tensor.data_type)
-    if bits is None:
-        raise BadInput(f"ONNX tensor '{tensor.name}' has unknown data type {tensor.data_type}", path=path)
-    return (_numel(tensor, path) * bits + 7) // 8
-
-
-def check_external_data(tensor: Any, base: Path) -> None:
-    """External data must lie in the model's folder (no absolute paths, `..` or links out of it), exist,
-    and hold the bytes the tensor's dims need, so a graph cannot read other files or crash half-way."""
-    info = {e.key: e.value for e in tensor.external_data}
-    location = info.get("location", "")
-    where = base / location
-    if not location or Path(location).is_absolute() or Path(location).drive:
-        raise BadInput(f"ONNX tensor '{tensor.name}' names external data at '{location}'", path=base)
-    try:
-        resolved = where.resolve()
-        resolved.relative_to(base.resolve())
-    except (ValueError, OSError) as exc:
-        raise BadInput(
-            f"ONNX tensor '{tensor.name}': external data '{location}' lies outside the model's folder",
-            path=base,
-        ) from exc
-    if not resolved.is_file():
-        raise BadInput(f"ONNX tensor '{tensor.name}': external data file '{location}' is missing", path=base)
-    try:
-        offset = int(info.get("offset") or 0)
-        length = int(info["length"]) if info.get("length") else None
-    except ValueError as exc:
-        raise BadInput(
-            f"ONNX tensor '{tensor.name}' has a bad external data offset or length", path=base
-        ) from exc
-    need = _byte_size(tensor, base)
-    if offset < 0 or (length is not None and length < 0):
-        raise BadInput(
-            f"ONNX tensor '{tensor.name}' has a negative external data offset or length", path=base
-        )
-    if length is not None and need is not None and length != need:
-        raise BadInput(
-            f"ONNX tensor '{tensor.name}' is {list(tensor.dims)} ({need} bytes) but its external data is "
-            f"{length} bytes",
-            path=base,
-        )
-    size = resolved.stat().st_size
-    want = length if length is not None else need
-    if want is not None and offset + want > size:
-        raise BadInput(
-            f"ONNX tensor '{tensor.name}': external data '{location}' is too short "
-            f"({size} bytes, the tensor needs bytes {offset}..{offset + want})",
-            path=base,
-        )
 
 
 def _graph_tensors(graph: Any) -> Iterator[Any]:
@@ -141,7 +41,7 @@ def check_graph(model: Any, path: Path) -> None:
     from onnx.external_data_helper import uses_external_data
 
     for tensor in _graph_tensors(model.graph):
-        need = _byte_size(tensor, path)
+        need = byte_size(tensor, path)
         if uses_external_data(tensor):
             check_external_data(tensor, path.parent)
         elif tensor.raw_data and need is not None and len(tensor.raw_data) != need:
@@ -152,7 +52,7 @@ def check_graph(model: Any, path: Path) -> None:
             )
     for value in (*model.graph.input, *model.graph.output):
         for dim in value.type.tensor_type.shape.dim:
-            if dim.HasField("dim_value") and not 0 <= dim.dim_value < _MAX_ELEMENTS:
+            if dim.HasField("dim_value") and not 0 <= dim.dim_value < MAX_ELEMENTS:
                 raise BadInput(f"ONNX graph {value.name!r} has a bad dimension {dim.dim_value}", path=path)
 
 
@@ -232,7 +132,7 @@ def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
 
     model = load_onnx_graph(path)
     base = str(path.parent)
-    names = json.loads({p.key: p.value for p in model.metadata_props}.get("studio.weight_names") or "{}")
+    names = json.loads(metadata_of(model).get("studio.weight_names") or "{}")
     inits = {init.name: init for init in model.graph.initializer}
 
     def array_of(init: Any) -> Any:
@@ -317,7 +217,7 @@ def open_onnx(path: Path, *, source: str) -> LoadedModel:
         raise BadInput("the ONNX model has an empty graph", path=path)
     check_graph(model, path)
     inputs = [i.name for i in model.graph.input]
-    props = {p.key: p.value for p in model.metadata_props}
+    props = metadata_of(model)
     check_metadata(props, path)
     raw_config = props.get("studio.config")
     return LoadedModel(

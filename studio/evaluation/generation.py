@@ -298,7 +298,7 @@ def measure_generation(
 
 
 def _onnx_reason(path: Any) -> str:
-    from studio.checkpoints.onnx_file import load_onnx_graph
+    from studio.checkpoints.onnx_graph import load_onnx_graph
 
     names = [i.name for i in load_onnx_graph(path).graph.input]
     if any(name.startswith("past") for name in names):

@@ -193,10 +193,10 @@ class OnnxRunner:
     ) -> None:
         import onnxruntime as ort
 
-        from studio.checkpoints.onnx_file import load_onnx_graph
+        from studio.checkpoints.onnx_graph import read_metadata
 
         self.path = Path(path)
-        metadata = {p.key: p.value for p in load_onnx_graph(self.path).metadata_props}
+        metadata = read_metadata(self.path)
         try:
             self.session = ort.InferenceSession(
                 str(self.path), sess_options=session_options(threads), providers=providers_for(device)

@@ -3,11 +3,16 @@
 from studio.techniques import (  # noqa: F401  (imported to register)
     compile,
     distill,
-    onnx_blockwise,
-    onnx_export,
-    onnx_passes,
     precision,
     prune,
     quantize,
     tensorrt,
+)
+from studio.techniques.onnx import (  # noqa: F401  (imported to register)
+    blockwise,
+    export,
+    half,
+    optimize,
+    quantize_dynamic,
+    quantize_static,
 )

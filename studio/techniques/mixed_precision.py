@@ -202,7 +202,7 @@ class OnnxScheme:
         op_types: Sequence[str] = ("MatMul", "Attention", "EmbedLayerNormalization", "Gather"),
         exclude: Sequence[str] = (),
     ) -> None:
-        from studio.checkpoints.onnx_file import load_onnx_graph
+        from studio.checkpoints.onnx_graph import load_onnx_graph
 
         self.graph = Path(graph)
         self.workdir = Path(workdir)
@@ -218,22 +218,17 @@ class OnnxScheme:
         self._trial = 0
 
     def quantize(self, names: Collection[str], out: Path) -> Path:
-        import onnx
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        from studio.techniques.onnx_passes import needs_external_data
+        from studio.techniques.onnx.quantization import quantize_dynamic_file
 
         with _quiet_root_logger():
-            quantize_dynamic(
-                str(self.graph),
-                str(out),
-                op_types_to_quantize=self.op_types,
+            quantize_dynamic_file(
+                self.graph,
+                out,
+                op_types=self.op_types,
                 per_channel=self.per_channel,
                 reduce_range=self.reduce_range,
-                weight_type=QuantType.QInt8 if self.weight_type == "int8" else QuantType.QUInt8,
+                weight_type=self.weight_type,
                 nodes_to_quantize=sorted(names),
-                use_external_data_format=needs_external_data(self.graph),
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
             )
         return out
 

@@ -175,7 +175,7 @@ def _position_limit(model: Any) -> int | None:
 def _graph_facts(path: Path) -> dict[str, Any]:
     import onnx
 
-    from studio.checkpoints.onnx_file import load_onnx_graph
+    from studio.checkpoints.onnx_graph import load_onnx_graph
 
     graph = load_onnx_graph(path).graph
     ops = {n.op_type for n in graph.node}

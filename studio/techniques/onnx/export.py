@@ -2,8 +2,8 @@
 
 The graph has one output, the tensor the family compares through `from_primary` (the last hidden state
 of encoders, logits otherwise), so every later stage (ONNX passes, TensorRT, evaluation) is fed and judged
-like the torch model. The helpers at the bottom (saving with external data, metadata, side files) are
-shared by the ONNX passes in onnx_passes.py.
+like the torch model. The graph's studio metadata (family, pooling, config, the torch name of each weight)
+lets a reopened graph be fed and compared like its original.
 """
 
 from __future__ import annotations
@@ -20,6 +20,16 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, model_validator
 
+from studio.checkpoints.onnx_graph import (
+    TWO_GB,
+    content_digest,
+    graph_opset,
+    initializer_array,
+    load_onnx_graph,
+    onnx_size,
+    save_onnx,
+    set_metadata,
+)
 from studio.errors import BadInput
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
 
@@ -28,7 +38,6 @@ if TYPE_CHECKING:
     from studio.families import Batch, Family
 
 TORCHSCRIPT_MAX_OPSET = 20  # torch.onnx's TorchScript exporter stops at opset 20
-TWO_GB = 2**31 - 1  # protobuf's limit on one serialized message: larger models keep weights outside
 FAIL_FACTOR = 100.0  # a difference this many times the tolerance is a wrong graph, not rounding
 HALF_RTOL = 1e-2  # half graphs: about 3 significant digits survive a deep network
 SEQ2SEQ_INPUT = "decoder_input_ids"
@@ -455,12 +464,6 @@ def metadata_for(model: LoadedModel, info: dict[str, Any], params: ExportOnnxPar
     return props
 
 
-def content_digest(array: Any) -> tuple[str, tuple[int, ...], str]:
-    import hashlib
-
-    return hashlib.blake2b(array.tobytes(), digest_size=16).hexdigest(), tuple(array.shape), str(array.dtype)
-
-
 def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
     """Which torch weight each initializer of the exported graph holds: {initializer: [torch name, transposed]}.
 
@@ -469,8 +472,6 @@ def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
     as stored or transposed; where equal tensors have several names, only a name the initializer ends with
     counts. Stored in the graph's metadata, which later ONNX steps carry along."""
     import torch
-
-    from studio.checkpoints.onnx_file import initializer_array, load_onnx_graph
 
     by_digest: dict[tuple[str, tuple[int, ...], str], list[tuple[str, bool]]] = {}
     named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
@@ -489,66 +490,6 @@ def weight_names(module: Any, path: Path) -> dict[str, list[Any]]:
         if chosen and (chosen[0][0] != init.name or chosen[0][1]):
             out[init.name] = [chosen[0][0], chosen[0][1]]
     return out
-
-
-def set_metadata(path: Path, props: dict[str, str]) -> None:
-    """Write metadata_props into the graph file (external weights, if any, are left where they are)."""
-    import onnx
-
-    proto = onnx.load(str(path), load_external_data=False)
-    current = {p.key: p.value for p in proto.metadata_props}
-    current.update(props)
-    del proto.metadata_props[:]
-    for key, value in current.items():
-        proto.metadata_props.add(key=key, value=value)
-    onnx.save(proto, str(path))
-
-
-def graph_opset(path: Path) -> int:
-    from studio.checkpoints.onnx_file import load_onnx_graph
-
-    return max(
-        (o.version for o in load_onnx_graph(path).opset_import if o.domain in ("", "ai.onnx")), default=0
-    )
-
-
-def read_metadata(path: Path) -> dict[str, str]:
-    from studio.checkpoints.onnx_file import load_onnx_graph
-
-    return {p.key: p.value for p in load_onnx_graph(path).metadata_props}
-
-
-def save_onnx(proto: Any, path: Path) -> None:
-    """One file when it fits protobuf's 2 GB limit, else the graph plus one `<name>.data` weights file."""
-    import onnx
-
-    data = path.with_name(path.name + ".data")
-    data.unlink(missing_ok=True)
-    if proto.ByteSize() < TWO_GB:
-        onnx.save_model(proto, str(path))
-    else:
-        onnx.save_model(
-            proto,
-            str(path),
-            save_as_external_data=True,
-            all_tensors_to_one_file=True,
-            location=data.name,
-            size_threshold=1024,
-        )
-
-
-def uses_external_data(path: Path) -> bool:
-    from onnx.external_data_helper import uses_external_data as uses
-
-    from studio.checkpoints.onnx_file import load_onnx_graph
-
-    return any(uses(t) for t in load_onnx_graph(path).graph.initializer)
-
-
-def onnx_size(path: Path) -> int:
-    """Bytes on disk of the graph and its external weights."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
 
 
 def copy_model_side_files(model: LoadedModel, folder: Path) -> None:

@@ -23,11 +23,14 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from studio.checkpoints.onnx_graph import QUANT_OPS, save_onnx
 from studio.errors import BadInput
-from studio.techniques.base import Params, RunContext, StageState, Technique, register
+from studio.techniques.base import RunContext, StageState, Technique, register
+from studio.techniques.onnx.graph_pass import GraphPass
+from studio.techniques.onnx.quantization import OnnxQuantizeParams
 
 
-class BlockwiseParams(Params):
+class BlockwiseParams(OnnxQuantizeParams):
     bits: Literal[8, 4] = Field(8, description="bits per weight: 8, or 4 (two codes per byte)")
     block_size: int = Field(
         128,
@@ -43,7 +46,6 @@ class BlockwiseParams(Params):
         "products (fastest on VNNI CPUs); 0 (unset), 1 (float32), 2 (float16), 3 (bfloat16) dequantize the "
         "weights instead",
     )
-    exclude_nodes: list[str] = Field(default=[], description="names of MatMul nodes to keep as they are")
 
     @field_validator("block_size")
     @classmethod
@@ -71,15 +73,14 @@ class OnnxQuantizeBlockwise(Technique):
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-        from studio.techniques.onnx_export import save_onnx
-        from studio.techniques.onnx_passes import QUANT_OPS, check_nodes, finish_pass, input_path, op_counts
-
-        src = input_path(state)
-        check_nodes(src, params.exclude_nodes)
+        frame = GraphPass.open(
+            state, ctx, "quantize_blockwise", technique=self.id, exclude=params.exclude_nodes
+        )
+        src = frame.src
         graph = onnx.load(str(src))
         candidates = float_matmuls(graph, params.exclude_nodes)
         if not candidates:
-            if not (QUANT_OPS | {"MatMulNBits"}) & set(op_counts(src)):
+            if not (QUANT_OPS | {"MatMulNBits"}) & set(frame.input_counts):
                 raise BadInput(
                     "onnx.quantize_blockwise: the graph has no MatMul with a constant float weight to quantize",
                     path=src,
@@ -88,7 +89,6 @@ class OnnxQuantizeBlockwise(Technique):
             ctx.log("every MatMul is already quantized: the graph is passed on unchanged", level="warning")
             ctx.metric("blockwise_nodes", 0)
             return state
-        out = ctx.step_dir("quantize_blockwise") / "model.onnx"
         start = time.perf_counter()
         ctx.progress(0.1, f"quantizing {len(candidates)} MatMul node(s)")
         quantizer = MatMulNBitsQuantizer(
@@ -104,23 +104,20 @@ class OnnxQuantizeBlockwise(Technique):
         level = quantizer_logger.level
         quantizer_logger.setLevel(logging.WARNING)  # it logs every node at INFO
         try:
-            quantizer.process()
-        except Exception as exc:
-            raise BadInput(f"ONNX Runtime's block-wise quantization failed: {exc}", path=src) from exc
+            with frame.tool("ONNX Runtime's block-wise quantization"):
+                quantizer.process()
         finally:
             quantizer_logger.setLevel(level)
-        save_onnx(quantizer.model.model, out)
-        finish_pass(src, out, ctx)
-        done = op_counts(out).get("MatMulNBits", 0) - op_counts(src).get("MatMulNBits", 0)
+        save_onnx(quantizer.model.model, frame.out)
+        seconds = time.perf_counter() - start
+        frame.finish()
+        done = frame.counts.get("MatMulNBits", 0) - frame.input_counts.get("MatMulNBits", 0)
         ctx.metric("blockwise_nodes", done)
         ctx.log(
             f"{done} MatMul node(s) to MatMulNBits ({params.bits} bits, blocks of {params.block_size}, "
-            f"accuracy level {params.accuracy_level}) in {time.perf_counter() - start:.1f} s"
+            f"accuracy level {params.accuracy_level}) in {seconds:.1f} s"
         )
-        ctx.progress(1.0, "quantized")
-        return StageState(
-            kind="onnx", model=state.model, path=out, info=dict(state.info, blockwise_bits=params.bits)
-        )
+        return frame.result("quantized", blockwise_bits=params.bits)
 
 
 def float_matmuls(graph: object, exclude: list[str]) -> list[str]:
