@@ -26,6 +26,7 @@ from pydantic import (
 )
 
 from studio.checkpoints.base import FAMILIES, LoadedModel
+from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress, from_dict
 from studio.families import context_length
@@ -206,10 +207,6 @@ class Plan:
     model: LoadedModel
     steps: list[PlannedStep]
     final_kind: str
-
-
-def stage_of(model: LoadedModel) -> str:
-    return "onnx" if model.format == "onnx" else "torch"
 
 
 def _a(kind: str) -> str:

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput
 
 SCHEMES = {
@@ -172,7 +173,7 @@ class FidelityProbe:
         if reference is None:
             from studio.evaluation.measure import runner_for
 
-            kind = "onnx" if model.format == "onnx" else "torch"
+            kind = stage_of(model)
             reference = runner_for(kind, model.path if kind == "onnx" else model.module, model)
         self.reference = [reference(b) for b in self.batches]
 
@@ -729,7 +730,7 @@ def mixed_precision(
     if not examples:
         raise BadInput(f"{technique}: mixed precision needs calibration examples to measure fidelity on")
     original = ctx.original
-    kind = "onnx" if original.format == "onnx" else "torch"
+    kind = stage_of(original)
     reference = runner_for(kind, original.path if kind == "onnx" else original.module, original)
     probe = FidelityProbe(original, examples, ctx.sequence_length, reference)
     ctx.progress(0.0, "mixed precision: measuring layer sensitivity")
