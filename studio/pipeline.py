@@ -8,6 +8,7 @@ a message naming the step and the field.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -297,11 +298,16 @@ def plan(
     recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None, trust: bool = False
 ) -> Plan:
     """Open the model (cheap: no weights) and validate every step; raises BadInput on the first problem.
-    `trust` (the person's say, never `recipe.trust`) allows loading a model whose file can run code."""
+    `trust` (the person's say, never `recipe.trust`) allows loading a model whose file can run code.
+
+    A given `model` is left as it is: when the recipe's `task` names another family, the plan holds a
+    shallow copy with that family (sharing the module, config and tokenizer already loaded), so the
+    caller's open model (the GUI's, a benchmark's baseline) keeps the family it was opened with."""
     from studio.checkpoints import open_checkpoint
 
     model = model or open_checkpoint(recipe.model, trust=trust)
-    if recipe.task is not None:
+    if recipe.task is not None and recipe.task != model.family:
+        model = copy.copy(model)
         model.family = recipe.task
     planned, problems = check_steps(recipe.steps, stage_of(model), model)
     problems += [(-1, p) for p in check_generation(recipe.evaluate, model)]
