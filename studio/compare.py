@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput
 from studio.evaluation.latency import significant
 
@@ -211,7 +212,7 @@ def disagreements(
     models = []
     for row in (a_row, b_row):
         model = open_row(row)
-        kind = "onnx" if model.format == "onnx" else "tensorrt" if row["kind"] == "tensorrt" else "torch"
+        kind = "tensorrt" if row["kind"] == "tensorrt" and stage_of(model) == "torch" else stage_of(model)
         target = model.module if kind == "torch" else model.path
         runners.append(runner_for(kind, target, model))
         models.append(model)

@@ -1,4 +1,4 @@
-"""The worker protocol's events (DESIGN.md §2, Worker protocol): one JSON object per line.
+"""The worker protocol's events: one JSON object per line on the worker's stdout.
 
 Every event has a `type`: `progress` (step, fraction, message), `log` (level, message), `metric` (name,
 value, step, extra fields such as `iteration`), `variant` (the saved variant's record), `error` (kind,

@@ -8,6 +8,7 @@ a message naming the step and the field.
 
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pydantic import (
 )
 
 from studio.checkpoints.base import FAMILIES, LoadedModel
+from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress, from_dict
 from studio.families import context_length
@@ -208,10 +210,6 @@ class Plan:
     final_kind: str
 
 
-def stage_of(model: LoadedModel) -> str:
-    return "onnx" if model.format == "onnx" else "torch"
-
-
 def _a(kind: str) -> str:
     return f"an {kind}" if kind[0] in "aeiou" else f"a {kind}"
 
@@ -300,11 +298,16 @@ def plan(
     recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None, trust: bool = False
 ) -> Plan:
     """Open the model (cheap: no weights) and validate every step; raises BadInput on the first problem.
-    `trust` (the person's say, never `recipe.trust`) allows loading a model whose file can run code."""
+    `trust` (the person's say, never `recipe.trust`) allows loading a model whose file can run code.
+
+    A given `model` is left as it is: when the recipe's `task` names another family, the plan holds a
+    shallow copy with that family (sharing the module, config and tokenizer already loaded), so the
+    caller's open model (the GUI's, a benchmark's baseline) keeps the family it was opened with."""
     from studio.checkpoints import open_checkpoint
 
     model = model or open_checkpoint(recipe.model, trust=trust)
-    if recipe.task is not None:
+    if recipe.task is not None and recipe.task != model.family:
+        model = copy.copy(model)
         model.family = recipe.task
     planned, problems = check_steps(recipe.steps, stage_of(model), model)
     problems += [(-1, p) for p in check_generation(recipe.evaluate, model)]

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel
-from studio.pipeline import Recipe, check_steps, stage_of
+from studio.checkpoints.stage import stage_of
+from studio.pipeline import Recipe, check_steps
 
 
 @dataclass(frozen=True)

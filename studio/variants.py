@@ -1,4 +1,4 @@
-"""The workspace: variant folders plus an SQLite index (DESIGN.md §2, Workspace).
+"""The workspace: variant folders plus an SQLite index, under the user data dir or `--workspace`.
 
 Layout under the workspace root:
   studio.db            SQLite in WAL mode, one row per variant (and per evaluated baseline)

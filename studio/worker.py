@@ -1,4 +1,4 @@
-"""The worker process and its client (DESIGN.md §2, Worker protocol).
+"""The worker process and its client: techniques run here, never in the GUI's or the CLI's own process.
 
 `python -m studio.worker` reads one job (JSON: recipe + workspace) from stdin and writes one event per line
 to stdout. Anything a library prints goes to stderr: the worker keeps a private copy of stdout for events

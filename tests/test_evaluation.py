@@ -104,7 +104,7 @@ def test_run_json_has_every_documented_field(run_result):
     (v,) = result["variants"]
     assert {"id", "parent", "artifact", "recipe", "metrics"} <= set(v)
     m = v["metrics"]
-    assert m["size_bytes"] > 0 and m["peak_memory_mb"] >= 0
+    assert m["size_bytes"] > 0 and m["peak_memory_mb"] > 0  # the loaded weights alone are tens of MB
     assert set(m["latency_ms"]) == {"1", "4"}
     for lat in m["latency_ms"].values():
         assert {"p50", "p95", "p99", "mean", "ci95"} <= set(lat)

@@ -14,21 +14,19 @@ from studio.families import family_for
 from studio.inspection.attention import find_attention_blocks
 from studio.inspection.heads import compute_head_importance
 from studio.techniques.base import RunContext, StageState, get_technique, initial_state
-from studio.techniques.prune import (
+from studio.techniques.prune.ffn import find_ffns
+from studio.techniques.prune.head_selection import select_heads_per_layer
+from studio.techniques.prune.head_surgery import HeadLayout
+from studio.techniques.prune.heads import HeadsParams, HeadsPrune
+from studio.techniques.prune.magnitude import (
     DEFAULT_EXCLUDE,
-    HeadLayout,
-    HeadsParams,
-    HeadsPrune,
     MagnitudeParams,
     MagnitudePrune,
-    StructuredParams,
-    StructuredPrune,
-    find_ffns,
     prunable_layers,
     schedule_targets,
-    select_heads_per_layer,
     weight_sparsity,
 )
+from studio.techniques.prune.structured import StructuredParams, StructuredPrune
 from studio.techniques.torch_io import save_torch_variant
 
 SEQ = 32

@@ -1,4 +1,5 @@
-"""Open any supported checkpoint into a `LoadedModel` (DESIGN.md §2, Checkpoints).
+"""Open any supported checkpoint into a `LoadedModel`: a Hugging Face folder, safetensors, torch weights,
+TorchScript, an exported program or an ONNX graph.
 
 `open_checkpoint` looks at what the path is and hands it to the module for that format. Every failure a
 user can cause raises `BadInput` naming the file and the problem.

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.stage import stage_of
 from studio.evaluation.data import Example, timing_examples
 from studio.evaluation.latency import TimingPolicy, summarise
 from studio.evaluation.quality import (
@@ -278,7 +279,7 @@ def evaluate_baseline(
             )
         )
         return cached
-    kind = "onnx" if model.format == "onnx" else "torch"
+    kind = stage_of(model)
     metrics: dict[str, Any] = {"size_bytes": weights_size(model), "runtime": kind, "threads": threads}
     if recipe.evaluate.latency:  # measured from the checkpoint, in a fresh process
         metrics.update(
@@ -401,7 +402,7 @@ def evaluate_variant(
         "runtime": kind,
         "threads": threads,
     }
-    base_kind = "onnx" if model.format == "onnx" else "torch"
+    base_kind = stage_of(model)
     base_runner = runner_for(base_kind, model.path if base_kind == "onnx" else model.module, model, threads)
     seq = recipe.evaluate.sequence_length
     acc = QualityAccumulator(model.family, list(examples))

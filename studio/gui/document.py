@@ -14,8 +14,9 @@ from PySide6.QtCore import QObject, QSettings, Signal
 from PySide6.QtGui import QUndoStack
 
 from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.stage import stage_of
 from studio.gui.pipeline_model import AddStep, LoadRecipe, MoveStep, PipelineModel, RemoveStep, SetParams
-from studio.pipeline import Recipe, Step, stage_of
+from studio.pipeline import Recipe, Step
 from studio.variants import Workspace
 
 MAX_RECENT = 10

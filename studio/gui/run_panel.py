@@ -659,6 +659,7 @@ class RunPanel(QWidget):
 
     def _validate(self, recipe: Any) -> str:
         """The first problem `model-studio run` would refuse the recipe for, or ""."""
+        from studio.checkpoints.stage import stage_of_source
         from studio.pipeline import check_steps
         from studio.recipe_check import check_recipe
 
@@ -672,7 +673,7 @@ class RunPanel(QWidget):
             else:
                 # No model in this window: check the steps alone (opening a checkpoint imports torch;
                 # the worker does that, and refuses anything else with an error event).
-                start = "onnx" if recipe.model.lower().endswith(".onnx") else "torch"
+                start = stage_of_source(recipe.model)
                 _, problems = check_steps(recipe.steps, start, None)
                 if problems:
                     return problems[0][1]

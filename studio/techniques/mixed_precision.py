@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput
 from studio.techniques.layer_swap import LayerScheme, is_linear, quantized_layer, select, set_submodule, shape
 
@@ -86,7 +87,7 @@ class FidelityProbe:
         if reference is None:
             from studio.evaluation.measure import runner_for
 
-            kind = "onnx" if model.format == "onnx" else "torch"
+            kind = stage_of(model)
             reference = runner_for(kind, model.path if kind == "onnx" else model.module, model)
         self.reference = [reference(b) for b in self.batches]
 

@@ -112,9 +112,7 @@ def test_palette_lists_every_technique_by_category(editor):
 
 
 def test_tensorrt_is_disabled_with_its_reason(editor):
-    item = editor.palette_view.items_by_id().get("export.tensorrt")
-    if item is None:
-        pytest.skip("export.tensorrt is not registered yet")
+    item = editor.palette_view.items_by_id()["export.tensorrt"]
     ok, reason = registry()["export.tensorrt"]().availability()
     if ok:
         pytest.skip("TensorRT is available on this machine")
