@@ -416,14 +416,12 @@ class RunPanel(QWidget):
     def _data_edited(self, values: dict[str, Any]) -> None:
         from studio.pipeline import DataSpec
 
-        pipeline = self.document.pipeline
-        pipeline.recipe = pipeline.recipe.model_copy(update={"data": DataSpec.model_validate(values)})
+        self.document.pipeline.set_data(DataSpec.model_validate(values))
 
     def _evaluate_edited(self, values: dict[str, Any]) -> None:
         from studio.pipeline import EvaluateSpec
 
-        pipeline = self.document.pipeline
-        pipeline.recipe = pipeline.recipe.model_copy(update={"evaluate": EvaluateSpec.model_validate(values)})
+        self.document.pipeline.set_evaluate(EvaluateSpec.model_validate(values))
 
     # ---------------------------------------------------------------------------- public
 
