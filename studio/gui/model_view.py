@@ -43,7 +43,6 @@ from studio.gui.widgets import (
     add_table_export_action,
     fill_table,
     fmt,
-    human_bytes,
     human_count,
     make_table,
     plot_colors,
@@ -52,6 +51,7 @@ from studio.gui.widgets import (
     style_plot,
 )
 from studio.inspection.stats import DEFAULT_BINS, OUTLIER_STD, TensorStats, as_float_array, tensor_stats
+from studio.units import human_bytes
 
 TENSOR_ROLE = Qt.ItemDataRole.UserRole + 1  # full tensor name on tensor rows, "" on module rows
 PATH_ROLE = Qt.ItemDataRole.UserRole + 2  # full dotted path (what the filter matches)
