@@ -17,13 +17,9 @@ from PySide6.QtWidgets import QApplication, QCheckBox, QComboBox, QLineEdit
 
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import FloatSpin, IntSpin, ParamForm
-from studio.gui.pipeline_editor import (
-    CATEGORY_TITLES,
-    ID_ROLE,
-    PROBLEM_ROLE,
-    PipelineEditor,
-    technique_mime,
-)
+from studio.gui.pipeline_editor import PipelineEditor
+from studio.gui.pipeline_palette import CATEGORY_TITLES, ID_ROLE, technique_mime
+from studio.gui.pipeline_steps import PROBLEM_ROLE
 from studio.pipeline import Recipe, load_recipe, parse_recipe
 from studio.resources import resource
 from studio.techniques.base import registry
