@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import BadInput, StudioError
+from studio.units import human_bytes
 
 # Trust is the person's say on the command line; no file (recipe, workspace, checkpoint) can grant it.
 TRUST_HELP = "allow loading a checkpoint whose file runs code (a pickled module, a .pt2 with pickled parts)"
@@ -50,14 +51,6 @@ class Progress:
 
 def _fmt(v: float | None, spec: str = ".4g") -> str:
     return "-" if v is None else format(v, spec)
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -108,8 +101,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     print(f"  family        {model.family}")
     print(f"  architecture  {model.architecture or '-'}")
     print(f"  parameters    {summary.parameters:,} in {summary.tensors} tensors")
-    by_dtype = ", ".join(f"{k} {_human_bytes(v)}" for k, v in summary.bytes_by_dtype.items())
-    print(f"  weights       {_human_bytes(summary.bytes)} ({by_dtype})")
+    by_dtype = ", ".join(f"{k} {human_bytes(v)}" for k, v in summary.bytes_by_dtype.items())
+    print(f"  weights       {human_bytes(summary.bytes)} ({by_dtype})")
     for note in model.notes:
         print(f"  note          {note}")
     print()
@@ -305,7 +298,7 @@ def print_run_summary(result: dict[str, Any]) -> None:
         q = m.get("quality", {})
         qtext = ", ".join(f"{k} {v:.4f}" for k, v in q.items() if isinstance(v, float)) or "reference"
         print(
-            f"{name:<26} {row['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>10} {b1:>10} {bn:>10} {qtext:<40}"
+            f"{name:<26} {row['kind']:<9} {human_bytes(m.get('size_bytes', 0)):>10} {b1:>10} {bn:>10} {qtext:<40}"
         )
     for v in result["variants"]:
         print(f"\nsaved {v['id']}: {v['artifact']}")
@@ -352,7 +345,7 @@ def cmd_variants(args: argparse.Namespace) -> int:
         steps = " -> ".join(s["technique"] for s in r["recipe"].get("steps", [])) or r["model"]
         flag = f"  [FILES MISSING: {r.get('damage') or 'gone'}]" if r.get("missing") else ""
         print(
-            f"{r['id']:<32} {r['kind']:<9} {_human_bytes(m.get('size_bytes', 0)):>9} {b1:>10} "
+            f"{r['id']:<32} {r['kind']:<9} {human_bytes(m.get('size_bytes', 0)):>9} {b1:>10} "
             f"{'-' if qv is None else f'{qv:.4f}':>10}  {steps}{flag}"
         )
     return 0

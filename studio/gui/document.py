@@ -57,7 +57,7 @@ class StudioDocument(QObject):
             self.error.emit(exc.message)
             return False
         self.model, self.source, self.trusted = model, str(source), trust
-        self.pipeline.recipe = self.pipeline.recipe.model_copy(update={"model": str(source), "trust": trust})
+        self.pipeline.set_model(str(source), trust)
         self._remember(str(source))
         self.model_changed.emit()
         self.status.emit(f"Opened {source} ({model.family}, {model.format})")

@@ -1,23 +1,22 @@
 """The Model tab: the module tree of the open checkpoint, one tensor's histogram and statistics, and the
 whole model's parameters by layer type and bytes by dtype.
 
-The tree is built from tensor names and shapes only (`LoadedModel.tensors()` reads headers), so it fills
-without touching weights. A tensor's statistics read that tensor alone, on a pool thread; when the
+The tree and the whole-model breakdown are built from tensor names and shapes only
+(`studio.inspection.module_tree`; `LoadedModel.tensors()` reads headers), so they fill without touching
+weights; the whole-model charts are `WholeModelPanel`. A tensor's statistics read that tensor alone, on a pool thread; when the
 selection moves on before they arrive, the late result is dropped.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QModelIndex, QSettings, QSortFilterProxyModel, Qt, Signal
-from PySide6.QtGui import QFont, QFontMetrics, QStandardItem, QStandardItemModel
+from PySide6.QtGui import QFont, QStandardItem, QStandardItemModel
 from PySide6.QtWidgets import (
     QAbstractItemView,
     QCheckBox,
@@ -28,7 +27,6 @@ from PySide6.QtWidgets import (
     QSpinBox,
     QSplitter,
     QStackedWidget,
-    QTabWidget,
     QToolButton,
     QTreeView,
     QVBoxLayout,
@@ -37,13 +35,13 @@ from PySide6.QtWidgets import (
 
 from studio.checkpoints.base import TensorRef
 from studio.gui.document import StudioDocument
+from studio.gui.whole_model_panel import WholeModelPanel
 from studio.gui.widgets import (
     Banner,
     add_plot_export_action,
     add_table_export_action,
     fill_table,
     fmt,
-    human_bytes,
     human_count,
     make_table,
     plot_colors,
@@ -51,31 +49,13 @@ from studio.gui.widgets import (
     style_legend,
     style_plot,
 )
-from studio.inspection.stats import DEFAULT_BINS, OUTLIER_STD, TensorStats, as_float_array, tensor_stats
+from studio.inspection.histogram import HistogramResult, compute_histogram
+from studio.inspection.module_tree import Node, build_module_tree, whole_model_summary
+from studio.inspection.stats import DEFAULT_BINS, OUTLIER_STD, tensor_bytes
+from studio.units import human_bytes
 
 TENSOR_ROLE = Qt.ItemDataRole.UserRole + 1  # full tensor name on tensor rows, "" on module rows
 PATH_ROLE = Qt.ItemDataRole.UserRole + 2  # full dotted path (what the filter matches)
-
-# Bytes per element of the dtype names TensorRef uses; read here so the tree never needs torch.
-DTYPE_BYTES = {
-    "float64": 8,
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "int64": 8,
-    "int32": 4,
-    "int16": 2,
-    "int8": 1,
-    "uint8": 1,
-    "quint8": 1,
-    "qint8": 1,
-    "qint32": 4,
-    "bool": 1,
-    "complex64": 8,
-    "complex128": 16,
-}
 
 HINT = (
     "<b>Try this:</b> select a layer in the tree to see its weight histogram and statistics "
@@ -83,135 +63,6 @@ HINT = (
     "heads (press <i>Compute</i>) and lets you switch heads off · the <b>Pipeline</b> tab has a starter "
     "pipeline to run."
 )
-
-
-# ------------------------------------------------------------------------------------------------ tree data
-
-
-@dataclass
-class Node:
-    name: str  # the label shown (dotted when single-child modules were merged)
-    path: str  # full dotted path
-    ref: TensorRef | None = None
-    children: OrderedDict[str, Node] = field(default_factory=OrderedDict)
-
-    @property
-    def params(self) -> int:
-        return self.ref.numel if self.ref is not None else sum(c.params for c in self.children.values())
-
-    @property
-    def dtypes(self) -> set[str]:
-        if self.ref is not None:
-            return {self.ref.dtype}
-        out: set[str] = set()
-        for c in self.children.values():
-            out |= c.dtypes
-        return out
-
-    @property
-    def tensor_count(self) -> int:
-        return 1 if self.ref is not None else sum(c.tensor_count for c in self.children.values())
-
-
-def _child_key(item: tuple[int, tuple[str, Node]]) -> tuple[int, int]:
-    order, (name, _) = item
-    return (0, int(name)) if name.isdigit() else (1, order)
-
-
-def build_module_tree(refs: list[TensorRef]) -> Node:
-    """The module hierarchy from dotted tensor names; numbered children in numeric order, and chains of
-    single-child modules merged ("encoder" > "layer" becomes "encoder.layer")."""
-    root = Node("", "")
-    for ref in refs:
-        node = root
-        parts = ref.name.split(".")
-        for i, part in enumerate(parts):
-            path = ".".join(parts[: i + 1])
-            child = node.children.get(part)
-            if child is None:
-                child = node.children[part] = Node(part, path)
-            node = child
-        node.ref = ref
-
-    def tidy(node: Node) -> Node:
-        items = sorted(enumerate(node.children.items()), key=_child_key)
-        node.children = OrderedDict((name, tidy(child)) for _, (name, child) in items)
-        while node.ref is None and node.path and len(node.children) == 1:
-            only = next(iter(node.children.values()))
-            if only.ref is not None:
-                break
-            node.name = f"{node.name}.{only.name}"
-            node.path = only.path
-            node.children = only.children
-        return node
-
-    return tidy(root)
-
-
-_INDEX = re.compile(r"^\d+$")
-
-
-def layer_type(name: str) -> str:
-    """What kind of layer a tensor belongs to, for the whole-model breakdown: the module path after the
-    last block index, without the parameter name ("encoder.layer.3.attention.self.query.weight" ->
-    "attention.self.query"); unnumbered modules keep their last two components."""
-    parts = name.split(".")
-    module = parts[:-1] if len(parts) > 1 else parts
-    numbered = [i for i, p in enumerate(module) if _INDEX.match(p)]
-    if numbered:
-        rest = module[numbered[-1] + 1 :]
-        return ".".join(rest) if rest else parts[-1]
-    return ".".join(module[-2:]) if module else parts[-1]
-
-
-def whole_model_summary(refs: list[TensorRef]) -> dict[str, Any]:
-    by_type: dict[str, int] = {}
-    by_dtype: dict[str, list[int]] = {}  # dtype -> [tensors, params, bytes]
-    for ref in refs:
-        by_type[layer_type(ref.name)] = by_type.get(layer_type(ref.name), 0) + ref.numel
-        row = by_dtype.setdefault(ref.dtype, [0, 0, 0])
-        row[0] += 1
-        row[1] += ref.numel
-        row[2] += ref.numel * DTYPE_BYTES.get(ref.dtype, 4)
-    return {
-        "params": sum(r.numel for r in refs),
-        "tensors": len(refs),
-        "bytes": sum(v[2] for v in by_dtype.values()),
-        "by_type": sorted(by_type.items(), key=lambda kv: -kv[1]),
-        "by_dtype": sorted(by_dtype.items(), key=lambda kv: -kv[1][2]),
-    }
-
-
-# ------------------------------------------------------------------------------------------------ stats work
-
-
-@dataclass
-class HistogramResult:
-    stats: TensorStats
-    int8_scale: float | None  # symmetric per-tensor: max|x| / 127
-    int8_rmse: float | None  # RMS error of an INT8 round trip with that scale
-    int8_levels_used: int | None  # distinct INT8 levels the tensor's values round to
-
-
-def compute_histogram(ref: TensorRef, bins: int) -> HistogramResult:
-    """Statistics plus what symmetric per-tensor INT8 would do to this tensor (read chunk by chunk)."""
-    stats = tensor_stats(ref, bins)
-    if stats.min is None or stats.max is None:
-        return HistogramResult(stats, None, None, None)
-    absmax = max(abs(stats.min), abs(stats.max))
-    if absmax == 0:
-        return HistogramResult(stats, None, 0.0, 1)
-    scale = absmax / 127.0
-    sq_err, count = 0.0, 0
-    used = np.zeros(255, dtype=bool)
-    for raw in ref.chunks():
-        x = as_float_array(raw).astype(np.float64)
-        x = x[np.isfinite(x)]
-        q = np.clip(np.round(x / scale), -127, 127)
-        used[(q + 127).astype(np.int64)] = True
-        sq_err += float(np.square(x - q * scale).sum())
-        count += x.size
-    return HistogramResult(stats, scale, math.sqrt(sq_err / count) if count else None, int(used.sum()))
 
 
 # ------------------------------------------------------------------------------------------------ the view
@@ -248,8 +99,6 @@ class TreeFilter(QSortFilterProxyModel):
 class ModelView(QWidget):
     """Layer tree + histogram + statistics + whole-model breakdown of `document.model`."""
 
-    TYPE_BARS = 7  # bars in the whole-model chart; smaller types are summed into one "other" bar
-
     histogram_shown = Signal(str)  # tensor name, once its histogram is on screen
     selection_changed = Signal(str)  # tensor or module path
 
@@ -264,7 +113,7 @@ class ModelView(QWidget):
         self._grid_in_legend = False
         self._summary_text = "No model open"
         self._build()
-        self._show_whole_model(whole_model_summary([]))
+        self.whole.show_summary(whole_model_summary([]))
         document.model_changed.connect(self.on_model_changed)
         if document.model is not None:
             self.on_model_changed()
@@ -359,17 +208,8 @@ class ModelView(QWidget):
         self.stats_table.horizontalHeader().setSectionResizeMode(0, QHeaderView.ResizeMode.ResizeToContents)
         self.stats_table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         add_table_export_action(self.stats_table, "tensor-stats")
-        self.whole = QTabWidget()
-        self.type_plot = pg.PlotWidget()
-        self._setup_type_plot()
-        add_plot_export_action(self.type_plot, self.type_plot, "parameters-by-layer-type")
-        self.type_table = make_table(["Layer type", "Parameters", "Share"])
-        add_table_export_action(self.type_table, "parameters-by-layer-type")
-        self.dtype_table = make_table(["DType", "Tensors", "Parameters", "Bytes", "Share"])
-        add_table_export_action(self.dtype_table, "bytes-by-dtype")
-        self.whole.addTab(self.type_plot, "Parameters by layer type")
-        self.whole.addTab(self.type_table, "Layer types (table)")
-        self.whole.addTab(self.dtype_table, "Bytes by dtype")
+        self.whole = WholeModelPanel()
+        self.type_table, self.dtype_table = self.whole.type_table, self.whole.dtype_table
 
         self.bottom_split = QSplitter(Qt.Orientation.Horizontal)
         self.bottom_split.addWidget(self.stats_table)
@@ -437,32 +277,12 @@ class ModelView(QWidget):
         self.legend.addItem(self._legend_mean, "mean")
         self.legend.addItem(self._legend_std, "mean ± std")
 
-    def _setup_type_plot(self) -> None:
-        colors = plot_colors()
-        item = self.type_plot.getPlotItem()
-        item.setTitle("Parameters by layer type")
-        item.setLabel("bottom", "parameters")
-        item.setLabel("left", "layer type")
-        item.getAxis("bottom").enableAutoSIPrefix(False)
-        item.getViewBox().invertY(True)
-        item.setMouseEnabled(x=False, y=False)
-        item.showGrid(x=True, alpha=0.15)
-        self.type_bars = pg.BarGraphItem(
-            x0=[], y=[], width=[], height=0.7, brush=colors["bars_fill"], pen=pg.mkPen(colors["bars"])
-        )
-        item.addItem(self.type_bars)
-        self._tick_font = QFont(self.font())
-        self._tick_font.setPointSizeF(max(7.0, self._tick_font.pointSizeF() * 0.9))
-        self.type_plot.getAxis("left").setStyle(tickFont=self._tick_font)
-        self.type_plot.getAxis("left").enableAutoSIPrefix(False)
-
     def apply_theme(self) -> None:
         colors = plot_colors()
-        for plot in (self.plot, self.type_plot):
-            style_plot(plot)
+        style_plot(self.plot)
+        self.whole.apply_theme()
         self.hist_curve.setPen(pg.mkPen(colors["bars"], width=1))
         self.hist_curve.setBrush(colors["bars_fill"])
-        self.type_bars.setOpts(brush=colors["bars_fill"], pen=pg.mkPen(colors["bars"]))
         self.hint.restyle()
 
     # ---------------------------------------------------------------------------- model
@@ -481,7 +301,7 @@ class ModelView(QWidget):
         self.filter_edit.clear()  # a filter typed for the old model's names would hide the new tree
         self.filter_edit.blockSignals(False)
         if model is None:
-            self._show_whole_model(whole_model_summary([]))
+            self.whole.show_summary(whole_model_summary([]))
             self._summary_text = "No model open"
             self.tree_summary.setText(self._summary_text)
             return
@@ -493,7 +313,7 @@ class ModelView(QWidget):
         self.tree.expandToDepth(0)
         self._on_filter(self.filter_edit.text())
         summary = whole_model_summary(refs)
-        self._show_whole_model(summary)
+        self.whole.show_summary(summary)
         dtypes = ", ".join(d for d, _ in summary["by_dtype"])
         self._summary_text = (
             f"{model.source}: {human_count(summary['params'])} parameters in {summary['tensors']} tensors · "
@@ -522,48 +342,6 @@ class ModelView(QWidget):
         parent.appendRow([name, shape, params, dtype])
         for child in node.children.values():
             self._add_node(name, child)
-
-    def _show_whole_model(self, summary: dict[str, Any]) -> None:
-        by_type = summary["by_type"]
-        total = summary["params"] or 1
-        shown = by_type[: self.TYPE_BARS]
-        rest = by_type[self.TYPE_BARS :]
-        if len(rest) == 1:
-            shown = by_type
-        elif rest:
-            shown = [*shown, (f"{len(rest)} other types", sum(c for _, c in rest))]
-        names = [n for n, _ in shown]
-        top = max((c for _, c in shown), default=1)
-        unit, div = next(((u, d) for u, d in (("millions", 1e6), ("thousands", 1e3)) if top >= d), ("", 1.0))
-        widths = [c / div for _, c in shown]
-        self.type_bars.setOpts(x0=[0] * len(widths), y=list(range(len(widths))), width=widths, height=0.7)
-        axis = self.type_plot.getAxis("left")
-        metrics = QFontMetrics(self._tick_font)
-        labels = [metrics.elidedText(n, Qt.TextElideMode.ElideMiddle, 230) for n in names]
-        axis.setWidth(min(250, max((metrics.horizontalAdvance(t) for t in labels), default=60) + 30))
-        axis.setTicks([list(enumerate(labels))])
-        item = self.type_plot.getPlotItem()
-        in_all = f"; {human_count(summary['params'])} in all" if by_type else ""
-        item.setLabel("bottom", f"parameters ({unit}{in_all})" if unit else f"parameters{in_all}")
-        item.setTitle("Parameters by layer type" if by_type else "Parameters by layer type (no model open)")
-        item.getAxis("bottom").setStyle(showValues=bool(by_type))
-        item.getViewBox().setLimits(yMin=-1, yMax=max(len(names), 1))
-        item.getViewBox().setRange(
-            xRange=(0, max(widths, default=1) * 1.08), yRange=(-0.75, len(names) - 0.25), padding=0
-        )
-        fill_table(
-            self.type_table,
-            [(n, f"{c:,}", f"{100 * c / total:.1f} %") for n, c in by_type],
-            align_right_from=1,
-        )
-        total_bytes = summary["bytes"] or 1
-        fill_table(
-            self.dtype_table,
-            [
-                (d, f"{t:,}", f"{p:,}", human_bytes(b), f"{100 * b / total_bytes:.1f} %")
-                for d, (t, p, b) in summary["by_dtype"]
-            ],
-        )
 
     # ---------------------------------------------------------------------------- selection
 
@@ -631,7 +409,7 @@ class ModelView(QWidget):
                 ("module", path),
                 ("tensors", len(refs)),
                 ("parameters", f"{params:,}"),
-                ("bytes", human_bytes(sum(r.numel * DTYPE_BYTES.get(r.dtype, 4) for r in refs))),
+                ("bytes", human_bytes(sum(tensor_bytes(r) for r in refs))),
                 ("dtype", ", ".join(dtypes)),
             ],
         )

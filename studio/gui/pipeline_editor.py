@@ -1,4 +1,5 @@
-"""The pipeline editor: a palette of technique blocks, the pipeline as an ordered list, and a parameter form.
+"""The pipeline editor: a palette of technique blocks (`pipeline_palette`), the pipeline as an ordered list
+(`pipeline_steps`), and a parameter form, with Open/Save and Undo/Redo.
 
 The editor is a passive view of `document.pipeline`: it rebuilds its list from the model's signals and
 changes the pipeline only through the document (undoable commands). Drag and drop carries a technique id
@@ -17,449 +18,43 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from PySide6.QtCore import QMimeData, QModelIndex, QPoint, QRect, QSize, Qt, Signal
-from PySide6.QtGui import (
-    QAction,
-    QColor,
-    QDrag,
-    QDragEnterEvent,
-    QDragLeaveEvent,
-    QDragMoveEvent,
-    QDropEvent,
-    QFont,
-    QIcon,
-    QKeyEvent,
-    QPainter,
-    QPalette,
-    QPen,
-)
+from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtGui import QAction, QIcon
 from PySide6.QtWidgets import (
-    QAbstractItemView,
-    QApplication,
     QFileDialog,
     QFrame,
-    QHBoxLayout,
-    QHeaderView,
     QLabel,
     QLineEdit,
-    QListWidget,
     QListWidgetItem,
     QMessageBox,
     QScrollArea,
     QSplitter,
     QStyle,
-    QStyledItemDelegate,
-    QStyleOptionViewItem,
     QToolBar,
-    QToolButton,
-    QTreeWidget,
-    QTreeWidgetItem,
     QVBoxLayout,
     QWidget,
 )
 
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import ParamForm
+from studio.gui.pipeline_palette import ID_ROLE, TechniquePalette, technique_classes
+from studio.gui.pipeline_steps import (
+    KINDS_ROLE,
+    PROBLEM_ROLE,
+    TITLE_ROLE,
+    PipelineList,
+    is_dark_palette,
+    problem_color,
+)
+from studio.gui.widgets import Banner
 
-TECHNIQUE_MIME = "application/x-model-studio-technique"
-STEP_MIME = "application/x-model-studio-step"
 RECIPE_FILTER = "Recipes (*.yaml *.yml);;All files (*)"
 MAX_PROBLEM_LINES = 5
-
-ID_ROLE = Qt.ItemDataRole.UserRole + 1
-KINDS_ROLE = Qt.ItemDataRole.UserRole + 2
-PROBLEM_ROLE = Qt.ItemDataRole.UserRole + 3
-TITLE_ROLE = Qt.ItemDataRole.UserRole + 4
-
-CATEGORY_TITLES = {
-    "precision": "Precision",
-    "quantization": "Quantization",
-    "pruning": "Pruning",
-    "distillation": "Distillation",
-    "export": "Export",
-    "graph": "Graph optimization",
-    "compile": "Compilation",
-}
-
-
-def technique_mime(technique_id: str) -> QMimeData:
-    """What the palette puts on a drag: the technique id (plain text too, for text editors)."""
-    mime = QMimeData()
-    mime.setData(TECHNIQUE_MIME, technique_id.encode("utf-8"))
-    mime.setText(technique_id)
-    return mime
-
-
-def _registry() -> dict[str, Any]:
-    from studio.techniques.base import registry
-
-    return registry()
-
-
-def _is_dark(palette: QPalette) -> bool:
-    return palette.color(QPalette.ColorRole.Base).lightness() < 128
-
-
-def problem_color(palette: QPalette) -> QColor:
-    return QColor("#ef9a9a") if _is_dark(palette) else QColor("#c62828")
 
 
 def _short(source: str) -> str:
     """A model's name for a button: the folder or file name, not the whole path."""
     return source if source.startswith("builtin:") else Path(source).name or source
-
-
-# ------------------------------------------------------------------------------------------------ palette
-
-
-class TechniquePalette(QTreeWidget):
-    """Technique blocks grouped by category; available ones can be dragged or double-clicked."""
-
-    technique_activated = Signal(str)  # double-click / Enter: add it where its stage kind fits
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setColumnCount(2)
-        self.setHeaderLabels(["Technique", "id"])
-        self.header().setStretchLastSection(False)
-        self.header().setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        self.header().setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
-        self.setRootIsDecorated(False)
-        self.setIndentation(10)
-        self.setUniformRowHeights(True)
-        self.setDragEnabled(True)
-        self.setDragDropMode(QAbstractItemView.DragDropMode.DragOnly)
-        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.itemDoubleClicked.connect(self._activated)
-        self.populate()
-
-    def populate(self) -> None:
-        self.clear()
-        techniques = _registry()
-        by_category: dict[str, list[Any]] = {}
-        for cls in techniques.values():
-            by_category.setdefault(cls.category, []).append(cls)
-        order = list(CATEGORY_TITLES) + sorted(set(by_category) - set(CATEGORY_TITLES))
-        bold = QFont(self.font())
-        bold.setBold(True)
-        for category in order:
-            classes = by_category.get(category)
-            if not classes:
-                continue
-            header = QTreeWidgetItem(self, [CATEGORY_TITLES.get(category, category.capitalize()), ""])
-            header.setFlags(Qt.ItemFlag.ItemIsEnabled)
-            header.setFont(0, bold)
-            header.setData(0, ID_ROLE, None)
-            header.setFirstColumnSpanned(True)
-            for cls in classes:
-                item = QTreeWidgetItem(header, [cls.title, cls.id])
-                item.setData(0, ID_ROLE, cls.id)
-                item.setForeground(1, self.palette().color(QPalette.ColorRole.PlaceholderText))
-                ok, reason = cls().availability()
-                kinds = f"{cls.input_kind} -> {cls.output_kind}"
-                if ok:
-                    item.setFlags(
-                        Qt.ItemFlag.ItemIsEnabled
-                        | Qt.ItemFlag.ItemIsSelectable
-                        | Qt.ItemFlag.ItemIsDragEnabled
-                    )
-                    tip = f"<b>{cls.title}</b> ({cls.id}, {kinds})<br>{cls.description}"
-                else:
-                    item.setFlags(Qt.ItemFlag.NoItemFlags)
-                    tip = f"<b>{cls.title}</b> ({cls.id}, {kinds})<br>Not available here: {reason}"
-                item.setToolTip(0, tip)
-                item.setToolTip(1, tip)
-            header.setExpanded(True)
-        # wide enough for the longest title next to the longest id: names were cut at the default width
-        fm = self.fontMetrics()
-        titles = [cls.title for cls in techniques.values()]
-        ids = [cls.id for cls in techniques.values()]
-        needed = (
-            max((fm.horizontalAdvance(t) for t in titles), default=0)
-            + max((fm.horizontalAdvance(i) for i in ids), default=0)
-            + self.indentation()
-            + 6 * fm.averageCharWidth()  # cell padding, the frame and a scroll bar
-        )
-        self.setMinimumWidth(needed)
-
-    def items_by_id(self) -> dict[str, QTreeWidgetItem]:
-        out = {}
-        for i in range(self.topLevelItemCount()):
-            header = self.topLevelItem(i)
-            for j in range(header.childCount()):
-                child = header.child(j)
-                out[child.data(0, ID_ROLE)] = child
-        return out
-
-    def set_filter(self, text: str) -> None:
-        needle = text.strip().lower()
-        for i in range(self.topLevelItemCount()):
-            header = self.topLevelItem(i)
-            shown = 0
-            for j in range(header.childCount()):
-                child = header.child(j)
-                hit = not needle or needle in (child.text(0) + " " + child.text(1)).lower()
-                child.setHidden(not hit)
-                shown += hit
-            header.setHidden(shown == 0)
-
-    # drag: our own MIME type and a copy action (the palette keeps its items)
-    def mimeTypes(self) -> list[str]:
-        return [TECHNIQUE_MIME]
-
-    def startDrag(self, supported: Qt.DropAction) -> None:
-        item = self.currentItem()
-        technique_id = item.data(0, ID_ROLE) if item is not None else None
-        if not technique_id or not (item.flags() & Qt.ItemFlag.ItemIsEnabled):
-            return
-        drag = QDrag(self)
-        drag.setMimeData(technique_mime(technique_id))
-        rect = self.visualItemRect(item)
-        drag.setPixmap(self.viewport().grab(rect))
-        drag.setHotSpot(QPoint(12, rect.height() // 2))
-        drag.exec(Qt.DropAction.CopyAction)
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:
-        if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and self.currentItem() is not None:
-            self._activated(self.currentItem())
-            return
-        super().keyPressEvent(event)
-
-    def _activated(self, item: QTreeWidgetItem, _column: int = 0) -> None:
-        technique_id = item.data(0, ID_ROLE)
-        if technique_id and item.flags() & Qt.ItemFlag.ItemIsEnabled:
-            self.technique_activated.emit(technique_id)
-
-
-# ------------------------------------------------------------------------------------------------ pipeline list
-
-
-class StepDelegate(QStyledItemDelegate):
-    """A step row: number and title, the stage kinds, the id, and the problem (if any) in red."""
-
-    PAD = 6
-
-    def sizeHint(self, option: QStyleOptionViewItem, index: QModelIndex) -> QSize:
-        fm = option.fontMetrics
-        lines = 3 if index.data(PROBLEM_ROLE) else 2
-        return QSize(240, lines * (fm.height() + 2) + 2 * self.PAD)
-
-    def paint(self, painter: QPainter, option: QStyleOptionViewItem, index: QModelIndex) -> None:
-        opt = QStyleOptionViewItem(option)
-        self.initStyleOption(opt, index)
-        opt.text = ""
-        opt.icon = QIcon()
-        widget = opt.widget
-        style = widget.style() if widget is not None else QApplication.style()
-        style.drawControl(QStyle.ControlElement.CE_ItemViewItem, opt, painter, widget)
-
-        selected = bool(opt.state & QStyle.StateFlag.State_Selected)
-        pal = opt.palette
-        text = pal.color(QPalette.ColorRole.HighlightedText if selected else QPalette.ColorRole.Text)
-        dim = QColor(text)
-        dim.setAlphaF(0.65)
-        problem = index.data(PROBLEM_ROLE)
-        bad = problem_color(pal)
-        rect = opt.rect.adjusted(self.PAD + 6, self.PAD, -self.PAD, -self.PAD)
-        fm = opt.fontMetrics
-        line_h = fm.height() + 2
-        painter.save()
-        if problem:
-            painter.fillRect(QRect(opt.rect.left(), opt.rect.top() + 2, 4, opt.rect.height() - 4), bad)
-        title_font = QFont(opt.font)
-        title_font.setBold(True)
-        painter.setFont(title_font)
-        painter.setPen(text)
-        number = f"{index.row() + 1}."
-        kinds = index.data(KINDS_ROLE) or ""
-        kinds_w = fm.horizontalAdvance(kinds) + 8
-        title_rect = QRect(rect.left(), rect.top(), rect.width() - kinds_w, line_h)
-        title = f"{number} {index.data(TITLE_ROLE)}"
-        painter.drawText(
-            title_rect,
-            Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
-            painter.fontMetrics().elidedText(title, Qt.TextElideMode.ElideRight, title_rect.width()),
-        )
-        painter.setFont(opt.font)
-        painter.setPen(bad if problem and not selected else dim)
-        painter.drawText(
-            QRect(rect.right() - kinds_w, rect.top(), kinds_w, line_h),
-            Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter,
-            kinds,
-        )
-        indent = fm.horizontalAdvance(number + " ")
-        painter.setPen(dim)
-        painter.drawText(
-            QRect(rect.left() + indent, rect.top() + line_h, rect.width() - indent, line_h),
-            Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
-            index.data(ID_ROLE) or "",
-        )
-        if problem:
-            icon = style.standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
-            size = fm.height()
-            top = rect.top() + 2 * line_h + (line_h - size) // 2
-            icon.paint(painter, QRect(rect.left() + indent, top, size, size))
-            painter.setPen(text if selected else bad)
-            x = rect.left() + indent + size + 4
-            width = rect.right() - x
-            painter.drawText(
-                QRect(x, rect.top() + 2 * line_h, width, line_h),
-                Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter,
-                fm.elidedText(str(problem), Qt.TextElideMode.ElideRight, width),
-            )
-        painter.restore()
-
-
-class PipelineList(QListWidget):
-    """The steps; accepts technique drops (add) and step drops (move) and reports them as signals."""
-
-    technique_dropped = Signal(str, int)  # technique id, insertion row
-    step_dropped = Signal(int, int)  # source row, insertion row (in the list before the move)
-    delete_requested = Signal()
-
-    def __init__(self, parent: QWidget | None = None) -> None:
-        super().__init__(parent)
-        self.setItemDelegate(StepDelegate(self))
-        self.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
-        self.setDragEnabled(True)
-        self.setAcceptDrops(True)
-        self.viewport().setAcceptDrops(True)
-        self.setDragDropMode(QAbstractItemView.DragDropMode.DragDrop)
-        self.setDefaultDropAction(Qt.DropAction.MoveAction)
-        self.setDropIndicatorShown(False)  # drawn by paintEvent: a line where the step will land
-        self.setSpacing(1)
-        self.setVerticalScrollMode(QAbstractItemView.ScrollMode.ScrollPerPixel)
-        self._drop_row: int | None = None
-        self._token = f"{os.getpid()}-{id(self)}"  # a step MIME from another list is not a move here
-
-    def step_mime(self, row: int) -> QMimeData:
-        """What a drag of step `row` carries (also what tests drop)."""
-        mime = QMimeData()
-        mime.setData(STEP_MIME, f"{self._token}:{row}".encode())
-        return mime
-
-    def drop_row(self, pos: QPoint) -> int:
-        """Insertion row for a drop at `pos` (viewport coordinates): before or after the item under it."""
-        item = self.itemAt(pos)
-        if item is None:
-            return self.count()
-        row = self.row(item)
-        return row + 1 if pos.y() > self.visualItemRect(item).center().y() else row
-
-    def _step_source(self, mime: QMimeData) -> int | None:
-        if not mime.hasFormat(STEP_MIME):
-            return None
-        token, _, row = bytes(mime.data(STEP_MIME).data()).decode("utf-8", "replace").rpartition(":")
-        if token != self._token or not row.isdigit():
-            return None
-        return int(row)
-
-    # ---------------------------------------------------------------------------- drag source
-
-    def mimeTypes(self) -> list[str]:
-        return [STEP_MIME, TECHNIQUE_MIME]
-
-    def supportedDropActions(self) -> Qt.DropAction:
-        return Qt.DropAction.MoveAction | Qt.DropAction.CopyAction
-
-    def startDrag(self, supported: Qt.DropAction) -> None:
-        item = self.currentItem()
-        if item is None:
-            return
-        drag = QDrag(self)
-        drag.setMimeData(self.step_mime(self.row(item)))
-        rect = self.visualItemRect(item)
-        drag.setPixmap(self.viewport().grab(rect))
-        drag.setHotSpot(QPoint(12, rect.height() // 2))
-        drag.exec(Qt.DropAction.MoveAction)  # the pipeline model moves the step; nothing is removed here
-
-    # ---------------------------------------------------------------------------- drop target
-
-    def _accepts(self, event: QDropEvent | QDragMoveEvent | QDragEnterEvent) -> Qt.DropAction | None:
-        mime = event.mimeData()
-        if mime.hasFormat(TECHNIQUE_MIME):
-            return Qt.DropAction.CopyAction
-        if self._step_source(mime) is not None:
-            return Qt.DropAction.MoveAction
-        return None
-
-    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
-        action = self._accepts(event)
-        if action is None:
-            event.ignore()
-            return
-        event.setDropAction(action)
-        event.accept()
-
-    def dragMoveEvent(self, event: QDragMoveEvent) -> None:
-        action = self._accepts(event)
-        if action is None:
-            event.ignore()
-            return
-        self._drop_row = self.drop_row(event.position().toPoint())
-        self.viewport().update()
-        event.setDropAction(action)
-        event.accept()
-
-    def dragLeaveEvent(self, event: QDragLeaveEvent) -> None:
-        self._drop_row = None
-        self.viewport().update()
-        event.accept()
-
-    def dropEvent(self, event: QDropEvent) -> None:
-        self._drop_row = None
-        self.viewport().update()
-        mime = event.mimeData()
-        row = self.drop_row(event.position().toPoint())
-        if mime.hasFormat(TECHNIQUE_MIME):
-            technique_id = bytes(mime.data(TECHNIQUE_MIME).data()).decode("utf-8", "replace").strip()
-            event.setDropAction(Qt.DropAction.CopyAction)
-            event.accept()
-            if technique_id:
-                self.technique_dropped.emit(technique_id, row)
-            return
-        source = self._step_source(mime)
-        if source is not None:
-            event.setDropAction(Qt.DropAction.MoveAction)
-            event.accept()
-            self.step_dropped.emit(source, row)
-            return
-        event.ignore()
-
-    # ---------------------------------------------------------------------------- keys and painting
-
-    def keyPressEvent(self, event: QKeyEvent) -> None:
-        if event.key() in (Qt.Key.Key_Delete, Qt.Key.Key_Backspace) and self.currentRow() >= 0:
-            self.delete_requested.emit()
-            event.accept()
-            return
-        super().keyPressEvent(event)
-
-    def paintEvent(self, event: Any) -> None:
-        super().paintEvent(event)
-        painter = QPainter(self.viewport())
-        if self.count() == 0:
-            color = QColor(self.palette().color(QPalette.ColorRole.Text))
-            color.setAlphaF(0.55)
-            painter.setPen(color)
-            painter.drawText(
-                self.viewport().rect().adjusted(20, 20, -20, -20),
-                Qt.AlignmentFlag.AlignCenter | Qt.TextFlag.TextWordWrap,
-                "Drag techniques here from the palette\n(or double-click them)",
-            )
-        if self._drop_row is not None:
-            if self.count() == 0:
-                y = 2
-            elif self._drop_row < self.count():
-                y = self.visualItemRect(self.item(self._drop_row)).top() - 1
-            else:
-                y = self.visualItemRect(self.item(self.count() - 1)).bottom() + 1
-            painter.setPen(QPen(self.palette().color(QPalette.ColorRole.Highlight), 3))
-            painter.drawLine(4, y, self.viewport().width() - 4, y)
-        painter.end()
-
-
-# ------------------------------------------------------------------------------------------------ editor
 
 
 class PipelineEditor(QWidget):
@@ -548,26 +143,8 @@ class PipelineEditor(QWidget):
             self.toolbar.addAction(action)
         layout.addWidget(self.toolbar)
 
-        self.error_banner = QFrame()
-        self.error_banner.setObjectName("pipeline-error")
-        self.error_banner.setFrameShape(QFrame.Shape.StyledPanel)
-        self.error_banner.setStyleSheet(
-            "#pipeline-error { background: rgba(211, 47, 47, 0.12); border: 1px solid rgba(211, 47, 47, 0.6);"
-            " border-radius: 4px; }"
-        )
-        banner = QHBoxLayout(self.error_banner)
-        banner.setContentsMargins(8, 4, 4, 4)
-        self.error_label = QLabel()
-        self.error_label.setWordWrap(True)
-        self.error_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        banner.addWidget(self.error_label, 1)
-        close = QToolButton()
-        close.setAutoRaise(True)
-        close.setIcon(self.style().standardIcon(QStyle.StandardPixmap.SP_TitleBarCloseButton))
-        close.setToolTip("Dismiss")
-        close.clicked.connect(lambda: self.show_error(""))
-        banner.addWidget(close, 0, Qt.AlignmentFlag.AlignTop)
-        self.error_banner.hide()
+        self.error_banner = Banner("error")
+        self.error_banner.closed.connect(self._error_dismissed)
         layout.addWidget(self.error_banner)
 
         splitter = QSplitter(Qt.Orientation.Horizontal)
@@ -646,7 +223,7 @@ class PipelineEditor(QWidget):
 
     def _rebuild(self, select: int | None) -> None:
         """Refill the list from the pipeline model (a handful of rows: cheaper than patching)."""
-        techniques = _registry()
+        techniques = technique_classes()
         self.list.blockSignals(True)
         self.list.clear()
         for i in range(len(self.pipeline)):
@@ -712,7 +289,7 @@ class PipelineEditor(QWidget):
             )
         except Exception as exc:  # a broken technique must not take the editor down
             self._problems = {-1: f"could not check the pipeline: {exc}"}
-        techniques = _registry()
+        techniques = technique_classes()
         warn = self.style().standardIcon(QStyle.StandardPixmap.SP_MessageBoxWarning)
         for i in range(self.list.count()):
             item = self.list.item(i)
@@ -741,7 +318,9 @@ class PipelineEditor(QWidget):
             last = techniques[self.pipeline.step(len(self.pipeline) - 1).technique].output_kind
             on = f" on {self.document.source}" if self.document.source else ""
             self.problems_label.setText(f"✓ Ready to run{on}: {first} model -> {last} model")
-            self.problems_label.setStyleSheet("color: #2e7d32;" if not _is_dark(pal) else "color: #a5d6a7;")
+            self.problems_label.setStyleSheet(
+                "color: #2e7d32;" if not is_dark_palette(pal) else "color: #a5d6a7;"
+            )
         else:
             self.problems_label.setText("")
         self._update_actions()
@@ -813,7 +392,7 @@ class PipelineEditor(QWidget):
             )
             return
         step = self.pipeline.step(row)
-        cls = _registry().get(step.technique)
+        cls = technique_classes().get(step.technique)
         if cls is None:
             self.params_heading.setText(f"Step {row + 1}: {step.technique}")
             self.description_label.setText("Unknown technique: remove this step.")
@@ -842,7 +421,7 @@ class PipelineEditor(QWidget):
             self.document.set_params(self._form_row, params)
 
     def _technique_dropped(self, technique_id: str, row: int) -> None:
-        if technique_id not in _registry():
+        if technique_id not in technique_classes():
             self.show_error(f"Unknown technique '{technique_id}'")
             return
         self.document.add_step(technique_id, index=max(0, min(row, len(self.pipeline))))
@@ -874,8 +453,13 @@ class PipelineEditor(QWidget):
     def show_error(self, message: str) -> None:
         """Show (or, with "", hide) the editor's error banner; errors are never raised to the caller."""
         self.last_error = message
-        self.error_label.setText(message)
-        self.error_banner.setVisible(bool(message))
+        if message:
+            self.error_banner.show_message(message)
+        else:
+            self.error_banner.hide()
+
+    def _error_dismissed(self) -> None:
+        self.last_error = ""
 
     def _start_dir(self) -> str:
         if self.document.recipe_path is not None:

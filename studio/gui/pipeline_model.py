@@ -4,6 +4,10 @@ Views never change the list directly: they push a command on the document's QUnd
 (`AddStep`, `MoveStep`, `RemoveStep`, `SetParams`), whose redo/undo call the model's mutators, which
 emit `step_added`, `step_moved`, `step_removed`, `params_changed`. Views follow those signals
 (orange-canvas-core's Scheme / document commands).
+
+The rest of the recipe (its model, data and evaluate settings) is read through `recipe` and changed only
+through `set_model`, `set_data` and `set_evaluate`, which emit `settings_changed`: an assignment from
+outside would change what is saved and run without any view hearing of it.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QUndoCommand
 
-from studio.pipeline import Recipe, Step
+from studio.pipeline import DataSpec, EvaluateSpec, Recipe, Step
 from studio.recipe_check import ModelLayout, check_recipe
 
 
@@ -24,11 +28,17 @@ class PipelineModel(QObject):
     step_removed = Signal(int)  # index
     params_changed = Signal(int)  # index
     reset = Signal()  # the whole list was replaced (a recipe was opened)
+    settings_changed = Signal()  # the recipe's model, data or evaluate settings changed (not its steps)
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._steps: list[Step] = []
-        self.recipe = Recipe()  # data / evaluate settings and the model; steps live in _steps
+        self._recipe = Recipe()  # data / evaluate settings and the model; steps live in _steps
+
+    @property
+    def recipe(self) -> Recipe:
+        """The recipe's model and settings (its steps are `steps()`); read-only, see the setters."""
+        return self._recipe
 
     # ---------------------------------------------------------------------------- reading
 
@@ -97,6 +107,25 @@ class PipelineModel(QObject):
         right_input = [i for i in range(len(self._steps) + 1) if kinds[i] == cls.input_kind]
         return right_input[-1] if right_input else len(self._steps)
 
+    # ---------------------------------------------------------------------------- settings setters
+
+    def set_model(self, model: str, trust: bool) -> None:
+        """The model the recipe runs on, and whether it may run code from its file."""
+        self._update({"model": model, "trust": trust})
+
+    def set_data(self, data: DataSpec) -> None:
+        self._update({"data": data})
+
+    def set_evaluate(self, evaluate: EvaluateSpec) -> None:
+        self._update({"evaluate": evaluate})
+
+    def _update(self, fields: dict[str, Any]) -> None:
+        """Emit only on a real change (as Scheme's setters do), so a form echoing its values back is quiet."""
+        if all(getattr(self._recipe, k) == v for k, v in fields.items()):
+            return
+        self._recipe = self._recipe.model_copy(update=fields)
+        self.settings_changed.emit()
+
     # ---------------------------------------------------------------------------- mutators (commands only)
 
     def insert(self, index: int, step: Step) -> None:
@@ -118,7 +147,7 @@ class PipelineModel(QObject):
         self.params_changed.emit(index)
 
     def load(self, recipe: Recipe) -> None:
-        self.recipe = recipe.model_copy(deep=True)
+        self._recipe = recipe.model_copy(deep=True)
         self._steps = [s.model_copy(deep=True) for s in recipe.steps]
         self.reset.emit()
 

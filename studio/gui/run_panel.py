@@ -44,6 +44,7 @@ from PySide6.QtWidgets import (
 from studio.events import Done, Error, Event, Log, Metric, Progress, VariantSaved, from_json
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import ParamForm
+from studio.units import human_bytes
 from studio.worker import worker_command
 
 CANCEL_GRACE_MS = 1000  # SIGTERM first; SIGKILL after this if the worker is still there
@@ -53,17 +54,6 @@ STDERR_LINES = 40
 def _fmt_elapsed(ms: int) -> str:
     s = ms // 1000
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
-
-
-def _fmt_size(n: Any) -> str:
-    """Decimal units, as the compare table and the CLI show them (1 MB = 10^6 bytes)."""
-    if not isinstance(n, (int, float)):
-        return "?"
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n:.1f} GB"
 
 
 def summarize(result: dict[str, Any]) -> str:
@@ -76,9 +66,9 @@ def summarize(result: dict[str, Any]) -> str:
     base = (result.get("baseline") or {}).get("metrics") or {}
     parts = [f"Saved variant {variant.get('id', '?')}"]
     if "size_bytes" in metrics:
-        size = f"size {_fmt_size(metrics['size_bytes'])}"
+        size = f"size {human_bytes(metrics['size_bytes'])}"
         if base.get("size_bytes"):
-            size += f" (original {_fmt_size(base['size_bytes'])})"
+            size += f" (original {human_bytes(base['size_bytes'])})"
         parts.append(size)
     quality = metrics.get("quality") or {}
     for key, value in quality.items():
@@ -416,14 +406,12 @@ class RunPanel(QWidget):
     def _data_edited(self, values: dict[str, Any]) -> None:
         from studio.pipeline import DataSpec
 
-        pipeline = self.document.pipeline
-        pipeline.recipe = pipeline.recipe.model_copy(update={"data": DataSpec.model_validate(values)})
+        self.document.pipeline.set_data(DataSpec.model_validate(values))
 
     def _evaluate_edited(self, values: dict[str, Any]) -> None:
         from studio.pipeline import EvaluateSpec
 
-        pipeline = self.document.pipeline
-        pipeline.recipe = pipeline.recipe.model_copy(update={"evaluate": EvaluateSpec.model_validate(values)})
+        self.document.pipeline.set_evaluate(EvaluateSpec.model_validate(values))
 
     # ---------------------------------------------------------------------------- public
 

@@ -189,13 +189,6 @@ def human_count(n: float) -> str:
     return f"{int(n)}"
 
 
-def human_bytes(n: float) -> str:
-    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.3g} {unit}"
-    return f"{int(n)} B"
-
-
 def fmt(value: float | None, spec: str = ".5g") -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"

@@ -31,9 +31,18 @@ DTYPE_BYTES = {
     "quint8": 1,
     "float8_e4m3fn": 1,
     "float8_e5m2": 1,
+    "qint32": 4,
+    "complex64": 8,
+    "complex128": 16,
 }
 OUTLIER_STD = 6.0
 CHUNK_ELEMENTS = 1 << 23
+
+
+def tensor_bytes(ref: TensorRef) -> int:
+    """Bytes a tensor's values take, from its header alone; a dtype not in DTYPE_BYTES counts one byte each
+    (the smallest element, so an unknown dtype never inflates a size)."""
+    return ref.numel * DTYPE_BYTES.get(ref.dtype, 1)
 
 
 @dataclass
@@ -182,8 +191,7 @@ class ModelSummary:
     def add(self, ref: TensorRef) -> None:
         self.tensors += 1
         self.parameters += ref.numel
-        size = DTYPE_BYTES.get(ref.dtype, 1)
-        self.bytes_by_dtype[ref.dtype] = self.bytes_by_dtype.get(ref.dtype, 0) + ref.numel * size
+        self.bytes_by_dtype[ref.dtype] = self.bytes_by_dtype.get(ref.dtype, 0) + tensor_bytes(ref)
         self.params_by_dtype[ref.dtype] = self.params_by_dtype.get(ref.dtype, 0) + ref.numel
 
     def to_dict(self) -> dict[str, Any]:

@@ -150,7 +150,7 @@ def test_about_lists_versions_without_importing_torch(make_window, qtbot):
         assert line in text
     dialog.close()
     code = (
-        "import sys; from studio.gui.main_window import environment_info; info = dict(environment_info()); "
+        "import sys; from studio.gui.about import environment_info; info = dict(environment_info()); "
         "assert 'torch' not in sys.modules, 'torch imported'; print(info['Qt'])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

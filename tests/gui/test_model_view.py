@@ -9,8 +9,9 @@ from PySide6.QtGui import QImage
 
 from studio.checkpoints import open_checkpoint
 from studio.gui.document import StudioDocument
-from studio.gui.model_view import PATH_ROLE, TENSOR_ROLE, ModelView, build_module_tree, layer_type
+from studio.gui.model_view import PATH_ROLE, TENSOR_ROLE, ModelView
 from studio.gui.widgets import export_plot, export_table_csv, live_tasks
+from studio.inspection.module_tree import build_module_tree, layer_type
 from studio.variants import Workspace
 
 pytestmark = pytest.mark.gui

@@ -17,13 +17,9 @@ from PySide6.QtWidgets import QApplication, QCheckBox, QComboBox, QLineEdit
 
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import FloatSpin, IntSpin, ParamForm
-from studio.gui.pipeline_editor import (
-    CATEGORY_TITLES,
-    ID_ROLE,
-    PROBLEM_ROLE,
-    PipelineEditor,
-    technique_mime,
-)
+from studio.gui.pipeline_editor import PipelineEditor
+from studio.gui.pipeline_palette import CATEGORY_TITLES, ID_ROLE, technique_mime
+from studio.gui.pipeline_steps import PROBLEM_ROLE
 from studio.pipeline import Recipe, load_recipe, parse_recipe
 from studio.resources import resource
 from studio.techniques.base import registry
@@ -482,3 +478,41 @@ def test_palette_names_are_not_cut(editor):
                 needed,
                 palette.columnWidth(column),
             )
+
+
+def test_recipe_settings_change_only_through_setters_that_emit(qtbot, editor, document, tmp_path):
+    """The data / evaluate settings and the model are part of what is saved and run: a change goes through
+    a setter that tells the views, and what it set is what the saved recipe holds."""
+    from studio.pipeline import DataSpec, EvaluateSpec
+
+    pipeline = document.pipeline
+    with pytest.raises(AttributeError):
+        pipeline.recipe = Recipe()  # no silent writes from outside
+    data = pipeline.recipe.data.model_copy(update={"evaluation_examples": 24})
+    with qtbot.waitSignal(pipeline.settings_changed, timeout=1000):
+        pipeline.set_data(data)
+    evaluate = pipeline.recipe.evaluate.model_copy(update={"sequence_length": 48})
+    with qtbot.waitSignal(pipeline.settings_changed, timeout=1000):
+        pipeline.set_evaluate(evaluate)
+    with qtbot.waitSignal(pipeline.settings_changed, timeout=1000):
+        pipeline.set_model(str(tmp_path / "model"), True)
+    assert isinstance(pipeline.recipe.data, DataSpec) and isinstance(pipeline.recipe.evaluate, EvaluateSpec)
+    with qtbot.assertNotEmitted(pipeline.settings_changed):
+        pipeline.set_data(data.model_copy())  # the same values again: nothing changed, nothing to tell
+
+    document.add_step("precision.half")
+    path = tmp_path / "settings.yaml"
+    assert editor.save_to(path)
+    saved = load_recipe(path)
+    assert saved.data.evaluation_examples == 24
+    assert saved.evaluate.sequence_length == 48
+    assert (saved.model, saved.trust) == (str(tmp_path / "model"), True)
+    assert [s.technique for s in saved.steps] == ["precision.half"]
+
+
+def test_opening_a_model_sets_the_recipes_model_through_the_setter(qtbot, document):
+    document.pipeline.set_model("elsewhere", False)
+    with qtbot.waitSignal(document.pipeline.settings_changed, timeout=1000):
+        assert document.open_model("builtin:minilm")
+    assert document.pipeline.recipe.model == "builtin:minilm"
+    assert document.pipeline.to_recipe().model == "builtin:minilm"
