@@ -44,7 +44,7 @@ from PySide6.QtWidgets import (
 from studio.events import Done, Error, Event, Log, Metric, Progress, VariantSaved, from_json
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import ParamForm
-from studio.worker import worker_command
+from studio.jobs import worker_command
 
 CANCEL_GRACE_MS = 1000  # SIGTERM first; SIGKILL after this if the worker is still there
 STDERR_LINES = 40
@@ -635,7 +635,7 @@ class RunPanel(QWidget):
                 self.log(outcome.detail.rstrip())
             self._fail(f"The run failed ({outcome.kind}): {where}{outcome.message}")
         else:
-            from studio.worker import describe_exit
+            from studio.jobs import describe_exit
 
             reason = describe_exit(-code if crashed else code)
             tail = "\n".join(list(self._stderr)[-8:])
