@@ -386,7 +386,7 @@ class RunPanel(QWidget):
         )
         self.job_id = job.job_id
         worker = WorkerProcess(job, self)
-        worker.event.connect(self._handle_event)
+        worker.event_received.connect(self._handle_event)
         worker.stray_line.connect(lambda line: self.log(f"(worker) {line}"))
         worker.note.connect(self.log)
         worker.ended.connect(self._worker_ended)

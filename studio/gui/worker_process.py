@@ -22,7 +22,7 @@ UNIX = sys.platform != "win32"
 
 
 class WorkerProcess(QObject):
-    event = Signal(object)  # a typed event from studio.events, as soon as its line is complete
+    event_received = Signal(object)  # a typed event from studio.events, as soon as its line is complete
     stray_line = Signal(str)  # a stdout line that is not an event
     note = Signal(str)  # something the process itself did, for the log ("killing it")
     ended = Signal(object)  # a JobEnd, once
@@ -92,7 +92,7 @@ class WorkerProcess(QObject):
             if isinstance(item, str):
                 self.stray_line.emit(item)
             else:
-                self.event.emit(item)
+                self.event_received.emit(item)
 
     def _error(self, error: QProcess.ProcessError) -> None:
         if error == QProcess.ProcessError.FailedToStart:
