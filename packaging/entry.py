@@ -1,6 +1,6 @@
 """The bundle's entry point: the `model-studio` command (studio.cli.main).
 
-`model-studio __worker__` runs a pipeline worker (studio.worker.worker_command): a frozen executable
+`model-studio __worker__` runs a pipeline worker (studio.jobs.worker_command): a frozen executable
 has no `python -m studio.worker`.
 """
 

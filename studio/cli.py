@@ -219,6 +219,7 @@ class RunDisplay:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from studio.errors import Cancelled, exit_code_for
     from studio.events import Done, Error
     from studio.pipeline import load_recipe, plan
     from studio.worker import WorkerClient
@@ -268,14 +269,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         client.cancel()
         display.done()
         print("model-studio: cancelled; nothing was saved", file=sys.stderr)
-        return 130
+        return Cancelled.exit_code
     display.done()
     if error is not None:
         where = f"{display.label(error.step)}: " if error.step is not None else ""
         print(f"model-studio: error: {where}{error.message}", file=sys.stderr)
         if error.detail and (args.debug or error.kind in ("crash", "internal")):
             print(error.detail, file=sys.stderr)
-        return {"bad-input": 2, "unavailable": 3, "disk-full": 4, "cancelled": 130}.get(error.kind, 1)
+        return exit_code_for(error.kind)
     assert result is not None
     if args.json:
         json.dump(result, sys.stdout)
@@ -725,7 +726,7 @@ def open_path_argument(raw: list[str], parser: argparse.ArgumentParser) -> list[
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = sys.argv[1:] if argv is None else list(argv)
-    if raw[:1] == ["__worker__"]:  # the frozen bundle's worker (studio.worker.worker_command)
+    if raw[:1] == ["__worker__"]:  # the frozen bundle's worker (studio.jobs.worker_command)
         from studio.worker import main as worker_main
 
         return worker_main()

@@ -2,8 +2,9 @@
 
 Every event has a `type`: `progress` (step, fraction, message), `log` (level, message), `metric` (name,
 value, step, extra fields such as `iteration`), `variant` (the saved variant's record), `error` (kind,
-message, step) and `done` (the run's result). The worker writes them; the client parses them into these
-dataclasses, which the CLI prints and the GUI shows.
+message, step) and `done` (the run's result). Techniques and the run loop make these dataclasses, the
+worker writes them as JSON lines, and `EventDecoder` turns the bytes a client reads back into them, which
+the CLI prints and the GUI shows.
 """
 
 from __future__ import annotations
@@ -13,8 +14,22 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 
+class WireEvent:
+    """What every event shares: its JSON object on the wire, and reading one of its fields by that name
+    (`event["type"]`, a metric's `event["iteration"]`), so code that knows the JSON lines reads events."""
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)  # type: ignore[call-overload]  # every subclass is a dataclass
+        if isinstance(self, Metric):
+            data.update(data.pop("extra"))  # a metric's extra fields sit next to its name on the wire
+        return data
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+
 @dataclass(frozen=True)
-class Progress:
+class Progress(WireEvent):
     step: int  # -1 before the first step (loading, validating) and len(steps) for evaluation
     fraction: float
     message: str = ""
@@ -22,7 +37,7 @@ class Progress:
 
 
 @dataclass(frozen=True)
-class Log:
+class Log(WireEvent):
     message: str
     level: str = "info"
     step: int | None = None
@@ -30,7 +45,7 @@ class Log:
 
 
 @dataclass(frozen=True)
-class Metric:
+class Metric(WireEvent):
     name: str
     value: float
     step: int | None = None
@@ -39,13 +54,13 @@ class Metric:
 
 
 @dataclass(frozen=True)
-class VariantSaved:
+class VariantSaved(WireEvent):
     variant: dict[str, Any]
     type: str = "variant"
 
 
 @dataclass(frozen=True)
-class Error:
+class Error(WireEvent):
     kind: str  # "bad-input", "unavailable", "cancelled", "crash", "internal"
     message: str
     step: int | None = None
@@ -54,22 +69,16 @@ class Error:
 
 
 @dataclass(frozen=True)
-class Done:
+class Done(WireEvent):
     result: dict[str, Any]
     type: str = "done"
 
 
 Event = Progress | Log | Metric | VariantSaved | Error | Done
 
-_FIELDS = {"progress", "log", "metric", "variant", "error", "done"}
-
 
 def to_json(event: Event) -> str:
-    data = asdict(event)
-    if isinstance(event, Metric):
-        extra = data.pop("extra")
-        data.update(extra)
-    return json.dumps(data, default=str)
+    return json.dumps(event.to_dict(), default=str)
 
 
 def from_dict(data: dict[str, Any]) -> Event:
@@ -100,3 +109,40 @@ def from_dict(data: dict[str, Any]) -> Event:
 
 def from_json(line: str) -> Event:
     return from_dict(json.loads(line))
+
+
+class EventDecoder:
+    """The worker's stdout, read in chunks of any size, back into events: a chunk may end inside a line,
+    which waits for the next chunk. A line that is not an event comes back as its text (a library that
+    wrote to the real stdout anyway), for the caller to show or ignore. `outcome` is the last `done` or
+    `error` seen: a worker that ends without one died before it could say why."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self.outcome: Done | Error | None = None
+
+    def feed(self, data: bytes) -> list[Event | str]:
+        self._buffer += data
+        *lines, self._buffer = self._buffer.split(b"\n")
+        return self._decode(lines)
+
+    def close(self) -> list[Event | str]:
+        """What a last line without its newline held, once the stream has ended."""
+        rest, self._buffer = self._buffer, b""
+        return self._decode([rest])
+
+    def _decode(self, lines: list[bytes]) -> list[Event | str]:
+        out: list[Event | str] = []
+        for raw in lines:
+            line = raw.decode("utf-8", "replace").strip()
+            if not line:
+                continue
+            try:
+                event = from_json(line)
+            except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or not an event's JSON
+                out.append(line)
+                continue
+            if isinstance(event, (Done, Error)):
+                self.outcome = event
+            out.append(event)
+        return out

@@ -29,7 +29,7 @@ from pydantic import (
 from studio.checkpoints.base import FAMILIES, LoadedModel
 from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput, Unavailable
-from studio.events import Event, Progress, from_dict
+from studio.events import Event, Progress
 from studio.families import context_length
 from studio.safe_files import MB, check_structure, read_text
 from studio.search_space import SearchSpec
@@ -328,9 +328,6 @@ def execute_steps(plan_: Plan, workdir: Path, calibration: list[Any], sink: Sink
 
     recipe, model = plan_.recipe, plan_.model
 
-    def emit(data: dict[str, Any]) -> None:
-        sink(from_dict(data))
-
     sink(Progress(-1, 0.0, f"loading {recipe.model}"))
     state = initial_state(model)
     sink(Progress(-1, 1.0, f"loaded {recipe.model}"))
@@ -343,7 +340,7 @@ def execute_steps(plan_: Plan, workdir: Path, calibration: list[Any], sink: Sink
             sequence_length=recipe.evaluate.sequence_length,
             step_index=planned.index,
             later_steps=[p.technique.id for p in plan_.steps[planned.index + 1 :]],
-            emit=emit,
+            emit=sink,
         )
         ctx.progress(0.0, f"{planned.technique.title}")
         started = time.perf_counter()

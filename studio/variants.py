@@ -35,6 +35,7 @@ from typing import Any
 
 from studio.errors import BadInput, DiskFull, StudioError, disk_full_error
 
+TMP_FOLDER = "tmp"  # under the workspace root: one work folder per running job, named by its job id
 JOB_MARKER = ".model-studio-job"  # written by job_folder: only folders carrying it are ever removed from tmp/
 COLUMNS = ("id", "kind", "parent", "model", "name", "recipe", "metrics", "artifact", "created", "cache_key")
 RECOVER = (
@@ -137,7 +138,7 @@ class Workspace:
     def __init__(self, root: str | Path | None = None) -> None:
         self.root = Path(root).expanduser() if root else default_root()
         self.variants_dir = self.root / "variants"
-        self.tmp_dir = self.root / "tmp"
+        self.tmp_dir = self.root / TMP_FOLDER
         self.quarantine_dir = self.root / "quarantine"
         for folder in (self.tmp_dir, self.variants_dir):
             # Cleaning a linked tmp/ would delete in the link's target, somewhere the studio never wrote.

@@ -1,7 +1,8 @@
-"""The worker process and its client: techniques run here, never in the GUI's or the CLI's own process.
+"""The worker process and the CLI's client of it: techniques run here, never in the GUI's or the CLI's own
+process.
 
-`python -m studio.worker` reads one job (JSON: recipe + workspace) from stdin and writes one event per line
-to stdout. Anything a library prints goes to stderr: the worker keeps a private copy of stdout for events
+`python -m studio.worker` reads one job (studio/jobs.py) from stdin and writes one event per line to
+stdout. Anything a library prints goes to stderr: the worker keeps a private copy of stdout for events
 and points file descriptor 1 at stderr before importing torch.
 
 `WorkerClient` starts that process and yields typed events. Cancel terminates it (SIGTERM, then SIGKILL
@@ -11,7 +12,6 @@ event (segfault, killed, out of memory) becomes an `error` event of kind "crash"
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -20,24 +20,12 @@ import sys
 import threading
 import time
 import traceback
-import uuid
-from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
-from studio.events import Done, Error, Event, from_json, to_json
-
-CANCEL_GRACE_S = 1.0
-FROZEN_WORKER_ARG = "__worker__"  # a PyInstaller bundle has no `-m`: its executable takes this first argument
-
-
-def worker_command() -> list[str]:
-    """The command line that starts a worker: `python -m studio.worker`, or the bundle's own executable."""
-    if getattr(sys, "frozen", False):
-        return [sys.executable, FROZEN_WORKER_ARG]
-    return [sys.executable, "-m", "studio.worker"]
-
+from studio.events import Done, Error, Event, EventDecoder, to_json
+from studio.jobs import CANCEL_GRACE_S, Job, JobEnd, StderrTail, signal_group, worker_command
 
 # ------------------------------------------------------------------------------------------------ worker side
 
@@ -50,8 +38,8 @@ def _event_stream() -> IO[str]:
     return out
 
 
-def run_job(job: dict[str, Any], out: IO[str]) -> int:
-    from studio.errors import BadInput, DiskFull, StudioError, Unavailable, disk_full_error
+def run_job(data: dict[str, Any], out: IO[str]) -> int:
+    from studio.errors import StudioError, disk_full_error
     from studio.pipeline import parse_recipe, plan, run_plan
     from studio.variants import Workspace
 
@@ -62,54 +50,39 @@ def run_job(job: dict[str, Any], out: IO[str]) -> int:
             out.write(to_json(event) + "\n")
             out.flush()
 
+    job = Job.from_dict(data)
     try:
-        if "crash_for_test" in job:  # lets the tests prove crash handling with a real signal
-            os.kill(os.getpid(), getattr(signal, job["crash_for_test"]))
-        recipe = parse_recipe(job.get("recipe"), job.get("recipe_path"))
-        workspace = Workspace(job.get("workspace"))
-        planned = plan(recipe, path=job.get("recipe_path"), trust=job.get("trust") is True)
-        result = run_plan(planned, workspace, sink, job_id=job.get("job_id"))
+        recipe = parse_recipe(job.recipe, job.recipe_path)
+        workspace = Workspace(job.workspace)
+        planned = plan(recipe, path=job.recipe_path, trust=job.trust)
+        result = run_plan(planned, workspace, sink, job_id=job.job_id)
         sink(Done(result))
         return 0
     except StudioError as exc:
-        kinds = {BadInput: "bad-input", Unavailable: "unavailable", DiskFull: "disk-full"}
-        kind = next((k for cls, k in kinds.items() if isinstance(exc, cls)), "error")
-        sink(Error(kind, exc.message, getattr(exc, "step", None)))
+        sink(Error(exc.kind, exc.message, getattr(exc, "step", None)))
         return exc.exit_code
     except Exception as exc:  # a full disk, or a bug: reported, never a silent death
         full = disk_full_error(exc, "the run's files")
         if full is not None:
-            sink(Error("disk-full", full.message, getattr(exc, "step", None)))
+            sink(Error(full.kind, full.message, getattr(exc, "step", None)))
             return full.exit_code
         sink(Error("internal", f"{type(exc).__name__}: {exc}", None, traceback.format_exc()))
         return 1
 
 
 def main() -> int:
+    from studio.errors import BadInput
+
     out = _event_stream()  # SIGTERM keeps its default action: cancel stops the process at once
     try:
         job = json.loads(sys.stdin.read())
     except json.JSONDecodeError as exc:
-        out.write(to_json(Error("bad-input", f"the job is not JSON: {exc}")) + "\n")
-        return 2
+        out.write(to_json(Error(BadInput.kind, f"the job is not JSON: {exc}")) + "\n")
+        return BadInput.exit_code
     return run_job(job, out)
 
 
 # ------------------------------------------------------------------------------------------------ client side
-
-
-def describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            name = signal.Signals(-code).name
-        except ValueError:
-            name = f"signal {-code}"
-        hint = {
-            "SIGKILL": " (killed: out of memory or by another process)",
-            "SIGSEGV": " (segmentation fault)",
-        }
-        return f"the worker died from {name}{hint.get(name, '')}"
-    return f"the worker exited with status {code} without finishing"
 
 
 class WorkerClient:
@@ -124,21 +97,22 @@ class WorkerClient:
         trust: bool = False,
         extra: dict[str, Any] | None = None,
     ) -> None:
-        self.job_id = uuid.uuid4().hex[:12]
+        self.spec = Job(
+            recipe, Path(workspace), recipe_path=recipe_path, trust=trust, extra=dict(extra or {})
+        )
+        self.job_id = self.spec.job_id
         self.workspace = Path(workspace)
-        self.job = {
-            "recipe": recipe,
-            "workspace": str(workspace),
-            "job_id": self.job_id,
-            "recipe_path": recipe_path,
-            **(extra or {}),
-            "trust": trust,  # the person's --trust; the recipe's own field is never honoured
-        }
-        self.process: subprocess.Popen[str] | None = None
+        self.process: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
         self.cancelled = False
-        self._stderr: deque[str] = deque(maxlen=40)
+        self._stderr = StderrTail()
+        self._cleaned = False
         self.started_at = 0.0
+
+    @property
+    def job(self) -> dict[str, Any]:
+        """The job object the worker reads."""
+        return self.spec.to_dict()
 
     def start(self) -> None:
         self.started_at = time.perf_counter()
@@ -148,46 +122,44 @@ class WorkerClient:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            text=True,
             env=env,
             start_new_session=True,  # its own process group: cancel reaches any children too
         )
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(self.job))
+        self.process.stdin.write(self.spec.payload())
         self.process.stdin.close()
         threading.Thread(target=self._drain_stderr, daemon=True).start()
 
     def _drain_stderr(self) -> None:
         assert self.process is not None and self.process.stderr is not None
         for line in self.process.stderr:
-            self._stderr.append(line.rstrip())
+            self._stderr.feed(line)
+        self._stderr.close()
 
     @property
     def stderr_tail(self) -> str:
-        return "\n".join(self._stderr)
+        return self._stderr.text
 
     def events(self) -> Iterator[Event]:
         """Every event until the worker ends; a worker that ends without `done`/`error` yields a crash error."""
         if self.process is None:
             self.start()
         assert self.process is not None and self.process.stdout is not None
-        finished = False
+        decoder = EventDecoder()
         for line in self.process.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                event = from_json(line)
-            except (ValueError, KeyError, json.JSONDecodeError):
-                continue  # not an event: ignore rather than crash the viewer
-            finished = finished or isinstance(event, (Done, Error))
-            yield event
+            yield from self._events_only(decoder.feed(line))
+        yield from self._events_only(decoder.close())
         self.returncode = self.process.wait()
-        self._cleanup_if_needed()
+        end = self._end(decoder.outcome)
         if self.cancelled:
             yield Error("cancelled", "the run was cancelled; nothing was saved")
-        elif not finished:
-            yield Error("crash", describe_exit(self.returncode), None, self.stderr_tail)
+        elif decoder.outcome is None:
+            yield Error("crash", end.reason, None, self.stderr_tail)
+
+    @staticmethod
+    def _events_only(decoded: list[Event | str]) -> Iterator[Event]:
+        # a line that is not an event (a library writing to the real stdout) is ignored, never a crash
+        yield from (item for item in decoded if not isinstance(item, str))
 
     def cancel(self) -> None:
         """Stop the worker (within about a second) and remove its work folder."""
@@ -195,23 +167,22 @@ class WorkerClient:
         proc = self.process
         if proc is None or proc.poll() is not None:
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
+        signal_group(proc.pid, signal.SIGTERM)
         try:
             proc.wait(CANCEL_GRACE_S)
         except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
-        self._cleanup_if_needed()
+        self.returncode = proc.returncode
+        self._end(None)
 
-    def _cleanup_if_needed(self) -> None:
-        if self.returncode is None and self.process is not None:
-            self.returncode = self.process.poll()
-        if self.returncode not in (0, None):
-            import shutil
-
-            shutil.rmtree(self.workspace / "tmp" / self.job_id, ignore_errors=True)
+    def _end(self, outcome: Done | Error | None) -> JobEnd:
+        assert self.returncode is not None
+        end = JobEnd(self.spec, self.returncode, outcome, self.cancelled, tuple(self._stderr.lines))
+        if not self._cleaned:
+            end.clean_up()
+            self._cleaned = True
+        return end
 
 
 if __name__ == "__main__":

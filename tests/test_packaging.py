@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from studio import worker
-from studio.worker import worker_command
+from studio import jobs
+from studio.jobs import worker_command
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGING = ROOT / "packaging"
@@ -207,14 +207,14 @@ def test_readme_setup_commands_are_what_ci_runs():
 def test_worker_command_unfrozen_and_frozen(monkeypatch):
     assert worker_command() == [sys.executable, "-m", "studio.worker"]
     monkeypatch.setattr(sys, "frozen", True, raising=False)
-    assert worker_command() == [sys.executable, worker.FROZEN_WORKER_ARG]
+    assert worker_command() == [sys.executable, jobs.FROZEN_WORKER_ARG]
 
 
 def test_cli_dispatches_the_frozen_worker_argument():
     # What the bundle's executable does with `__worker__`: the CLI hands over to studio.worker.main,
     # which answers a job that is not JSON with a bad-input event on stdout and exit status 2.
     result = subprocess.run(
-        [sys.executable, "-m", "studio", worker.FROZEN_WORKER_ARG],
+        [sys.executable, "-m", "studio", jobs.FROZEN_WORKER_ARG],
         input="not json",
         capture_output=True,
         text=True,

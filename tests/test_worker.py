@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 
@@ -21,8 +22,8 @@ QUICK = {
 }
 
 
-def _run(recipe, ws, **extra):
-    client = WorkerClient(recipe, ws, extra=extra)
+def _run(recipe, ws):
+    client = WorkerClient(recipe, ws)
     return client, list(client.events())
 
 
@@ -62,10 +63,63 @@ def test_bad_recipe_is_an_error_event(tmp_path):
 
 @pytest.mark.parametrize("sig", ["SIGKILL", "SIGSEGV"])
 def test_crash_becomes_an_error_with_exit_status(tmp_path, sig):
-    client, events = _run(QUICK, tmp_path, crash_for_test=sig)
-    assert isinstance(events[-1], Error) and events[-1].kind == "crash"
-    assert sig in events[-1].message
+    client = WorkerClient(QUICK, tmp_path)
+    client.start()
+    events = client.events()
+    for event in events:  # once the job works inside its folder, the worker dies from a real signal
+        if isinstance(event, Progress):
+            break
+    job = tmp_path / "tmp" / client.job_id
+    assert job.is_dir()
+    os.killpg(client.process.pid, getattr(signal, sig))
+    rest = list(events)
+    assert isinstance(rest[-1], Error) and rest[-1].kind == "crash"
+    assert sig in rest[-1].message
     assert client.returncode == -getattr(signal, sig)
+    assert not job.exists()  # the client removes what the dead worker left
+
+
+def test_a_decoder_joins_chunks_into_events_and_returns_other_lines():
+    from studio.events import EventDecoder, Log
+
+    wire = (to_json(Progress(0, 0.5, "half")) + "\nnot an event\n" + to_json(Done({"a": 1}))).encode()
+    decoder = EventDecoder()
+    out = []
+    for i in range(0, len(wire), 7):  # chunks that end inside lines
+        out += decoder.feed(wire[i : i + 7])
+    assert out == [Progress(0, 0.5, "half"), "not an event"] and decoder.outcome is None
+    assert decoder.close() == [Done({"a": 1})] and decoder.outcome == Done({"a": 1})
+    assert decoder.feed(to_json(Log("x")).encode() + b"\n") == [Log("x")]
+
+
+def test_error_kinds_and_exit_codes_agree():
+    from studio.errors import BadInput, DiskFull, StudioError, Unavailable, exit_code_for
+
+    for cls in (BadInput, Unavailable, DiskFull):
+        assert exit_code_for(cls.kind) == cls("x").exit_code
+    assert [exit_code_for(k) for k in ("bad-input", "unavailable", "disk-full", "cancelled")] == [
+        2,
+        3,
+        4,
+        130,
+    ]
+    assert exit_code_for("crash") == exit_code_for("internal") == StudioError.exit_code == 1
+
+
+def test_typed_events_read_like_their_json(tmp_path):
+    from studio.events import Metric
+    from studio.techniques.base import RunContext
+
+    events: list = []
+    ctx = RunContext(original=None, workdir=tmp_path, step_index=2, emit=events.append)
+    ctx.progress(0.25, "a quarter")
+    ctx.metric("distill_loss", 1, iteration=4)
+    assert events == [Progress(2, 0.25, "a quarter"), Metric("distill_loss", 1.0, 2, {"iteration": 4})]
+    assert events[1]["iteration"] == 4 and events[1]["type"] == "metric" and events[0]["fraction"] == 0.25
+    assert [json.loads(to_json(e)) for e in events] == [
+        {"step": 2, "fraction": 0.25, "message": "a quarter", "type": "progress"},
+        {"name": "distill_loss", "value": 1.0, "step": 2, "type": "metric", "iteration": 4},
+    ]
 
 
 def test_cancel_stops_within_two_seconds_and_leaves_nothing(tmp_path):

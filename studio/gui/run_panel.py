@@ -1,28 +1,18 @@
 """The run panel: runs the document's pipeline in a worker process and shows its events as they arrive.
 
-The work happens in `python -m studio.worker` (a QProcess in its own session, so Cancel reaches any child it
-starts); the panel writes the job to its stdin and parses the JSON lines of its stdout (studio/events.py)
-as they come, keeping a partial last line for the next read. A worker that ends without a `done` or
-`error` event is reported as a crash with its exit status and last stderr lines; after any abnormal end
-the job's work folder (workspace/tmp/<job id>) is removed, as `WorkerClient` does. The window never
-waits on the worker.
+The work happens in `python -m studio.worker`, driven by a `WorkerProcess` (studio/gui/worker_process.py)
+that hands the panel typed events as they come and, at the end, how the worker ended. A worker that ends
+without a `done` or `error` event is reported as a crash with its exit status and last stderr lines. The
+window never waits on the worker.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import shutil
-import signal
-import sys
-import uuid
-from collections import deque
 from typing import Any
 
 import pyqtgraph as pg
-from PySide6.QtCore import QCoreApplication, QElapsedTimer, QProcess, QProcessEnvironment, Qt, QTimer, Signal
+from PySide6.QtCore import QCoreApplication, QElapsedTimer, QProcess, Qt, QTimer, Signal
 from PySide6.QtGui import QAction, QFont, QFontDatabase, QPalette
 from PySide6.QtWidgets import (
     QFrame,
@@ -31,7 +21,6 @@ from PySide6.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
-    QProgressBar,
     QPushButton,
     QScrollArea,
     QSizePolicy,
@@ -41,14 +30,13 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.events import Done, Error, Event, Log, Metric, Progress, VariantSaved, from_json
+from studio.events import Done, Error, Event, Log, Metric, Progress, VariantSaved
 from studio.gui.document import StudioDocument
 from studio.gui.param_form import ParamForm
+from studio.gui.step_row import StepRow
+from studio.gui.worker_process import WorkerProcess
+from studio.jobs import Job, JobEnd
 from studio.units import human_bytes
-from studio.worker import worker_command
-
-CANCEL_GRACE_MS = 1000  # SIGTERM first; SIGKILL after this if the worker is still there
-STDERR_LINES = 40
 
 
 def _fmt_elapsed(ms: int) -> str:
@@ -88,60 +76,6 @@ def summarize(result: dict[str, Any]) -> str:
     return "; ".join(parts) + "."
 
 
-class _StepRow:
-    """One step: its title and progress bar, with the step's latest message in small text below."""
-
-    def __init__(self, grid: QGridLayout, row: int, title: str, tooltip: str = "") -> None:
-        self.title = QLabel(title)
-        self.title.setToolTip(tooltip or title)
-        self.bar = QProgressBar()
-        self.bar.setRange(0, 100)
-        self.bar.setValue(0)
-        self.bar.setTextVisible(True)
-        self.bar.setMinimumWidth(120)
-        self.message = QLabel()
-        self.message.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
-        font = QFont(self.message.font())
-        font.setPointSizeF(font.pointSizeF() * 0.9)
-        self.message.setFont(font)
-        self.message.setStyleSheet("color: palette(placeholder-text);")
-        grid.addWidget(self.title, 2 * row, 0)
-        grid.addWidget(self.bar, 2 * row, 1)
-        grid.addWidget(self.message, 2 * row + 1, 1)
-
-    def set(self, fraction: float, message: str | None = None) -> None:
-        self.bar.setValue(max(self.bar.value(), round(max(0.0, min(1.0, fraction)) * 100)))
-        if message is not None:
-            self.message.setText(message)
-            self.message.setToolTip(message)
-
-    def _restyle(self, color: str) -> None:
-        # a style sheet on ::chunk alone switches the bar to the style-sheet look at a smaller height: keep
-        # the height of its neighbours and give the whole bar a frame
-        self.bar.setFixedHeight(self.bar.sizeHint().height())
-        self.bar.setStyleSheet(
-            f"QProgressBar {{ border: 1px solid {color}; border-radius: 3px; text-align: center; }}"
-            f"QProgressBar::chunk {{ background: {color}; }}"
-        )
-
-    def mark_failed(self) -> None:
-        self._restyle("#d32f2f")
-        self.bar.setFormat("failed at %p%")
-
-    def mark_cancelled(self) -> None:
-        """A row the run did not finish because the user cancelled: grey, and says so."""
-        if self.bar.value() >= 100:
-            return
-        self._restyle("#9e9e9e")
-        self.bar.setFormat("cancelled at %p%" if self.bar.value() else "cancelled")
-        self.message.setText("cancelled")
-
-    def remove(self) -> None:
-        for w in (self.title, self.bar, self.message):
-            w.setParent(None)
-            w.deleteLater()
-
-
 class RunPanel(QWidget):
     """Run / Cancel, per-step progress, a log, the distillation loss curve and the run's result."""
 
@@ -154,17 +88,11 @@ class RunPanel(QWidget):
     def __init__(self, document: StudioDocument, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.document = document
-        # Added to every job (tests use {"crash_for_test": "SIGKILL"} to prove crash handling).
-        self.extra_job_fields: dict[str, Any] = {}
-        self.process: QProcess | None = None
+        self.worker: WorkerProcess | None = None
         self.job_id: str | None = None
         self.result: dict[str, Any] | None = None
         self.last_error = ""
-        self._buffer = b""
-        self._stderr: deque[str] = deque(maxlen=STDERR_LINES)
-        self._outcome: Event | None = None
-        self._cancelled = False
-        self._rows: list[_StepRow] = []
+        self._rows: list[StepRow] = []
         self._n_steps = 0
         self._curves: dict[Any, Any] = {}
         self._loss: dict[Any, tuple[list[float], list[float]]] = {}
@@ -363,13 +291,13 @@ class RunPanel(QWidget):
         techniques = registry()
         steps = self.document.pipeline.steps() if steps is None else steps
         self._n_steps = len(steps)
-        self._rows.append(_StepRow(self.rows_grid, 0, "Load model", "loading and checking the model"))
+        self._rows.append(StepRow(self.rows_grid, 0, "Load model", "loading and checking the model"))
         for i, step in enumerate(steps):
             cls = techniques.get(step.technique)
             title = cls.title if cls is not None else step.technique
-            self._rows.append(_StepRow(self.rows_grid, i + 1, f"{i + 1}. {title}", step.technique))
+            self._rows.append(StepRow(self.rows_grid, i + 1, f"{i + 1}. {title}", step.technique))
         self._rows.append(
-            _StepRow(self.rows_grid, len(steps) + 1, "Evaluate", "measure the original and the new variant")
+            StepRow(self.rows_grid, len(steps) + 1, "Evaluate", "measure the original and the new variant")
         )
         # every row in view up to a long pipeline (the settings below scroll instead): Evaluate was hidden
         # (computed from the rows' parts: the new widgets are not shown yet, so the grid's hint leaves them out)
@@ -381,7 +309,7 @@ class RunPanel(QWidget):
         uses_distill = any(s.technique == "distill" for s in steps)
         self.loss_plot.setVisible(uses_distill or bool(self._loss))
 
-    def row_for_step(self, step: int) -> _StepRow:
+    def row_for_step(self, step: int) -> StepRow:
         """The row of a worker step index (-1 prepare, 0..n-1 steps, n evaluation)."""
         return self._rows[max(0, min(step + 1, len(self._rows) - 1))]
 
@@ -416,7 +344,12 @@ class RunPanel(QWidget):
     # ---------------------------------------------------------------------------- public
 
     def is_running(self) -> bool:
-        return self.process is not None
+        return self.worker is not None
+
+    @property
+    def process(self) -> QProcess | None:
+        """The running worker's process (None when no run is going)."""
+        return None if self.worker is None else self.worker.process
 
     def log(self, text: str) -> None:
         secs = self._clock.elapsed() // 1000 if self._clock.isValid() else 0
@@ -433,105 +366,45 @@ class RunPanel(QWidget):
             self._fail(f"The pipeline cannot run: {problem}")
             return False
 
-        self.job_id = uuid.uuid4().hex[:12]
-        job = {
-            "recipe": recipe.model_dump(mode="json"),
-            "workspace": str(self.document.workspace.root),
-            "job_id": self.job_id,
-            "recipe_path": str(self.document.recipe_path) if self.document.recipe_path else None,
-            **self.extra_job_fields,
-            "trust": self.document.trusted,  # the person's confirmation, never the recipe's field
-        }
-        proc = QProcess(self)
-        env = QProcessEnvironment.systemEnvironment()
-        env.insert("PYTHONUNBUFFERED", "1")
-        proc.setProcessEnvironment(env)
-        if sys.platform != "win32":
-            params = QProcess.UnixProcessParameters()
-            params.flags = QProcess.UnixProcessFlag.CreateNewSession  # its own group: cancel reaches children
-            proc.setUnixProcessParameters(params)
-        proc.readyReadStandardOutput.connect(self._read_stdout)
-        proc.readyReadStandardError.connect(self._read_stderr)
-        proc.finished.connect(self._process_finished)
-        proc.errorOccurred.connect(self._process_error)
-        self.process = proc
+        job = Job(
+            recipe.model_dump(mode="json"),
+            self.document.workspace.root,
+            recipe_path=str(self.document.recipe_path) if self.document.recipe_path else None,
+            trust=self.document.trusted,  # the person's confirmation, never the recipe's field
+        )
+        self.job_id = job.job_id
+        worker = WorkerProcess(job, self)
+        worker.event_received.connect(self._handle_event)
+        worker.stray_line.connect(lambda line: self.log(f"(worker) {line}"))
+        worker.note.connect(self.log)
+        worker.ended.connect(self._worker_ended)
+        worker.failed_to_start.connect(self._failed_to_start)
+        self.worker = worker
         self._clock.start()
         self._ticker.start()
         self._tick()
         self.status_label.setText("Starting the worker…")
         self.log(f"job {self.job_id}: {len(recipe.steps)} step(s) on {recipe.model}")
-        command = worker_command()
-        proc.start(command[0], command[1:])
-        proc.write(json.dumps(job).encode("utf-8"))
-        proc.closeWriteChannel()
+        worker.start()
         self._update_buttons()
         self.started.emit()
         return True
 
     def cancel(self) -> None:
         """Stop the worker now (SIGTERM to its process group, SIGKILL after a grace period)."""
-        proc = self.process
-        if proc is None or self._cancelled:
+        worker = self.worker
+        if worker is None or worker.cancelled:
             return
-        self._cancelled = True
         self.status_label.setText("Cancelling…")
         self.log("cancelling the run")
-        self._signal(proc, signal.SIGTERM if sys.platform != "win32" else None)
-        QTimer.singleShot(CANCEL_GRACE_MS, lambda p=proc: self._kill_if_alive(p))
+        worker.cancel()
 
     def shutdown(self) -> None:
         """Stop a running worker at once and clean up (the window is closing)."""
-        proc = self.process
-        if proc is None:
-            return
-        self._cancelled = True
-        self._signal(proc, signal.SIGKILL if sys.platform != "win32" else None)
-        proc.waitForFinished(3000)
+        if self.worker is not None:
+            self.worker.kill()
 
-    # ---------------------------------------------------------------------------- process
-
-    def _signal(self, proc: QProcess, sig: Any) -> None:
-        pid = proc.processId()
-        if sig is None or pid <= 0:
-            proc.kill() if sig is None else proc.terminate()
-            return
-        try:
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-
-    def _kill_if_alive(self, proc: QProcess) -> None:
-        if self.process is proc and proc.state() != QProcess.ProcessState.NotRunning:
-            self.log("the worker did not stop: killing it")
-            self._signal(proc, signal.SIGKILL if sys.platform != "win32" else None)
-
-    def _read_stdout(self) -> None:
-        if self.process is None:
-            return
-        self._buffer += bytes(self.process.readAllStandardOutput().data())
-        *lines, self._buffer = self._buffer.split(b"\n")
-        for line in lines:
-            self._handle_line(line)
-
-    def _read_stderr(self) -> None:
-        if self.process is None:
-            return
-        text = bytes(self.process.readAllStandardError().data()).decode("utf-8", "replace")
-        for line in text.splitlines():
-            if line.strip():
-                self._stderr.append(line.rstrip())
-
-    def _handle_line(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line:
-            return
-        try:
-            event = from_json(line)
-        except (ValueError, KeyError, TypeError):
-            self.log(f"(worker) {line}")
-            return
-        self._handle_event(event)
+    # ---------------------------------------------------------------------------- worker events
 
     def _handle_event(self, event: Event) -> None:
         if isinstance(event, Progress):
@@ -555,8 +428,7 @@ class RunPanel(QWidget):
                 self.log(f"{event.name} = {event.value:.6g}{where}")
         elif isinstance(event, VariantSaved):
             self.log(f"saved variant {event.variant.get('id', '?')}")
-        elif isinstance(event, (Done, Error)):
-            self._outcome = event
+        # `done` and `error` are the outcome: shown when the worker has ended (`_worker_ended`)
 
     def _add_loss(self, event: Metric) -> None:
         key = event.step
@@ -572,35 +444,22 @@ class RunPanel(QWidget):
         curve.setData(xs, ys)
         self.loss_plot.show()
 
-    def _process_error(self, error: QProcess.ProcessError) -> None:
-        if error == QProcess.ProcessError.FailedToStart and self.process is not None:
-            proc = self.process
-            message = f"Could not start the worker ({' '.join(worker_command())}): {proc.errorString()}"
-            self._end()
-            self._fail(message)
-        # other errors (crash, read/write) end with `finished`, handled there
-
-    def _process_finished(self, code: int, status: QProcess.ExitStatus) -> None:
-        if self.process is None:
-            return
-        self._read_stdout()
-        self._read_stderr()
-        if self._buffer.strip():
-            self._handle_line(self._buffer)
-            self._buffer = b""
-        crashed = status == QProcess.ExitStatus.CrashExit
-        outcome, cancelled = self._outcome, self._cancelled
-        abnormal = crashed or code != 0 or not isinstance(outcome, Done)
-        if abnormal:
-            self._remove_job_folder()
+    def _failed_to_start(self, message: str) -> None:
         self._end()
-        if cancelled:
+        self._fail(message)
+
+    def _worker_ended(self, end: JobEnd) -> None:
+        if self.worker is None:
+            return
+        self._end()
+        outcome = end.outcome
+        if end.cancelled:
             for row in self._rows:
                 row.mark_cancelled()
             self.status_label.setText("Cancelled: nothing was saved.")
             self.log("cancelled; nothing was saved")
             self.cancelled.emit()
-        elif isinstance(outcome, Done) and not crashed:
+        elif isinstance(outcome, Done) and end.code >= 0:
             for row in self._rows:
                 row.set(1.0)
             self.result = outcome.result
@@ -623,24 +482,17 @@ class RunPanel(QWidget):
                 self.log(outcome.detail.rstrip())
             self._fail(f"The run failed ({outcome.kind}): {where}{outcome.message}")
         else:
-            from studio.worker import describe_exit
-
-            reason = describe_exit(-code if crashed else code)
-            tail = "\n".join(list(self._stderr)[-8:])
-            if self._stderr:
-                self.log("worker stderr (last lines):\n" + "\n".join(self._stderr))
-            self._fail(f"The worker crashed: {reason}." + (f"\n{tail}" if tail else ""))
-
-    def _remove_job_folder(self) -> None:
-        if self.job_id:
-            shutil.rmtree(self.document.workspace.root / "tmp" / self.job_id, ignore_errors=True)
+            tail = "\n".join(end.stderr[-8:])
+            if end.stderr:
+                self.log("worker stderr (last lines):\n" + "\n".join(end.stderr))
+            self._fail(f"The worker crashed: {end.reason}." + (f"\n{tail}" if tail else ""))
 
     def _end(self) -> None:
-        proc, self.process = self.process, None
+        worker, self.worker = self.worker, None
         self._ticker.stop()
         self._tick()
-        if proc is not None:
-            proc.deleteLater()
+        if worker is not None:
+            worker.deleteLater()
         self._update_buttons()
 
     # ---------------------------------------------------------------------------- view state
@@ -670,10 +522,6 @@ class RunPanel(QWidget):
         return ""
 
     def _reset_view(self, recipe: Any) -> None:
-        self._buffer = b""
-        self._stderr.clear()
-        self._outcome = None
-        self._cancelled = False
         self.result = None
         self.last_error = ""
         self._last_message = {}

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict
 
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
+from studio.events import Event, Log, Metric, Progress
 
 STAGES = ("torch", "onnx", "tensorrt")
 CATEGORIES = ("precision", "quantization", "pruning", "distillation", "export", "graph", "compile")
@@ -65,18 +66,16 @@ class RunContext:
     step_index: int = 0
     later_steps: Sequence[str] = ()  # ids of the steps after this one
     device: str = "cpu"
-    emit: Callable[[dict[str, Any]], None] = field(default=lambda _e: None)
+    emit: Callable[[Event], None] = field(default=lambda _e: None)  # the run's sink: typed events
 
     def progress(self, fraction: float, message: str = "") -> None:
-        self.emit(
-            {"type": "progress", "step": self.step_index, "fraction": float(fraction), "message": message}
-        )
+        self.emit(Progress(self.step_index, float(fraction), message))
 
     def log(self, message: str, level: str = "info") -> None:
-        self.emit({"type": "log", "step": self.step_index, "level": level, "message": message})
+        self.emit(Log(message, level, self.step_index))
 
     def metric(self, name: str, value: float, **extra: Any) -> None:
-        self.emit({"type": "metric", "step": self.step_index, "name": name, "value": float(value), **extra})
+        self.emit(Metric(name, float(value), self.step_index, extra))
 
     def step_dir(self, name: str) -> Path:
         """A fresh folder for this step's files inside the work folder."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 
 import pytest
@@ -63,15 +64,17 @@ def load(document, **extra):
 def test_a_crash_is_reported_then_the_empty_pipeline_runs_to_the_end(qtbot, panel, document, workspace):
     load(document)
     assert panel.progress_values() == [0, 0]  # "Load model" and "Evaluate"
-    panel.extra_job_fields = {"crash_for_test": "SIGKILL"}  # the worker kills itself with a real signal
-    with qtbot.waitSignal(panel.failed, timeout=60_000) as blocker:
-        assert panel.run()
+    assert panel.run()
+    job = workspace.root / "tmp" / panel.job_id
+    qtbot.waitUntil(lambda: "loading builtin:minilm" in panel.log_view.toPlainText(), timeout=60_000)
+    assert job.is_dir()  # the worker works inside its folder
+    with qtbot.waitSignal(panel.failed, timeout=60_000) as blocker:  # a real signal, as the OOM killer sends
+        os.killpg(panel.process.processId(), signal.SIGKILL)
     assert "SIGKILL" in blocker.args[0]
     assert "SIGKILL" in panel.error_label.text() and panel.error_banner.isVisibleTo(panel)
     assert not panel.is_running() and panel.run_button.isEnabled()
-    assert list((workspace.root / "tmp").iterdir()) == []
+    assert not job.exists() and list((workspace.root / "tmp").iterdir()) == []
 
-    panel.extra_job_fields = {}
     changed = []
     document.variants_changed.connect(lambda: changed.append(True))
     with qtbot.waitSignal(panel.started):
