@@ -68,8 +68,16 @@ from studio.gui.widgets import (
     style_plot,
     work_pool,
 )
-from studio.report import label, quality_score
-from studio.variant_rows import metric_name, model_names, model_of, pareto_fronts, quality_metric, row_label
+from studio.variant_rows import (
+    label,
+    metric_name,
+    model_names,
+    model_of,
+    pareto_fronts,
+    quality_metric,
+    quality_score,
+    row_label,
+)
 
 EMPTY_MESSAGE = "No variants yet — build a pipeline in the Pipeline tab and press Run"
 SORT_ROLE = Qt.ItemDataRole.UserRole + 1  # number (or casefolded text) the proxy sorts by

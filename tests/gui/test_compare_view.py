@@ -223,7 +223,7 @@ def test_ab_comparison_runs_off_the_gui_thread_and_drops_stale_results(view, bui
 
 
 def _label(view: CompareView, vid: str) -> str:
-    from studio.report import label
+    from studio.variant_rows import label
 
     return label(next(r for r in view.rows if r["id"] == vid))
 
