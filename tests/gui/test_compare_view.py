@@ -8,15 +8,9 @@ import pytest
 from PySide6.QtCore import QItemSelectionModel, Qt, QThreadPool
 from PySide6.QtGui import QImage
 
-from studio.gui.compare_view import (
-    EMPTY_MESSAGE,
-    ID_ROLE,
-    SORT_ROLE,
-    CompareView,
-    NumericSortProxy,
-    VariantTableModel,
-    metric_title,
-)
+from studio.gui.compare.ab_panel import metric_title
+from studio.gui.compare.table import ID_ROLE, SORT_ROLE, NumericSortProxy, VariantTableModel
+from studio.gui.compare.view import EMPTY_MESSAGE, CompareView
 from studio.gui.document import StudioDocument
 from studio.gui.widgets import export_plot, live_tasks, work_pool
 from studio.variants import Workspace
