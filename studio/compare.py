@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput
 from studio.evaluation.latency import significant
+from studio.variant_rows import size_mb
 
 # Names the same weight gets in different artifacts: quantized packed params, ONNX initializers, pruning.
 _NAME_RULES = [
@@ -27,11 +28,13 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """Comparable numbers of a variant's metrics, under stable dotted names with units."""
+def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Comparable numbers of a variant's metrics, under stable dotted names with units: the A/B table's
+    rows and the names other commands use (`model-studio search` objectives)."""
     out: dict[str, float] = {}
-    if "size_bytes" in metrics:
-        out["size_mb"] = metrics["size_bytes"] / 1e6
+    size = size_mb({"metrics": metrics})
+    if size is not None:
+        out["size_mb"] = size
     if "peak_memory_mb" in metrics:
         out["peak_memory_mb"] = float(metrics["peak_memory_mb"])
     for b, lat in (metrics.get("latency_ms") or {}).items():
@@ -56,11 +59,6 @@ def _flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The metric names other commands use (`model-studio search` objectives): the same as this table's."""
-    return _flat_metrics(metrics)
-
-
 LOWER_IS_BETTER = (
     "size_mb",
     "peak_memory_mb",
@@ -82,12 +80,8 @@ def _quality_of(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def metric_table(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
-    ma = _flat_metrics(
-        {**a["metrics"], "quality": _quality_of(a) or b["metrics"].get("baseline_quality", {})}
-    )
-    mb = _flat_metrics(
-        {**b["metrics"], "quality": _quality_of(b) or a["metrics"].get("baseline_quality", {})}
-    )
+    ma = flat_metrics({**a["metrics"], "quality": _quality_of(a) or b["metrics"].get("baseline_quality", {})})
+    mb = flat_metrics({**b["metrics"], "quality": _quality_of(b) or a["metrics"].get("baseline_quality", {})})
     rows = []
     for name in sorted(set(ma) | set(mb), key=_metric_order):
         va, vb = ma.get(name), mb.get(name)
@@ -137,16 +131,21 @@ def open_row(row: dict[str, Any], *, trust: bool = False) -> Any:
     return open_checkpoint(artifact_path(row))
 
 
-def _tensors(model: Any) -> Iterator[tuple[str, Any]]:
-    for ref in model.tensors():
-        yield canonical_name(ref.name), ref
+def tensor_refs(model: Any) -> dict[str, Any]:
+    """A checkpoint's tensors by canonical name (what the same weight is called in every artifact)."""
+    return {canonical_name(ref.name): ref for ref in model.tensors()}
 
 
 def weight_differences(a_model: Any, b_model: Any, limit: int | None = None) -> dict[str, Any]:
-    """Per-layer differences of weights present in both (by canonical name): relative L2 change, max abs
-    change, sparsity before and after; shape changes (pruning) and layers present in one only are listed."""
-    a_refs = dict(_tensors(a_model))
-    b_refs = dict(_tensors(b_model))
+    """Per-layer differences of weights present in both (by canonical name)."""
+    return layer_differences(tensor_refs(a_model), tensor_refs(b_model), limit)
+
+
+def layer_differences(
+    a_refs: dict[str, Any], b_refs: dict[str, Any], limit: int | None = None
+) -> dict[str, Any]:
+    """Per-layer differences of the tensors present in both: relative L2 change, max abs change, sparsity
+    before and after; shape changes (pruning) and layers present in one only are listed."""
     layers = []
     for name, ra in a_refs.items():
         rb = b_refs.get(name)
@@ -200,22 +199,25 @@ def _dense(t: Any) -> Any:
 
 
 def disagreements(
-    a_row: dict[str, Any], b_row: dict[str, Any], data: str, n: int, seq_len: int, k: int = 5
+    rows: tuple[dict[str, Any], dict[str, Any]],
+    models: tuple[Any, Any],
+    data: str,
+    n: int,
+    seq_len: int,
+    k: int = 5,
 ) -> list[dict[str, Any]]:
-    """Run A and B on the same examples in lockstep and return the k where they differ most."""
+    """Run A and B (rows and their opened checkpoints) on the same examples in lockstep and return the k
+    where they differ most."""
     from studio.evaluation.data import load_examples
     from studio.evaluation.measure import quality_batches, runner_for
     from studio.evaluation.quality import QualityAccumulator
 
     examples = load_examples(data, n)
     runners = []
-    models = []
-    for row in (a_row, b_row):
-        model = open_row(row)
+    for row, model in zip(rows, models, strict=True):
         kind = "tensorrt" if row["kind"] == "tensorrt" and stage_of(model) == "torch" else stage_of(model)
         target = model.module if kind == "torch" else model.path
         runners.append(runner_for(kind, target, model))
-        models.append(model)
     ref_model = models[0] if models[0].format != "onnx" or models[1].format == "onnx" else models[1]
     acc = QualityAccumulator(ref_model.family, examples)
     for batch in quality_batches(ref_model, examples, seq_len):
@@ -240,7 +242,27 @@ def same_run_latency(a: dict[str, Any], b: dict[str, Any]) -> tuple[dict[str, An
 def compare(
     workspace: Any, a: str, b: str, *, weights: bool = True, examples: int = 32, data: str | None = None
 ) -> dict[str, Any]:
-    ra, rb = same_run_latency(workspace.get(a), workspace.get(b))
+    """`model-studio compare`: the A/B of two workspace rows, each checkpoint opened once (and only when
+    the weights or the examples need it)."""
+    ra, rb = workspace.get(a), workspace.get(b)
+    models = (open_row(ra), open_row(rb)) if weights or examples else None
+    refs = (tensor_refs(models[0]), tensor_refs(models[1])) if models and weights else None
+    return comparison((ra, rb), models, refs, examples=examples, data=data)
+
+
+def comparison(
+    rows: tuple[dict[str, Any], dict[str, Any]],
+    models: tuple[Any, Any] | None,
+    refs: tuple[dict[str, Any], dict[str, Any]] | None,
+    *,
+    examples: int,
+    data: str | None = None,
+    progress: Callable[[float, str], None] | None = None,
+) -> dict[str, Any]:
+    """The A/B of two rows whose checkpoints the caller opened: metrics with ratios and latency
+    significance, the weight differences when `refs` (the tensors by canonical name) are given, and the
+    examples that differ most when `examples` > 0."""
+    ra, rb = same_run_latency(*rows)
     out: dict[str, Any] = {
         "a": {k: ra[k] for k in ("id", "kind", "parent", "model", "artifact")},
         "b": {k: rb[k] for k in ("id", "kind", "parent", "model", "artifact")},
@@ -250,9 +272,13 @@ def compare(
     recipe = rb["recipe"] or ra["recipe"] or {}
     seq_len = int(recipe.get("evaluate", {}).get("sequence_length", 128))
     data = data or recipe.get("data", {}).get("evaluation", "builtin:sentences")
-    if weights:
-        out["weights"] = weight_differences(open_row(ra), open_row(rb))
-    if examples:
-        out["disagreements"] = disagreements(ra, rb, data, examples, seq_len)
+    if refs is not None:
+        if progress is not None:
+            progress(0.1, "comparing their weights…")
+        out["weights"] = layer_differences(*refs)
+    if examples and models is not None:
+        if progress is not None:
+            progress(0.5, f"running A and B on {examples} examples…")
+        out["disagreements"] = disagreements((ra, rb), models, data, examples, seq_len)
         out["disagreements_data"] = {"data": data, "examples": examples, "sequence_length": seq_len}
     return out

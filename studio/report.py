@@ -16,34 +16,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-
-def quality_score(row: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[str, float | None]:
-    """The headline quality number of a row: fidelity cosine, top-1 agreement, or 1 for the original."""
-    q = row["metrics"].get("quality", {})
-    for key in ("fidelity_cosine", "top1_agreement", "output_cosine"):
-        if key in q:
-            return key, float(q[key])
-    if row["kind"] == "baseline":
-        return "reference", 1.0
-    return "-", None
-
-
-def label(row: dict[str, Any]) -> str:
-    if row["kind"] == "baseline":
-        return "original"
-    steps = [s["technique"] for s in (row.get("recipe") or {}).get("steps", [])]
-    return f"{row['id'][-6:]} " + ("+".join(s.split(".")[-1] for s in steps) or row["kind"])
-
-
-def pareto_front(points: list[tuple[float, float]]) -> list[int]:
-    """Indices of points not dominated (lower latency x, higher quality y), sorted by latency."""
-    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
-    front, best = [], -float("inf")
-    for i in order:
-        if points[i][1] > best:
-            front.append(i)
-            best = points[i][1]
-    return front
+from studio.variant_rows import batch_sizes, label, latency, pareto_front, quality_score, size_mb, steps_text
 
 
 def _png(fig: Any) -> str:
@@ -60,12 +33,12 @@ def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
 
     names = [label(r) for r in rows]
     out: dict[str, str] = {}
-    batches = sorted({b for r in rows for b in r["metrics"].get("latency_ms", {})}, key=int)
+    batches = batch_sizes(rows)
     if batches:
         fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 3.2), squeeze=False)
         for ax, b in zip(axes[0], batches, strict=True):
-            p50 = [r["metrics"].get("latency_ms", {}).get(b, {}).get("p50", 0) for r in rows]
-            p95 = [r["metrics"].get("latency_ms", {}).get(b, {}).get("p95", 0) for r in rows]
+            p50 = [latency(r, b) or 0 for r in rows]
+            p95 = [latency(r, b, "p95") or 0 for r in rows]
             ax.bar(names, p50, color="#4c72b0", label="p50")
             ax.errorbar(
                 names,
@@ -83,7 +56,7 @@ def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
         out["latency"] = _png(fig)
         plt.close(fig)
     fig, ax = plt.subplots(figsize=(6, 3.2))
-    ax.bar(names, [r["metrics"].get("size_bytes", 0) / 1e6 for r in rows], color="#55a868")
+    ax.bar(names, [size_mb(r) or 0 for r in rows], color="#55a868")
     ax.set_title("size on disk")
     ax.set_ylabel("MB")
     ax.tick_params(axis="x", rotation=30)
@@ -104,13 +77,13 @@ def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
         b = batches[0]
         pts, kept = [], []
         for r, (_, s) in scored:
-            lat = r["metrics"].get("latency_ms", {}).get(b, {}).get("p50")
+            lat = latency(r, b)
             if lat is not None and s is not None:
                 pts.append((lat, s))
                 kept.append(r)
         if pts:
             fig, ax = plt.subplots(figsize=(6, 3.6))
-            sizes = [max(20, r["metrics"].get("size_bytes", 0) / 1e6 * 3) for r in kept]
+            sizes = [max(20, (size_mb(r) or 0) * 3) for r in kept]
             ax.scatter(
                 [p[0] for p in pts], [p[1] for p in pts], s=sizes, alpha=0.6, label="variant (area = size)"
             )
@@ -128,6 +101,10 @@ def plots(rows: list[dict[str, Any]]) -> dict[str, str]:
     return out
 
 
+def _or_dash(v: float | None) -> Any:
+    return "-" if v is None else v
+
+
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
@@ -137,7 +114,7 @@ def _fmt(v: Any) -> str:
 def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> str:
     from studio.variants import environment
 
-    batches = sorted({b for r in rows for b in r["metrics"].get("latency_ms", {})}, key=int)
+    batches = batch_sizes(rows)
     head = (
         ["variant", "kind", "steps", "size MB"]
         + [f"b{b} p50 ms" for b in batches]
@@ -147,14 +124,13 @@ def render(rows: list[dict[str, Any]], title: str = "Model Studio report") -> st
     body = []
     for r in rows:
         m = r["metrics"]
-        lat = m.get("latency_ms", {})
-        steps = " → ".join(s["technique"] for s in (r.get("recipe") or {}).get("steps", [])) or "-"
+        steps = steps_text(r) or "-"
         q = ", ".join(
             f"{k} {_fmt(v)}" for k, v in m.get("quality", {}).items() if isinstance(v, (int, float))
         )
-        cells = [label(r), r["kind"], steps, m.get("size_bytes", 0) / 1e6]
-        cells += [lat.get(b, {}).get("p50", "-") for b in batches] + [
-            lat.get(b, {}).get("p95", "-") for b in batches
+        cells = [label(r), r["kind"], steps, size_mb(r) or 0.0]
+        cells += [_or_dash(latency(r, b)) for b in batches] + [
+            _or_dash(latency(r, b, "p95")) for b in batches
         ]
         cells += [m.get("peak_memory_mb", "-"), q or "reference"]
         # the full id under the label: what a colleague types to find the variant in the workspace

@@ -1,4 +1,6 @@
-"""What a row of the workspace means when variants of several models sit side by side.
+"""What a row of the workspace means: its latency, throughput, size, steps, label, quality score and
+place on a Pareto front. The Compare tab, the HTML report and `model-studio compare` all read rows through
+these helpers, so a number means the same thing wherever it is shown.
 
 A workspace collects the variants of every model a user ran pipelines on. Their quality numbers are
 comparable only within one model and one metric (the fidelity cosine of an embedding model and the top-1
@@ -12,13 +14,80 @@ from collections.abc import Iterable, Sequence
 from pathlib import PurePath
 from typing import Any
 
-from studio.report import label, pareto_front, quality_score
+# the headline quality metrics, in the order a row's quality is looked up
+QUALITY_KEYS = ("fidelity_cosine", "top1_agreement", "output_cosine")
 
 METRIC_NAMES = {
     "fidelity_cosine": "cosine",
     "top1_agreement": "top-1 agreement",
     "output_cosine": "output cosine",
 }
+
+
+def latency(row: dict[str, Any], batch: str, key: str = "p50") -> float | None:
+    """Milliseconds per batch of `batch` (a percentile such as p50 or p95), or None when not timed."""
+    value = (row["metrics"].get("latency_ms") or {}).get(str(batch), {}).get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def throughput(row: dict[str, Any], batch: str) -> float | None:
+    """Examples per second at batch size `batch`; older rows kept it beside the latency percentiles."""
+    value = (row["metrics"].get("throughput_per_s") or {}).get(str(batch))
+    if value is None:
+        value = (row["metrics"].get("latency_ms") or {}).get(str(batch), {}).get("throughput_per_s")
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def size_mb(row: dict[str, Any]) -> float | None:
+    """Size of the artifact on disk in megabytes (10⁶ bytes), or None when not measured."""
+    value = row["metrics"].get("size_bytes")
+    return value / 1e6 if isinstance(value, (int, float)) else None
+
+
+def batch_sizes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every batch size any row was timed at, smallest first (as the strings the metrics are keyed by)."""
+    found = {str(b) for r in rows for b in (r["metrics"].get("latency_ms") or {})}
+    return sorted(found, key=lambda b: int(b) if b.isdigit() else 1 << 30)
+
+
+def steps(row: dict[str, Any]) -> list[dict[str, Any]]:
+    """The pipeline steps that made the row (none for an original)."""
+    return list((row.get("recipe") or {}).get("steps") or [])
+
+
+def steps_text(row: dict[str, Any]) -> str:
+    """The step techniques joined by arrows; empty when the row has none."""
+    return " → ".join(s["technique"] for s in steps(row))
+
+
+def quality_score(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> tuple[str, float | None]:
+    """The headline quality number of a row: fidelity cosine, top-1 agreement, or 1 for the original."""
+    q = row["metrics"].get("quality", {})
+    for key in QUALITY_KEYS:
+        if key in q:
+            return key, float(q[key])
+    if row["kind"] == "baseline":
+        return "reference", 1.0
+    return "-", None
+
+
+def label(row: dict[str, Any]) -> str:
+    """A short name: the id's tail and the steps' last name parts ("abcdef half+dynamic_int8")."""
+    if row["kind"] == "baseline":
+        return "original"
+    names = [s["technique"] for s in steps(row)]
+    return f"{row['id'][-6:]} " + ("+".join(s.split(".")[-1] for s in names) or row["kind"])
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of points not dominated (lower latency x, higher quality y), sorted by latency."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1]))
+    front, best = [], -float("inf")
+    for i in order:
+        if points[i][1] > best:
+            front.append(i)
+            best = points[i][1]
+    return front
 
 
 def _short(source: str) -> list[str]:
@@ -61,7 +130,7 @@ def row_label(row: dict[str, Any], names: dict[str, str] | None = None) -> str:
 def quality_metric(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str | None:
     """The metric a row's quality is measured in. The original is the reference (1 in every metric): it
     takes the metric of the variants of its model, so it sits in their group."""
-    key, value = quality_score(row, list(rows))
+    key, value = quality_score(row, rows)
     if value is None:
         return None
     if key != "reference":
@@ -69,7 +138,7 @@ def quality_metric(row: dict[str, Any], rows: Sequence[dict[str, Any]]) -> str |
     source = model_of(row)
     for other in rows:
         if other is not row and other["kind"] != "baseline" and model_of(other) == source:
-            k, v = quality_score(other, list(rows))
+            k, v = quality_score(other, rows)
             if v is not None and k != "reference":
                 return k
     return None
@@ -100,6 +169,6 @@ def pareto_fronts(
         kept = [i for i in members if points[i] is not None]
         if not kept:
             continue
-        front = pareto_front([points[i] for i in kept])  # type: ignore[misc]
+        front = pareto_front([p for i in kept if (p := points[i]) is not None])
         fronts[key] = [kept[j] for j in front]
     return fronts

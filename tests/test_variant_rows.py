@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
-from studio.variant_rows import model_names, pareto_fronts, quality_metric, row_label
+from studio.variant_rows import (
+    batch_sizes,
+    label,
+    latency,
+    model_names,
+    pareto_front,
+    pareto_fronts,
+    quality_metric,
+    quality_score,
+    row_label,
+    size_mb,
+    steps_text,
+    throughput,
+)
 
 
 def row(vid, model, kind="torch", quality=None, steps=("precision.half",)):
@@ -49,3 +62,27 @@ def test_fronts_never_mix_models_or_metrics():
     # a row without a point is left out, a row without quality has no group to rank in
     rows.append(row("x", "/m/gpt2"))
     assert pareto_fronts(rows, [*points[:4], None, None])[("/m/gpt2", "top1_agreement")] == [3, 2]
+
+
+def test_a_rows_numbers_mean_the_same_everywhere():
+    timed = row("v00000abcdef", "builtin:minilm", quality={"fidelity_cosine": 0.98})
+    timed["metrics"].update(
+        {
+            "size_bytes": 45_000_000,
+            "latency_ms": {"4": {"p50": 8.0, "p95": 9.5, "throughput_per_s": 500.0}, "16": {"p50": 30}},
+            "throughput_per_s": {"16": 533.0},
+        }
+    )
+    assert size_mb(timed) == 45.0 and size_mb(row("x", "m")) is None
+    assert latency(timed, "4") == 8.0 and latency(timed, "4", "p95") == 9.5 and latency(timed, "1") is None
+    # older rows kept the throughput beside the percentiles; newer ones in their own table
+    assert throughput(timed, "4") == 500.0 and throughput(timed, "16") == 533.0
+    assert batch_sizes([timed, row("y", "m")]) == ["4", "16"]  # numerically, not as text
+    assert (
+        steps_text(timed) == "precision.half" and steps_text(row("b", "m", kind="baseline", steps=())) == ""
+    )
+    assert label(timed) == "abcdef half" and label(row("b", "m", kind="baseline")) == "original"
+    assert quality_score(timed, [timed]) == ("fidelity_cosine", 0.98)
+    assert quality_score(row("b", "m", kind="baseline"), []) == ("reference", 1.0)
+    assert quality_score(row("n", "m"), []) == ("-", None)
+    assert pareto_front([(3.0, 0.9), (1.0, 0.5), (2.0, 0.95), (4.0, 0.99), (5.0, 0.8)]) == [1, 2, 3]

@@ -103,7 +103,7 @@ def build_main_window(document):
     window.pipeline_editor, window.run_panel = editor, panel
     window.add_tab(editor, "Pipeline")
     window.add_tab(panel, "Run")
-    from studio.gui.compare_view import CompareView
+    from studio.gui.compare.view import CompareView
 
     compare = CompareView(document)
     window.compare_view = compare

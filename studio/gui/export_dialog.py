@@ -34,7 +34,7 @@ from PySide6.QtWidgets import (
 
 from studio.gui.document import StudioDocument
 from studio.gui.widgets import run_task, work_pool
-from studio.report import label
+from studio.variant_rows import label
 
 FORMAT_TITLES = {
     "onnx": "ONNX graph (model.onnx)",

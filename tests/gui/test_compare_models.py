@@ -10,7 +10,8 @@ import pytest
 from PySide6.QtCore import QThreadPool
 
 from studio.events import Done
-from studio.gui.compare_view import ID_ROLE, CompareView
+from studio.gui.compare.table import ID_ROLE
+from studio.gui.compare.view import CompareView
 from studio.gui.document import StudioDocument
 from studio.gui.widgets import work_pool
 from studio.variants import Workspace

@@ -8,15 +8,9 @@ import pytest
 from PySide6.QtCore import QItemSelectionModel, Qt, QThreadPool
 from PySide6.QtGui import QImage
 
-from studio.gui.compare_view import (
-    EMPTY_MESSAGE,
-    ID_ROLE,
-    SORT_ROLE,
-    CompareView,
-    NumericSortProxy,
-    VariantTableModel,
-    metric_title,
-)
+from studio.gui.compare.ab_panel import metric_title
+from studio.gui.compare.table import ID_ROLE, SORT_ROLE, NumericSortProxy, VariantTableModel
+from studio.gui.compare.view import EMPTY_MESSAGE, CompareView
 from studio.gui.document import StudioDocument
 from studio.gui.widgets import export_plot, live_tasks, work_pool
 from studio.variants import Workspace
@@ -223,7 +217,7 @@ def test_ab_comparison_runs_off_the_gui_thread_and_drops_stale_results(view, bui
 
 
 def _label(view: CompareView, vid: str) -> str:
-    from studio.report import label
+    from studio.variant_rows import label
 
     return label(next(r for r in view.rows if r["id"] == vid))
 

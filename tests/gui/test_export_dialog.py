@@ -10,7 +10,7 @@ import pytest
 from PySide6.QtCore import QPoint, QRect, QThreadPool
 from PySide6.QtWidgets import QApplication, QLabel
 
-from studio.gui.compare_view import CompareView
+from studio.gui.compare.view import CompareView
 from studio.gui.document import StudioDocument
 from studio.gui.export_dialog import ExportDialog, open_export_dialog, tensorrt_availability
 from studio.gui.widgets import work_pool
