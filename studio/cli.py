@@ -743,6 +743,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(open_path_argument(raw, parser))
     handler: Handler | None = getattr(args, "handler", None)
+    # The built-in techniques register how their structure records are replayed, which reopening a saved
+    # variant folder needs (studio.checkpoints.variant_folder) whatever the verb.
+    import studio.techniques  # noqa: F401
+
     try:
         if handler is None:
             from studio.gui_entry import launch

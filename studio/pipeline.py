@@ -25,7 +25,8 @@ from pydantic import (
     model_serializer,
 )
 
-from studio.checkpoints.base import FAMILIES, LoadedModel
+from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.recognise import FAMILIES
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress, from_dict
 from studio.families import context_length

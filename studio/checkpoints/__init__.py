@@ -1,4 +1,4 @@
-"""Open any supported checkpoint into a `LoadedModel` (DESIGN.md §2, Checkpoints).
+"""Open any supported checkpoint into a `LoadedModel`.
 
 `open_checkpoint` looks at what the path is and hands it to the module for that format. Every failure a
 user can cause raises `BadInput` naming the file and the problem.
@@ -9,7 +9,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from studio.checkpoints.base import FAMILIES, FORMATS, LoadedModel, TensorRef
+from studio.checkpoints.base import FORMATS, LoadedModel, TensorRef
+from studio.checkpoints.recognise import FAMILIES
 from studio.errors import BadInput
 from studio.safe_files import regular_file
 
