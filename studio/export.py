@@ -151,7 +151,7 @@ def _check_transformers_loads(folder: Path, row: dict[str, Any]) -> None:
 
     from studio.checkpoints import open_checkpoint
     from studio.checkpoints.hf import load_pretrained, model_class, read_config
-    from studio.techniques.torch_io import TRANSFORMS_KEY
+    from studio.checkpoints.variant_folder import TRANSFORMS_KEY
 
     config_file = folder / "config.json"
     data = json.loads(config_file.read_text())

@@ -1,4 +1,4 @@
-"""Model families: how a model is recognised, fed, and judged.
+"""Model families: how a model is fed and judged (recognising one is `studio.checkpoints.recognise`).
 
 A family knows which inputs its models take (text, text + targets, images), which output the studio
 compares between variants (pooled embeddings, logits), and which loss measures it. Inspection (head
@@ -21,76 +21,6 @@ if TYPE_CHECKING:
     from studio.evaluation.data import Example
 
 
-# ---------------------------------------------------------------------------------------------- detection
-
-
-def family_from_architecture(arch: str, config: Any) -> str:
-    if arch.endswith(("ForSequenceClassification", "ForTokenClassification", "ForMultipleChoice")):
-        return "text-classification"
-    if arch.endswith("ForImageClassification"):
-        return "image-classification"
-    if getattr(config, "is_encoder_decoder", False) and (
-        arch.endswith(("ForConditionalGeneration", "MTModel", "ForSeq2SeqLM"))
-        or arch == "AutoModelForSeq2SeqLM"
-    ):
-        return "seq2seq"
-    if arch.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
-    model_type = getattr(config, "model_type", "")
-    if model_type in ("resnet", "convnext", "vit", "mobilenet_v2", "efficientnet", "regnet"):
-        return "image-classification"
-    if getattr(config, "is_encoder_decoder", False):
-        return "seq2seq"
-    return "feature-extraction"
-
-
-def family_from_tensor_names(names: Sequence[str]) -> str:
-    """A best guess for weights-only checkpoints (informational: nothing is run from them)."""
-    joined = "\n".join(names)
-    if "lm_head" in joined and "decoder" in joined and "encoder" in joined:
-        return "seq2seq"
-    if "lm_head" in joined:
-        return "causal-lm"
-    if "classifier" in joined or ".score." in joined:
-        return "text-classification"
-    if "attention" in joined or "attn" in joined:
-        return "feature-extraction"
-    if "conv" in joined:
-        return "image-classification"
-    return "generic"
-
-
-def family_from_module(module: Any) -> str:
-    """Plain torch modules (TorchScript, ExportedProgram, pickled): a conv net is an image classifier."""
-    names = [getattr(m, "original_name", type(m).__name__) for m in module.modules()]
-    if any(n.startswith("Conv2d") for n in names):
-        return "image-classification"
-    if any(p.dim() == 4 for p in module.parameters()):
-        return "image-classification"
-    return "generic"
-
-
-def family_from_onnx(model: Any) -> str:
-    inputs = {i.name for i in model.graph.input}
-    outputs = [o.name for o in model.graph.output]
-    if "decoder_input_ids" in inputs:
-        return "seq2seq"
-    if "input_ids" in inputs:
-        if any("hidden" in o or "embedding" in o for o in outputs):
-            return "feature-extraction"
-        if any(o.startswith("present") for o in outputs) or any(i.startswith("past") for i in inputs):
-            return "causal-lm"
-        return "feature-extraction"
-    for i in model.graph.input:
-        dims = i.type.tensor_type.shape.dim
-        if len(dims) == 4:
-            return "image-classification"
-    return "generic"
-
-
-# ---------------------------------------------------------------------------------------------- running
-
-
 @dataclass
 class Batch:
     """Model inputs plus what the family needs to judge outputs (attention mask, targets)."""
@@ -106,11 +36,8 @@ def accepted_inputs(model: LoadedModel) -> tuple[str, ...]:
     """The text inputs the model's forward takes (Marian and GPT-2 take no token_type_ids)."""
     import inspect
 
-    if model.format == "onnx":
-        from studio.checkpoints.onnx_graph import load_onnx_graph
-
-        names = {i.name for i in load_onnx_graph(model.path).graph.input}
-        return tuple(k for k in TEXT_INPUTS if k in names)
+    if model.format == "onnx":  # the graph's inputs, recorded when it was opened
+        return tuple(k for k in TEXT_INPUTS if k in (model.input_names or ()))
     try:
         params = inspect.signature(model.module.forward).parameters
     except (TypeError, ValueError):
@@ -403,6 +330,14 @@ class ImageClassification(Family):
         return _token_kl(reference, output, None)
 
 
+# One class per family name (`studio.checkpoints.recognise.FAMILIES`); MaskedLM is a feature-extraction
+# model whose loss differs, chosen by `family_for` from the architecture.
+FAMILY_CLASSES: dict[str, type[Family]] = {
+    cls.name: cls
+    for cls in (FeatureExtraction, TextClassification, CausalLM, Seq2Seq, ImageClassification, Family)
+}
+
+
 def family_for(model: LoadedModel) -> Family:
     """The family object that feeds and judges `model`."""
     if model.family == "feature-extraction":
@@ -410,15 +345,9 @@ def family_for(model: LoadedModel) -> Family:
         if model.architecture and model.architecture.endswith("ForMaskedLM"):
             return MaskedLM(pooling, normalize)
         return FeatureExtraction(pooling, normalize)
-    if model.family == "text-classification":
-        return TextClassification()
-    if model.family == "causal-lm":
-        return CausalLM()
-    if model.family == "seq2seq":
-        return Seq2Seq()
     if model.family == "image-classification":
         return ImageClassification(image_shape_of(model))
-    return Family()
+    return FAMILY_CLASSES.get(model.family, Family)()
 
 
 def context_length(model: LoadedModel) -> int | None:

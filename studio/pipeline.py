@@ -26,7 +26,8 @@ from pydantic import (
     model_serializer,
 )
 
-from studio.checkpoints.base import FAMILIES, LoadedModel
+from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.recognise import FAMILIES
 from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput, Unavailable
 from studio.events import Event, Progress

@@ -70,8 +70,8 @@ def _meta_module(model: LoadedModel) -> Any | None:
     import torch
 
     from studio.checkpoints.hf import model_class
+    from studio.checkpoints.variant_folder import TRANSFORMS_KEY
     from studio.techniques.base import get_technique
-    from studio.techniques.torch_io import TRANSFORMS_KEY
 
     config = model.config
     cls = model_class(config, model.path)

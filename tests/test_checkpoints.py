@@ -189,3 +189,31 @@ def test_cli_debug_shows_traceback(tmp_path):
 
     with pytest.raises(BadInput):
         main(["--debug", "inspect", str(tmp_path / "missing")])
+
+
+def test_every_family_name_has_a_class():
+    from studio.checkpoints import FAMILIES
+    from studio.families import FAMILY_CLASSES
+
+    assert set(FAMILY_CLASSES) == set(FAMILIES)
+
+
+def test_onnx_inputs_are_read_once_when_opened(tmp_path):
+    """Feeding an ONNX graph asks which text inputs it takes: the names recorded at opening, so a file
+    changed (or gone) since is not read again."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from studio.families import accepted_inputs
+
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])
+    out = helper.make_tensor_value_info("logits", TensorProto.INT64, ["batch", "seq"])
+    add = helper.make_node("Add", ["input_ids", "attention_mask"], ["logits"])
+    graph = helper.make_graph([add], "g", [ids, mask], [out])
+    path = tmp_path / "text.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    model = open_checkpoint(path)
+    assert model.input_names == ("input_ids", "attention_mask")
+    path.write_bytes(b"not a graph any more")
+    assert accepted_inputs(model) == ("input_ids", "attention_mask")

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from studio.errors import BadInput, Unavailable
-from studio.techniques.tensorrt import NO_GPU, NO_TENSORRT, tensorrt_availability
+from studio.evaluation.tensorrt_runner import NO_GPU, NO_TENSORRT, tensorrt_availability
 
 AVAILABLE, REASON = tensorrt_availability()
 needs_engine = pytest.mark.skipif(not AVAILABLE, reason=f"TensorRT engine builds need it: {REASON}")
@@ -84,8 +84,8 @@ def test_run_raises_unavailable_with_the_reason(tiny_onnx, tmp_path):
 @pytest.mark.skipif(AVAILABLE, reason="TensorRT and a GPU are present here")
 def test_runner_raises_unavailable(tmp_path, tiny_onnx):
     from studio.checkpoints import open_checkpoint
+    from studio.evaluation.tensorrt_runner import TensorRTRunner
     from studio.families import family_for
-    from studio.techniques.tensorrt import TensorRTRunner
 
     model = open_checkpoint(tiny_onnx)
     with pytest.raises(Unavailable, match=r"not installed|no NVIDIA GPU"):
@@ -147,8 +147,8 @@ def test_engine_feed_maps_batches_onto_engine_inputs(marian):
 
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples
+    from studio.evaluation.tensorrt_runner import engine_feed
     from studio.families import Batch, family_for
-    from studio.techniques.tensorrt import engine_feed
 
     ids = torch.tensor([[101, 7592, 102]])
     text = Batch(inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
@@ -237,9 +237,10 @@ def test_cnn_engine_matches_onnxruntime_and_reuses_timing_cache(tmp_path):
     import torch
 
     from studio.checkpoints import open_checkpoint
+    from studio.evaluation.tensorrt_runner import TensorRTRunner
     from studio.families import Batch, family_for
     from studio.techniques.base import get_technique, initial_state
-    from studio.techniques.tensorrt import TIMING_CACHE_NAME, TensorRTRunner
+    from studio.techniques.tensorrt import TIMING_CACHE_NAME
 
     onnx_path = _export_cnn(tmp_path / "cnn.onnx")
     model = open_checkpoint(onnx_path)
@@ -283,9 +284,9 @@ def test_minilm_engine_matches_onnxruntime(tmp_path, int8):
 
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples
+    from studio.evaluation.tensorrt_runner import TensorRTRunner
     from studio.families import family_for
     from studio.techniques.base import StageState, get_technique
-    from studio.techniques.tensorrt import TensorRTRunner
 
     trt = pytest.importorskip("tensorrt")
     if int8 and not hasattr(trt.BuilderFlag, "INT8"):

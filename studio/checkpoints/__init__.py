@@ -10,7 +10,8 @@ from __future__ import annotations
 import zipfile
 from pathlib import Path
 
-from studio.checkpoints.base import FAMILIES, FORMATS, LoadedModel, TensorRef
+from studio.checkpoints.base import FORMATS, LoadedModel, TensorRef
+from studio.checkpoints.recognise import FAMILIES
 from studio.errors import BadInput
 from studio.safe_files import regular_file
 

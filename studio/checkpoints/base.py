@@ -18,15 +18,6 @@ from studio.errors import BadInput
 if TYPE_CHECKING:
     import torch
 
-FAMILIES = (
-    "feature-extraction",
-    "text-classification",
-    "causal-lm",
-    "seq2seq",
-    "image-classification",
-    "generic",
-)
-
 # How a checkpoint was opened; stable strings that appear in `inspect --json`.
 FORMATS = (
     "builtin",
@@ -90,6 +81,8 @@ class LoadedModel:
     pooling: str | None = None  # feature-extraction: "mean" or "cls"
     normalize: bool = False  # feature-extraction: L2-normalise pooled embeddings
     notes: list[str] = field(default_factory=list)
+    # The graph's input names, read once when an ONNX file is opened (None for torch checkpoints).
+    input_names: tuple[str, ...] | None = None
 
     def tensors(self) -> Iterator[TensorRef]:
         return self.tensor_source()

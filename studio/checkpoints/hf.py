@@ -190,7 +190,7 @@ def load_pretrained(cls: type, path: Path) -> Any:
 def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
     from types import SimpleNamespace
 
-    from studio.families import family_from_architecture
+    from studio.checkpoints.recognise import family_from_architecture
 
     raw = read_raw_config(path)
     arch = architecture_name(raw, path)
@@ -214,7 +214,7 @@ def open_hf_folder(path: Path, *, source: str, format: str) -> LoadedModel:
     has_tokenizer = any((path / f).is_file() for f in TOKENIZER_FILES)
 
     def build() -> Any:
-        from studio.techniques.torch_io import TRANSFORMS_KEY, build_variant_module
+        from studio.checkpoints.variant_folder import TRANSFORMS_KEY, build_variant_module
 
         config = model.config
         cls = model_class(config, path)

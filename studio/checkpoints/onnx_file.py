@@ -61,8 +61,8 @@ def check_metadata(props: dict[str, str], path: Path) -> None:
     carry anything under these keys."""
     import json
 
-    from studio.checkpoints.base import FAMILIES
     from studio.checkpoints.hf import check_dimensions
+    from studio.checkpoints.recognise import FAMILIES
 
     def bad(key: str, problem: str) -> BadInput:
         return BadInput(f"ONNX metadata '{key}' {problem}", path=path)
@@ -210,7 +210,7 @@ def config_from_json(text: str) -> Any:
 
 def open_onnx(path: Path, *, source: str) -> LoadedModel:
     from studio.checkpoints.hf import TOKENIZER_FILES
-    from studio.families import family_from_onnx
+    from studio.checkpoints.recognise import family_from_onnx
 
     model = load_onnx_graph(path)
     if not model.graph.node:
@@ -231,6 +231,7 @@ def open_onnx(path: Path, *, source: str) -> LoadedModel:
         tensor_source=lambda: iter_onnx_tensors(path),
         architecture=props.get("studio.architecture") or model.graph.name or None,
         tokenizer_dir=path.parent if any((path.parent / f).is_file() for f in TOKENIZER_FILES) else None,
+        input_names=tuple(inputs),
         notes=[
             f"opset {max((o.version for o in model.opset_import), default=0)}; inputs: {', '.join(inputs)}"
         ],

@@ -211,7 +211,7 @@ def iter_safetensors(files: list[Path]) -> Iterator[TensorRef]:
 
 
 def open_safetensors(files: list[Path], *, source: str, path: Path) -> LoadedModel:
-    from studio.families import family_from_tensor_names
+    from studio.checkpoints.recognise import family_from_tensor_names
 
     names = [n for f in files for n in check_safetensors(f)]
     return LoadedModel(

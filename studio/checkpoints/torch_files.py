@@ -105,7 +105,7 @@ def _module_tensors(module: Any) -> dict[str, Any]:
 def open_torch_file(path: Path, *, source: str, trust: bool) -> LoadedModel:
     import torch
 
-    from studio.families import family_from_module, family_from_tensor_names
+    from studio.checkpoints.recognise import family_from_module, family_from_tensor_names
 
     kind = archive_kind(path)
     if kind == "torchscript":

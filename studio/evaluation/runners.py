@@ -5,8 +5,8 @@ same inputs and judged by the same output (pooled embeddings for encoders, logit
 `family.forward`, graphs and engines through `family.from_primary` on their first output.
 
 A runner is any callable `runner(batch) -> torch.Tensor`. `make_runner` picks the class by stage kind;
-TensorRT's class lives with its technique (studio/techniques/tensorrt.py, `TensorRTRunner(engine_path,
-family, model)`) and is imported only when asked for, so nothing here needs TensorRT installed.
+TensorRT's class (studio/evaluation/tensorrt_runner.py, `TensorRTRunner(engine_path, family, model)`) is
+imported only when asked for, so nothing here needs TensorRT installed.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def make_runner(
     if kind == "onnx":
         return OnnxRunner(Path(artifact), model, threads=threads, device=device)
     if kind == "tensorrt":
-        from studio.techniques.tensorrt import TensorRTRunner  # needs TensorRT: imported only here
+        from studio.evaluation.tensorrt_runner import TensorRTRunner  # needs TensorRT: imported only here
 
         return TensorRTRunner(Path(artifact), family_for(model), model)  # a GPU engine: no CPU threads
     raise BadInput(f"no runner for stage kind '{kind}' (known: torch, onnx, tensorrt)")

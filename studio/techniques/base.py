@@ -7,7 +7,8 @@ listing techniques (the GUI palette, `model-studio techniques`) stays fast.
 Torch techniques that change a model's structure (pruning, quantization) append a *transform record* to
 `StageState.transforms` and implement `restore`, which re-creates that structure on a freshly built model
 from the record alone. A saved torch variant is its config, its state dict and these records; reopening
-it replays the records and then loads the weights (see studio/techniques/torch_io.py).
+it replays the records and then loads the weights (studio/checkpoints/variant_folder.py, where `register`
+enters each technique's `restore`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from studio.checkpoints.base import LoadedModel
+from studio.checkpoints.variant_folder import register_restorer
 from studio.errors import BadInput
 from studio.events import Event, Log, Metric, Progress
 
@@ -167,6 +169,7 @@ def register(cls: type[Technique]) -> type[Technique]:
         if not f.description:
             raise ValueError(f"technique '{cls.id}': parameter '{name}' has no description")
     _REGISTRY[cls.id] = cls
+    register_restorer(cls.id, cls.restore)  # so a saved variant folder naming this technique reopens
     return cls
 
 

@@ -5,7 +5,7 @@ structure records of the techniques applied), the weights, and the original's to
 sentence-transformers files. Weights go to model.safetensors when every tensor is a plain dense tensor,
 else to model.pt (quantized tensors), which opens with `torch.load(weights_only=True)`. Reopening builds the
 architecture from the config, replays the records (pruned heads, quantized layers, dtype) and loads the
-weights, so the folder reloads with `open_checkpoint` like any other.
+weights (`studio.checkpoints.variant_folder`), so the folder reloads with `open_checkpoint` like any other.
 
 Other torch modules (TorchScript, ExportedProgram, pickled) are saved as an ExportedProgram (model.pt2)
 that must pass the studio's safe `.pt2` reader (no pickled parts, no guard code), so anyone can reopen it
@@ -19,9 +19,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from studio.checkpoints.variant_folder import TRANSFORMS_KEY
 from studio.errors import BadInput
 
-TRANSFORMS_KEY = "studio_transforms"
 SIDE_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -134,40 +134,3 @@ def _check_code_free(path: Path) -> None:
             "the studio does not write files that need unpickling to open",
             path=path.parent,
         ) from exc
-
-
-def build_variant_module(cls: type, path: Path, config: Any) -> Any:
-    """Architecture from the config, structure records replayed, then the saved weights loaded."""
-    import torch
-
-    from studio.checkpoints.torch_files import load_weights_only
-    from studio.techniques.base import get_technique
-
-    records = list(getattr(config, TRANSFORMS_KEY, None) or [])
-    module = cls._from_config(config)
-    for record in records:
-        module = get_technique(record["technique"]).restore(module, record)
-    if (path / "model.safetensors").is_file():
-        from safetensors.torch import load_file
-
-        state = load_file(str(path / "model.safetensors"))
-    elif (path / "model.pt").is_file():
-        state = load_weights_only(path / "model.pt")
-    else:
-        raise BadInput("no model.safetensors or model.pt in the variant folder", path=path)
-    # safetensors keeps one name per shared tensor (e.g. lm_head.weight): give the tied source its value
-    # before loading, or tie_weights() would copy a random embedding over the loaded head.
-    tied = dict(getattr(module, "all_tied_weights_keys", None) or {})
-    for target, source in tied.items():
-        if source not in state and target in state:
-            state[source] = state[target]
-    missing, unexpected = module.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise BadInput(
-            f"the saved weights do not fit the rebuilt model (missing {missing[:3]}, unexpected {unexpected[:3]})",
-            path=path,
-        )
-    if hasattr(module, "tie_weights"):
-        module.tie_weights()
-    return module.eval().to(torch.device("cpu"))

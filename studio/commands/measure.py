@@ -1,0 +1,155 @@
+"""The measuring verbs: `bench`, `sensitivity`, `search`, and `screenshots` of the app's views."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from studio.commands.output import ProgressLine, format_number, print_json, workspace_path
+from studio.errors import BadInput, Cancelled
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from studio.bench import format_table, run_bench, write_result
+
+    bar = ProgressLine("bench")
+    result = run_bench(
+        batch_sizes=tuple(args.batch_sizes),
+        sequence_length=args.sequence_length,
+        rounds=args.rounds,
+        threads=args.threads,
+        examples=args.examples,
+        only=args.only,
+        progress=bar,
+    )
+    bar.done()
+    path = write_result(result, Path(args.out) if args.out else None, workspace_path(args).root)
+    if args.json:
+        print_json(result, default=str)
+    else:
+        print(format_table(result))
+        print(f"\nresults: {path}")
+    return 0
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> int:
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.evaluation.measure import set_threads
+    from studio.sensitivity import choose_exclusions_from_report, layer_sensitivity
+
+    if args.target is not None and not 0 < args.target < 1:
+        raise BadInput(f"--target must be a fidelity between 0 and 1, got {args.target}")
+    if args.max_examples < 1:
+        raise BadInput(f"--max-examples must be at least 1, got {args.max_examples}")
+    model = open_checkpoint(args.model, trust=args.trust)
+    examples = load_examples(args.data, args.max_examples)
+    set_threads(args.threads)
+    bar = ProgressLine(f"sensitivity ({args.scheme})", enabled=None if not args.json else False)
+    report = layer_sensitivity(
+        model,
+        args.scheme,
+        examples,
+        args.sequence_length,
+        args.mode,
+        bar,
+        per_channel=not args.per_tensor,
+        group_size=args.group_size,
+    )
+    bar.done()
+    out = report.to_dict()
+    if args.target is not None:
+        out["mixed_precision"] = choose_exclusions_from_report(report, args.target)
+    if args.json:
+        print_json(out)
+        return 0
+    block, param = report.exclusion_block()
+    print(f"{report.model}: per-layer sensitivity to {out['scheme_title']}")
+    print(
+        f"  objective: {report.objective}, {report.examples} examples at sequence length {report.sequence_length}"
+    )
+    print(f"  settings: {json.dumps(report.settings)}; {report.seconds:.1f}s")
+    print(
+        f"  fidelity with every layer quantized: {report.fidelity_all:.5f} (float: {report.fidelity_none:.5f})"
+    )
+    print("  loss = fidelity lost when only this layer is quantized; recovered = fidelity won back when only")
+    print("  this layer stays float. Most sensitive first.")
+    name_w = min(60, max((len(r.layer) for r in report.layers), default=5))
+    print(f"\n  {'#':>3} {'layer':<{name_w}} {'kind':<10} {'params':>10} {'loss':>9} {'recovered':>10}")
+    for i, r in enumerate(report.ranked(), 1):
+        print(
+            f"  {i:>3} {r.layer[-name_w:]:<{name_w}} {r.kind:<10} {r.parameters:>10,} "
+            f"{format_number(r.fidelity_loss, '.5f'):>9} {format_number(r.recovered, '.5f'):>10}"
+        )
+    if args.target is not None:
+        mp = out["mixed_precision"]
+        print(
+            f"\n  for fidelity >= {args.target}: keep {len(mp['excluded'])} layer(s) float "
+            f"(estimated {mp['estimated_fidelity']:.5f} from the measurements above"
+            f"{'' if mp['met'] else '; the target is not reached even then'})"
+        )
+        print(f"  {block} params: {json.dumps({param: mp['excluded']})}")
+        print(
+            f"  (or let the block choose by itself and measure: {json.dumps({'mixed_precision': args.target})})"
+        )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from studio.pipeline import load_recipe
+    from studio.search import run_search
+    from studio.search_space import validate_search
+
+    if args.ray:
+        raise BadInput(
+            f"--ray {args.ray}: running trials on a Ray cluster is not yet supported; run without --ray"
+        )
+    recipe = load_recipe(args.recipe)
+    validate_search(recipe, args.recipe)  # before the workspace is touched
+    try:
+        result = run_search(
+            recipe, workspace_path(args), recipe_path=args.recipe, trials=args.trials, trust=args.trust
+        )
+    except KeyboardInterrupt:
+        print(
+            "model-studio: search stopped; the finished trials are kept (run the same command to resume)",
+            file=sys.stderr,
+        )
+        return Cancelled.exit_code
+    if args.json:
+        print_json(result, default=str)
+    else:
+        print_search_summary(result)
+    if result["best"] is None:
+        print("model-studio: no trial met the constraints", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_search_summary(result: dict[str, Any]) -> None:
+    front = set(result["pareto"])
+    print(f"search {result['study']}: {len(result['trials'])} trials ({result['new_trials']} new)")
+    for t in result["trials"]:
+        mark = "*" if t["variant"] in front else " "
+        values = ", ".join(f"{k} {v:.4g}" for k, v in t["values"].items())
+        status = (
+            values + ("" if t["feasible"] else "  (infeasible)") if t["state"] == "COMPLETE" else t["error"]
+        )
+        print(f" {mark} {t['number']:>4} {t['variant'] or '-':<24} {status}")
+    if result["best"] is not None:
+        print(f"\n* Pareto front; best: {result['best']}\nits recipe: {result['recipe']}")
+    elif result.get("closest"):
+        c = result["closest"]
+        print(f"\nno trial met the constraints; closest: trial {c['number']} ({c['variant']}), ", end="")
+        print(f"off by {c['violation']:.4g}")
+
+
+def cmd_screenshots(args: argparse.Namespace) -> int:
+    from studio.gui_entry import screenshots
+
+    for path in screenshots(args):
+        print(path)
+    return 0
