@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import BadInput, DiskFull
-from studio.search_space import metric_of, parse_constraint, trial_recipe, validate_search, violation
+from studio.search_space import metric_of, parse_constraint, trial_steps, validate_search, violation
 
 Log = Callable[[str], None]
 STOPPED_KEY = "stopped_trials"  # study user attribute: numbers of the trials a stop cut short
@@ -41,6 +41,14 @@ def study_name(recipe: Any, recipe_path: str | Path | None) -> str:
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
     stem = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(recipe_path).stem if recipe_path else "recipe").strip("-")
     return f"{stem or 'recipe'}-{digest}"
+
+
+def trial_recipe(recipe: Any, trial: Any) -> Any:
+    """The concrete Recipe of one Optuna trial (`optuna.Trial` or `FixedTrial`), which runs with `model-studio
+    run`. Raises BadInput when the combination is not a valid recipe (validated like any recipe file)."""
+    from studio.pipeline import parse_recipe
+
+    return parse_recipe(trial_steps(recipe, trial))
 
 
 def _sampler(kind: str, seed: int | None) -> Any:

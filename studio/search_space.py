@@ -247,13 +247,10 @@ def _suggest(trial: Any, key: str, spec: Any) -> Any:
     return trial.suggest_float(key, float(lo), float(hi), log=bool(spec.get("log")))
 
 
-def trial_recipe(recipe: Recipe, trial: Any) -> Recipe:
-    """The concrete recipe of one Optuna trial (an `optuna.Trial` or `FixedTrial`): the searched parameters
-    filled in, dropped optional steps removed, and no `search:` section, so it runs with `model-studio run`.
-
-    Raises BadInput when the combination is not a valid recipe (validated like any recipe file)."""
-    from studio.pipeline import parse_recipe
-
+def trial_steps(recipe: Recipe, trial: Any) -> dict[str, Any]:
+    """The concrete recipe data of one Optuna trial (an `optuna.Trial` or `FixedTrial`): the searched
+    parameters filled in, dropped optional steps removed, and no `search:` section. `studio.search` parses it
+    into a Recipe (this module sits below the pipeline and does not import it)."""
     spec = recipe.search
     assert spec is not None
     steps = []
@@ -271,4 +268,4 @@ def trial_recipe(recipe: Recipe, trial: Any) -> Recipe:
     data = recipe.model_dump(mode="json")
     data.pop("search", None)
     data["steps"] = steps
-    return parse_recipe(data)
+    return data

@@ -20,8 +20,8 @@ import yaml
 from studio.cli import main
 from studio.errors import BadInput
 from studio.pipeline import check_steps, load_recipe, parse_recipe
-from studio.search import pareto_front, study_name
-from studio.search_space import trial_recipe, validate_search
+from studio.search import pareto_front, study_name, trial_recipe
+from studio.search_space import validate_search
 from studio.variants import Workspace
 
 STEPS = [
