@@ -3,6 +3,7 @@
 from studio.techniques import (  # noqa: F401  (imported to register)
     compile,
     distill,
+    gptq,
     onnx_blockwise,
     onnx_export,
     onnx_passes,
