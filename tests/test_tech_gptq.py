@@ -6,9 +6,9 @@ same logits and the size of a weight-only one, and the bad-input refusals."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import inspect
 import json
-import math
 import warnings
 from pathlib import Path
 
@@ -266,12 +266,36 @@ def test_saved_gptq_variant_reopens_with_the_same_logits_and_the_size_of_weight_
     assert abs(sizes["gptq"] - sizes["rtn"]) < 4096, sizes  # the same tensors; only the header differs
 
 
+@pytest.mark.skipif(
+    importlib.util.find_spec("gptqmodel") is None,
+    reason="GPTQModel is not installed (gptqmodel==7.6.0 installs beside torch 2.13 / transformers 5.23; "
+    "it compiles a CPU packing extension on first use, minutes)",
+)
+def test_gptq_matches_gptqmodel_on_tinylm(tinylm, calibration, held_out_ids, tinylm_results, tmp_path):
+    """GPTQModel's GPTQ on the same model, the same calibration windows and the same settings (INT4,
+    groups of 32, symmetric, no act-order, damp 0.01): held-out perplexity within 1% of the studio's.
+    Measured: studio 80.39, GPTQModel 7.6.0 80.45. Its symmetric grid differs slightly (a zero point of 8
+    and max|w| / 7.5 steps against the studio's max|w| / 8), so the codes are not compared."""
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    ppl, _ = tinylm_results
+    stream: list[int] = []
+    for example in calibration:
+        stream += tinylm.tokenizer(example.text, verbose=False)["input_ids"]
+    windows = [stream[i : i + WINDOW] for i in range(0, len(stream), WINDOW)]
+    config = QuantizeConfig(bits=4, group_size=32, sym=True, desc_act=False, damp_percent=0.01)
+    model = GPTQModel.load(str(tinylm.path), config, device="cpu")
+    model.quantize([{"input_ids": w, "attention_mask": [1] * len(w)} for w in windows], batch_size=1)
+    model.save(str(tmp_path / "gptqmodel"))
+    theirs = perplexity(GPTQModel.load(str(tmp_path / "gptqmodel"), device="cpu").model.eval(), held_out_ids)
+    assert theirs == pytest.approx(ppl["gptq"], rel=0.01), (theirs, ppl["gptq"])
+
+
 def test_gptq_equals_a_second_implementation_on_tinylm(
     tinylm, calibration, held_out_ids, tinylm_results, tmp_path, monkeypatch
 ):
     """The same block-by-block pass with the textbook per-column recursion in place of the lazy Cholesky
-    one: held-out perplexity within 1%. (GPTQModel and llm-compressor do not install beside this torch /
-    transformers pair, so the second implementation is the paper's recursion written out above.)"""
+    one: held-out perplexity within 1% (runs where GPTQModel is not installed, too)."""
     ppl, _ = tinylm_results
     monkeypatch.setattr(gptq, "gptq_quantize", textbook_gptq)
     state, _ = apply(tinylm, "quantize.gptq", {"bits": 4, "group_size": 32}, calibration, tmp_path)
@@ -372,8 +396,82 @@ def test_shipped_recipe_is_valid():
     from studio.pipeline import load_recipe, plan
     from studio.resources import resource
 
-    r = load_recipe(resource("recipes", "generation", "tinylm-gptq-int4.yaml"))
-    plan(r)
-    step = r.steps[0]
-    assert step.technique == "quantize.gptq" and step.params["bits"] == 4
-    assert math.isclose(step.params.get("damp", 0.01), 0.01)
+    for name, technique_id in (
+        ("tinylm-gptq-int4.yaml", "quantize.gptq"),
+        ("tinylm-awq-int4.yaml", "quantize.awq"),
+    ):
+        r = load_recipe(resource("recipes", "generation", name))
+        plan(r)
+        step = r.steps[0]
+        assert step.technique == technique_id and step.params["bits"] == 4
+
+
+# ---------------------------------------------------------------------------------------------- AWQ
+
+
+def test_awq_scales_are_normalised_and_folding_them_leaves_the_float_block_unchanged(tinylm):
+    import copy
+
+    import torch
+
+    from studio.techniques import awq, layerwise
+
+    magnitude = torch.tensor([0.01, 0.5, 2.0, 8.0])
+    assert torch.equal(awq.scales_for(magnitude, 0.0), torch.ones(4))
+    s = awq.scales_for(magnitude, 0.5)
+    assert float((s.max() * s.min()).sqrt()) == pytest.approx(1.0)
+    assert torch.all(s[1:] > s[:-1])  # larger activations, larger scales
+
+    module = copy.deepcopy(tinylm.module)
+    block = module.model.layers[1]
+    ids = torch.arange(30).reshape(1, -1) + 4
+    calls = layerwise.capture_first_block(module, block, [ids])
+    before = layerwise.run_block(block, calls)[0].hidden()
+    torch.manual_seed(0)
+    for producer, group in awq.SCALED_GROUPS:
+        prod, layers = block.get_submodule(producer), [block.get_submodule(n) for n in group]
+        if prod.weight.shape[0] != layers[0].weight.shape[1]:
+            continue
+        s = torch.rand(layers[0].weight.shape[1]) * 3 + 0.2
+        with torch.no_grad():
+            for m in layers:
+                m.weight.mul_(s)
+        awq.fold_inverse(prod, s)
+    after = layerwise.run_block(block, calls)[0].hidden()
+    assert torch.allclose(before, after, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def awq_results(tinylm, calibration, held_out_ids, tmp_path_factory):
+    work = tmp_path_factory.mktemp("awq")
+    out = {}
+    for key, technique_id in (("rtn", "quantize.weight_only"), ("awq", "quantize.awq")):
+        state, events = apply(tinylm, technique_id, {"bits": 4, "group_size": 64}, calibration, work)
+        out[key] = (perplexity(state.module, held_out_ids), state, events)
+    return out
+
+
+def test_tinylm_awq_int4_perplexity_below_rtn_int4_at_the_same_group_size(awq_results, tmp_path):
+    import torch
+
+    (rtn, _, _), (ppl, state, events) = awq_results["rtn"], awq_results["awq"]
+    # Measured (groups of 64): float 80.26, RTN 80.74, AWQ 80.56. With groups of 32 AWQ gains nothing
+    # measurable on tinylm (80.67 against 80.66): fine groups already follow the weights' scale.
+    assert ppl < rtn, (ppl, rtn)
+    record = state.transforms[-1]
+    assert record["technique"] == "quantize.awq" and len(record["modules"]) == 28
+    assert any("of round-to-nearest's output error" in e.get("message", "") for e in events)
+
+    save_torch_variant(state.module, state.transforms, tmp_path / "awq", state.model.path)
+    ids = torch.arange(40).reshape(1, -1) + 5
+    with torch.no_grad():  # the folded norm weights travel in the saved state dict
+        assert torch.equal(
+            open_checkpoint(tmp_path / "awq").module(input_ids=ids).logits, state.module(input_ids=ids).logits
+        )
+
+
+def test_awq_refuses_a_family_it_cannot_fold_into(gpt2):
+    model = open_checkpoint(gpt2)
+    technique = get_technique("quantize.awq")()
+    with pytest.raises(BadInput, match=r"quantize\.awq applies to Llama-style decoder blocks .* GPT2Block"):
+        technique.check(technique.Params(group_size=16), model)
