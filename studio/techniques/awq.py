@@ -28,23 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Literal
-
-from pydantic import Field, field_validator
+from typing import TYPE_CHECKING, Any
 
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
-from studio.techniques.base import Params, RunContext, StageState, Technique, register
+from studio.techniques.base import RunContext, StageState, Technique, register
+from studio.techniques.gptq import CalibratedWeightParams, check_widths
 
 # Private helpers of quantize.py this block needs; they are becoming public (layer selection and the
 # Linear accessors), and this import follows them.
 from studio.techniques.quantize import (
-    DEFAULT_INT4_GROUP,
     Selection,
     WeightOnly,
     WeightOnlyParams,
-    _check_patterns,
-    _exclude_field,
     _is_linear,
     _nbytes,
     _refuse_unbuildable,
@@ -159,36 +155,8 @@ def fold_inverse(producer: Any, s: torch.Tensor) -> None:
             producer.weight.div_(s.to(producer.weight.dtype))
 
 
-class AWQParams(Params):
-    bits: Literal[4, 8] = Field(4, description="bits per weight: 4 (two codes per byte) or 8")
-    group_size: int | None = Field(
-        None,
-        description="input columns sharing one scale; must divide every quantized layer's input width. "
-        f"Default: {DEFAULT_INT4_GROUP} for 4 bits, the whole row (one scale per output channel) for 8 bits",
-    )
-    symmetric: bool = Field(
-        True, description="codes centred on zero (one scale per group); off: a zero point per group too"
-    )
-    calibration_examples: int = Field(
-        128,
-        ge=1,
-        description="how many calibration examples are read; their text is joined and cut into windows of "
-        "the recipe's sequence length. At least as many tokens as the widest quantized layer's input width "
-        "are needed",
-    )
-    exclude: list[str] = _exclude_field()
-
-    _patterns = field_validator("exclude")(_check_patterns)
-
-    @field_validator("group_size")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
-            raise ValueError("group_size must be a positive number of input columns")
-        return value
-
-    def storage(self) -> WeightOnlyParams:
-        return WeightOnlyParams(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+class AWQParams(CalibratedWeightParams):
+    """AWQ searches its scales itself: the storage and the calibration are all it is told."""
 
 
 @register
@@ -229,16 +197,7 @@ class AWQ(Technique):
                 f"{self.id} applies to Llama-style decoder blocks (Llama, Mistral, Qwen2); this model's "
                 f"{type(blocks[0]).__name__} has no {', '.join(missing[:3])}"
             )
-        storage = p.storage()
-        for name in sel.chosen:
-            in_features = int(root.get_submodule(name).weight.shape[1])
-            group = storage.group_for(in_features)
-            if in_features % group or (p.bits == 4 and in_features % 2):
-                raise BadInput(
-                    f"{self.id}: group_size {group} does not divide the input width {in_features} of layer "
-                    f"'{name}' (4-bit widths must also be even); choose a divisor of {in_features} or "
-                    "exclude the layer"
-                )
+        check_widths(root, sel.chosen, p, self.id)
         return sel, prefix, blocks
 
     def run(self, state: StageState, params: AWQParams, ctx: RunContext) -> StageState:  # type: ignore[override]

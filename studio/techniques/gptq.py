@@ -237,7 +237,9 @@ def weight_only_layer(
 # ---------------------------------------------------------------------------------------------- the block
 
 
-class GPTQParams(Params):
+class CalibratedWeightParams(Params):
+    """What the calibrated weight-only quantizers (GPTQ, AWQ) share: the storage and the calibration."""
+
     bits: Literal[4, 8] = Field(4, description="bits per weight: 4 (two codes per byte) or 8")
     group_size: int | None = Field(
         None,
@@ -246,18 +248,6 @@ class GPTQParams(Params):
     )
     symmetric: bool = Field(
         True, description="codes centred on zero (one scale per group); off: a zero point per group too"
-    )
-    act_order: bool = Field(
-        False,
-        description="quantize the input columns with the largest activations first (desc_act), while the "
-        "most columns are left to absorb their error; group scales are then fixed from the original weights",
-    )
-    damp: float = Field(
-        0.01,
-        gt=0.0,
-        le=1.0,
-        description="added to the Hessian's diagonal, as a fraction of its mean, so that it can be inverted "
-        "stably (percdamp); raise it if a layer's Hessian is reported singular",
     )
     calibration_examples: int = Field(
         128,
@@ -278,8 +268,41 @@ class GPTQParams(Params):
         return value
 
     def storage(self) -> WeightOnlyParams:
-        """The weight-only storage these codes use (the same default group sizes)."""
+        """The weight-only storage the codes use (the same default group sizes)."""
         return WeightOnlyParams(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
+
+
+def check_widths(root: Any, names: list[str], p: CalibratedWeightParams, technique: str) -> None:
+    """Every layer's input width fits the group size (and 4-bit pairs), checked before anything changes."""
+    storage = p.storage()
+    for name in names:
+        in_features = int(_float_weight(root.get_submodule(name)).shape[1])
+        group = storage.group_for(in_features)
+        if in_features % group:
+            raise BadInput(
+                f"{technique}: group_size {group} does not divide the input width {in_features} of layer "
+                f"'{name}'; choose a divisor of {in_features} or exclude the layer"
+            )
+        if p.bits == 4 and in_features % 2:
+            raise BadInput(
+                f"{technique}: layer '{name}' has an odd input width ({in_features}); 4-bit codes are "
+                "packed in pairs: exclude the layer or use bits 8"
+            )
+
+
+class GPTQParams(CalibratedWeightParams):
+    act_order: bool = Field(
+        False,
+        description="quantize the input columns with the largest activations first (desc_act), while the "
+        "most columns are left to absorb their error; group scales are then fixed from the original weights",
+    )
+    damp: float = Field(
+        0.01,
+        gt=0.0,
+        le=1.0,
+        description="added to the Hessian's diagonal, as a fraction of its mean, so that it can be inverted "
+        "stably (percdamp); raise it if a layer's Hessian is reported singular",
+    )
 
 
 @register
@@ -308,20 +331,7 @@ class GPTQ(Technique):
     def _plan(self, root: Any, p: GPTQParams) -> Selection:
         """The layers to quantize, each width checked against the group size before anything changes."""
         sel = _select(root, _is_linear, p.exclude, self.id, "Linear layer")
-        storage = p.storage()
-        for name in sel.chosen:
-            in_features = _float_weight(root.get_submodule(name)).shape[1]
-            group = storage.group_for(int(in_features))
-            if in_features % group:
-                raise BadInput(
-                    f"{self.id}: group_size {group} does not divide the input width {in_features} of layer "
-                    f"'{name}'; choose a divisor of {in_features} or exclude the layer"
-                )
-            if p.bits == 4 and in_features % 2:
-                raise BadInput(
-                    f"{self.id}: layer '{name}' has an odd input width ({in_features}); 4-bit codes are "
-                    "packed in pairs: exclude the layer or use bits 8"
-                )
+        check_widths(root, sel.chosen, p, self.id)
         return sel
 
     def run(self, state: StageState, params: GPTQParams, ctx: RunContext) -> StageState:  # type: ignore[override]
