@@ -1,8 +1,10 @@
 """The built-in techniques. Importing this package registers every block (see base.register)."""
 
 from studio.techniques import (  # noqa: F401  (imported to register)
+    awq,
     compile,
     distill,
+    gptq,
     precision,
     prune,
     quantize,

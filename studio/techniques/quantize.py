@@ -63,7 +63,7 @@ WIDTH_FIELDS = {
 }
 
 
-def _exclude_field() -> Any:
+def exclude_field() -> Any:
     return Field(
         default_factory=list,
         description="layers kept in floating point: module names (e.g. 'encoder.layer.0.output.dense'), "
@@ -106,14 +106,14 @@ def _selection(
     return select(root, exclude, technique, embeddings=p.embeddings)
 
 
-def _check_patterns(value: list[str]) -> list[str]:
+def check_patterns(value: list[str]) -> list[str]:
     for pattern in value:
         if not pattern.strip():
             raise ValueError("an exclude entry is empty")
     return value
 
 
-def _refuse_unbuildable(technique: str, model: LoadedModel) -> None:
+def refuse_unbuildable(technique: str, model: LoadedModel) -> None:
     if model.format in ("torchscript", "exported-program", "onnx"):
         raise BadInput(
             f"{technique} swaps layers of a Python torch module; a {model.format} model has no layers to swap "
@@ -121,7 +121,7 @@ def _refuse_unbuildable(technique: str, model: LoadedModel) -> None:
         )
 
 
-def _report(ctx: RunContext, technique: str, sel: Selection, bytes_before: int, bytes_after: int) -> None:
+def report_swap(ctx: RunContext, technique: str, sel: Selection, bytes_before: int, bytes_after: int) -> None:
     ctx.log(f"{technique}: {len(sel.chosen)} layers quantized, {len(sel.excluded)} excluded")
     if sel.tied:
         ctx.log(
@@ -158,10 +158,10 @@ class DynamicInt8Params(Params):
         description="also store embedding tables as int8 (one scale per row, dequantized on lookup): in "
         "encoders the vocabulary table is often half of the model's size",
     )
-    exclude: list[str] = _exclude_field()
+    exclude: list[str] = exclude_field()
     mixed_precision: float | None = _mixed_precision_field()
 
-    _patterns = field_validator("exclude")(_check_patterns)
+    _patterns = field_validator("exclude")(check_patterns)
 
 
 @register
@@ -182,7 +182,7 @@ class DynamicInt8(Technique):
 
     def check(self, params: DynamicInt8Params, model: LoadedModel) -> None:  # type: ignore[override]
         super().check(params, model)
-        _refuse_unbuildable(self.id, model)
+        refuse_unbuildable(self.id, model)
 
     def run(self, state: StageState, params: DynamicInt8Params, ctx: RunContext) -> StageState:  # type: ignore[override]
         from studio.techniques.quantized_layers import vnni_available
@@ -196,7 +196,7 @@ class DynamicInt8(Technique):
         embeddings = [n for n in sel.chosen if n not in set(linears)]
         scheme = LayerScheme("int8", per_channel=p.per_channel)
         before, after = swap_layers(root, linears + embeddings, scheme, ctx.progress)
-        _report(ctx, self.id, sel, before, after)
+        report_swap(ctx, self.id, sel, before, after)
         ctx.log(
             f"{self.id}: activations use {'8' if vnni_available() else '7 (no VNNI on this CPU)'} bits "
             "with FBGEMM"
@@ -236,10 +236,10 @@ class WeightOnlyParams(Params):
         "the rows looked up are dequantized): MiniLM's vocabulary table is half its weights, and 4 bits "
         "with groups of 128 cost it about 0.002 of cosine",
     )
-    exclude: list[str] = _exclude_field()
+    exclude: list[str] = exclude_field()
     mixed_precision: float | None = _mixed_precision_field()
 
-    _patterns = field_validator("exclude")(_check_patterns)
+    _patterns = field_validator("exclude")(check_patterns)
 
     @field_validator("group_size")
     @classmethod
@@ -312,7 +312,7 @@ class WeightOnly(Technique):
 
     def check(self, params: WeightOnlyParams, model: LoadedModel) -> None:  # type: ignore[override]
         super().check(params, model)
-        _refuse_unbuildable(self.id, model)
+        refuse_unbuildable(self.id, model)
         p = params
         if model.config is None or p.exclude:
             return  # excluded layers may be the ones that do not fit: checked layer by layer when run
@@ -344,7 +344,7 @@ class WeightOnly(Technique):
         linears = [n for n in sel.chosen if n not in set(embeddings)]
         _refuse_misfits(root, embeddings + linears, p, self.id)
         before, after = swap_layers(root, sel.chosen, p.layer_scheme(), ctx.progress)
-        _report(ctx, self.id, sel, before, after)
+        report_swap(ctx, self.id, sel, before, after)
         record = {
             "technique": self.id,
             "bits": p.bits,
