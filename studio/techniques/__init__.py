@@ -3,8 +3,10 @@
 from studio.techniques import (  # noqa: F401  (imported to register)
     compile,
     distill,
+    lora,
     precision,
     prune,
+    qat,
     quantize,
     tensorrt,
 )
