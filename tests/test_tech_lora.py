@@ -220,3 +220,17 @@ def test_adapters_before_a_dynamic_int8_layer_train(setting, tmp_path):
     out = tech.run(base, params, setting["ctx"](tmp_path / "l"))
     lora_b = out.module.get_submodule("encoder.layer.0.attention.self.query").lora_B["default"].weight
     assert float(lora_b.detach().abs().sum()) > 0
+
+
+def test_the_shipped_lora_recipe_plans_on_minilm(setting):
+    from studio.pipeline import load_recipe, plan
+    from studio.resources import resource
+
+    recipe = load_recipe(resource("recipes", "recovery", "minilm-heads-lora-onnx-int8.yaml"))
+    steps = plan(recipe, setting["model"]).steps
+    assert [s.technique.id for s in steps] == [
+        "prune.heads",
+        "train.lora",
+        "export.onnx",
+        "onnx.quantize_dynamic",
+    ]

@@ -129,3 +129,11 @@ def test_an_already_quantized_model_is_refused(setting, tmp_path):
     tech, params = _tech("quantize.qat", steps=1)
     with pytest.raises(BadInput, match="already holds quantized layers"):
         tech.run(state, params, setting["ctx"](tmp_path))
+
+
+def test_the_shipped_qat_recipe_plans_on_minilm(setting):
+    from studio.pipeline import load_recipe, plan
+    from studio.resources import resource
+
+    recipe = load_recipe(resource("recipes", "recovery", "minilm-qat-int8.yaml"))
+    assert [s.technique.id for s in plan(recipe, setting["model"]).steps] == ["quantize.qat"]
