@@ -30,6 +30,7 @@ from pydantic import Field, field_validator
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
+from studio.techniques.quantize import refuse_unbuildable
 
 
 class QatParams(Params):
@@ -158,10 +159,7 @@ class Qat(Technique):
 
     def check(self, params: QatParams, model: LoadedModel) -> None:  # type: ignore[override]
         super().check(params, model)
-        if model.format in ("torchscript", "exported-program", "onnx"):
-            raise BadInput(
-                f"{self.id} swaps layers of a Python torch module; a {model.format} model has no layers to swap"
-            )
+        refuse_unbuildable(self.id, model)
 
     def run(self, state: StageState, params: QatParams, ctx: RunContext) -> StageState:  # type: ignore[override]
         import torch

@@ -113,7 +113,7 @@ def _check_patterns(value: list[str]) -> list[str]:
     return value
 
 
-def _refuse_unbuildable(technique: str, model: LoadedModel) -> None:
+def refuse_unbuildable(technique: str, model: LoadedModel) -> None:
     if model.format in ("torchscript", "exported-program", "onnx"):
         raise BadInput(
             f"{technique} swaps layers of a Python torch module; a {model.format} model has no layers to swap "
@@ -182,7 +182,7 @@ class DynamicInt8(Technique):
 
     def check(self, params: DynamicInt8Params, model: LoadedModel) -> None:  # type: ignore[override]
         super().check(params, model)
-        _refuse_unbuildable(self.id, model)
+        refuse_unbuildable(self.id, model)
 
     def run(self, state: StageState, params: DynamicInt8Params, ctx: RunContext) -> StageState:  # type: ignore[override]
         from studio.techniques.quantized_layers import vnni_available
@@ -312,7 +312,7 @@ class WeightOnly(Technique):
 
     def check(self, params: WeightOnlyParams, model: LoadedModel) -> None:  # type: ignore[override]
         super().check(params, model)
-        _refuse_unbuildable(self.id, model)
+        refuse_unbuildable(self.id, model)
         p = params
         if model.config is None or p.exclude:
             return  # excluded layers may be the ones that do not fit: checked layer by layer when run
