@@ -234,3 +234,24 @@ def test_the_shipped_lora_recipe_plans_on_minilm(setting):
         "export.onnx",
         "onnx.quantize_dynamic",
     ]
+
+
+def test_the_lora_recipe_runs_through_onnx_int8(setting, tmp_path):
+    """Merged adapters leave a plain pruned model, which exports and quantizes like any other."""
+    import onnx
+    import onnxruntime as ort
+    import yaml
+
+    from studio.pipeline import execute_steps, parse_recipe, plan
+    from studio.resources import resource
+
+    data = yaml.safe_load(resource("recipes", "recovery", "minilm-heads-lora-onnx-int8.yaml").read_text())
+    data["steps"][1]["params"]["steps"] = 2
+    recipe = parse_recipe(data)
+    state, _times = execute_steps(
+        plan(recipe, setting["model"]), tmp_path, setting["ctx"](tmp_path).calibration, [].append
+    )
+    assert state.kind == "onnx" and state.path.is_file()
+    session = ort.InferenceSession(str(state.path), providers=["CPUExecutionProvider"])
+    assert any("Integer" in n.op_type or "Quant" in n.op_type for n in onnx.load(str(state.path)).graph.node)
+    assert session.get_inputs()
