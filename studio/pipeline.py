@@ -408,6 +408,9 @@ def save_state(state: Any, folder: Path, calibration: list[Any], sequence_length
 
             batch = family_for(state.model).batch(state.model, calibration[:2], sequence_length)
             example = tuple(batch.inputs.values())
+        adapter = state.info.get("peft_adapter")  # train.lora's unmerged adapters, in peft's format
+        if adapter:
+            shutil.copytree(adapter, folder / Path(adapter).name, dirs_exist_ok=True)
         return save_torch_variant(
             state.module,
             state.transforms,

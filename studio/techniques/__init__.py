@@ -5,8 +5,10 @@ from studio.techniques import (  # noqa: F401  (imported to register)
     compile,
     distill,
     gptq,
+    lora,
     precision,
     prune,
+    qat,
     quantize,
     tensorrt,
 )

@@ -60,7 +60,7 @@ class DistillParams(Params):
 
 
 @dataclass
-class _Outputs:
+class Outputs:
     primary: Any  # logits, or pooled embeddings for feature-extraction models
     hidden: list[tuple[list[Any], Any]]  # (hidden states per layer, position mask or None) per stack
 
@@ -68,7 +68,7 @@ class _Outputs:
 TEACHER_CACHE_BYTES = 512 << 20  # teacher outputs kept across epochs up to this size
 
 
-def _nbytes(out: _Outputs) -> int:
+def outputs_nbytes(out: Outputs) -> int:
     tensors = [out.primary] + [h for states, _ in out.hidden for h in states]
     return sum(t.numel() * t.element_size() for t in tensors)
 
@@ -94,11 +94,11 @@ def quantized_parts(module: Any) -> list[str]:
     return found
 
 
-def _run(module: Any, family: Any, batch: Any, want_hidden: bool) -> _Outputs:
+def model_outputs(module: Any, family: Any, batch: Any, want_hidden: bool) -> Outputs:
     from studio.families import FeatureExtraction, Seq2Seq
 
     if not _is_hf(module):
-        return _Outputs(family.forward(module, batch), [])
+        return Outputs(family.forward(module, batch), [])
     kwargs = dict(batch.inputs)
     if isinstance(family, Seq2Seq):
         kwargs["labels"] = batch.labels
@@ -120,7 +120,7 @@ def _run(module: Any, family: Any, batch: Any, want_hidden: bool) -> _Outputs:
             hidden = [(list(enc or ()), mask), (list(dec or ()), dec_mask)]
         elif getattr(out, "hidden_states", None) is not None:
             hidden = [(list(out.hidden_states), mask)]
-    return _Outputs(primary, hidden)
+    return Outputs(primary, hidden)
 
 
 def layer_pairs(student_layers: int, teacher_layers: int) -> list[tuple[int, int]]:
@@ -146,7 +146,7 @@ def _relative_mse(s: Any, t: Any, mask: Any) -> Any:
     return err.sum() / ref.sum().clamp(min=1e-12)
 
 
-def hidden_loss(student: _Outputs, teacher: _Outputs) -> tuple[Any, int]:
+def hidden_loss(student: Outputs, teacher: Outputs) -> tuple[Any, int]:
     """Mean relative squared error over the matched hidden states, and how many pairs were compared."""
     terms = []
     for (s_states, mask), (t_states, _) in zip(student.hidden, teacher.hidden, strict=False):
@@ -186,7 +186,7 @@ def embedding_loss(student: Any, teacher: Any) -> Any:
     return (1.0 - cos) + (s - t).pow(2).sum() / t.pow(2).sum().clamp(min=1e-12)
 
 
-def _output_mask(family: Any, batch: Any) -> Any:
+def output_mask(family: Any, batch: Any) -> Any:
     from studio.families import CausalLM, Seq2Seq
 
     if isinstance(family, Seq2Seq):
@@ -196,7 +196,7 @@ def _output_mask(family: Any, batch: Any) -> Any:
     return None
 
 
-def _to(batch: Any, device: Any) -> Any:
+def to_device(batch: Any, device: Any) -> Any:
     if str(device) == "cpu":
         return batch
     return replace(
@@ -258,7 +258,7 @@ class Distill(Technique):
         if len(chunks) > 1 and len(chunks[-1]) < size:
             chunks[-2] = chunks[-2] + chunks.pop()
         ctx.progress(0.0, f"preparing {len(chunks)} batches")
-        batches = [_to(family.batch(ctx.original, c, ctx.sequence_length), device) for c in chunks]
+        batches = [to_device(family.batch(ctx.original, c, ctx.sequence_length), device) for c in chunks]
 
         every = [p for p in student.parameters() if p.is_floating_point()]
         old_grad = [p.requires_grad for p in every]
@@ -297,7 +297,7 @@ class Distill(Technique):
         hidden_pairs = 0
         started = time.perf_counter()
         order: list[int] = []
-        teacher_cache: dict[int, _Outputs] = {}
+        teacher_cache: dict[int, Outputs] = {}
         cached_bytes = 0
         try:
             for step in range(params.steps):
@@ -309,17 +309,17 @@ class Distill(Technique):
                 t_out = teacher_cache.get(index)
                 if t_out is None:
                     with torch.no_grad():
-                        t_out = _run(teacher, family, batch, want_hidden)
-                    size_bytes = _nbytes(t_out)
+                        t_out = model_outputs(teacher, family, batch, want_hidden)
+                    size_bytes = outputs_nbytes(t_out)
                     if cached_bytes + size_bytes <= TEACHER_CACHE_BYTES:  # the teacher never changes
                         teacher_cache[index] = t_out
                         cached_bytes += size_bytes
-                s_out = _run(student, family, batch, want_hidden)
+                s_out = model_outputs(student, family, batch, want_hidden)
                 if is_embedding:
                     out_term = embedding_loss(s_out.primary, t_out.primary)
                 else:
                     out_term = logit_kd(
-                        s_out.primary, t_out.primary, params.temperature, _output_mask(family, batch)
+                        s_out.primary, t_out.primary, params.temperature, output_mask(family, batch)
                     )
                 hid_term, hidden_pairs = (None, 0)
                 if want_hidden:

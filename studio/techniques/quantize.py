@@ -264,7 +264,7 @@ def _largest_divisor(width: int, at_most: int) -> int:
     return g
 
 
-def _refuse_misfits(root: Any, names: list[str], p: WeightOnlyParams, technique: str) -> None:
+def refuse_misfits(root: Any, names: list[str], p: WeightOnlyParams, technique: str) -> None:
     """Every chosen layer is checked before any is changed: a group that does not tile its row, or an odd
     width for 4-bit codes, is refused with the fix."""
     scheme = p.layer_scheme()
@@ -342,7 +342,7 @@ class WeightOnly(Technique):
         sel = _selection(ctx, self.id, root, p, scheme="weight-only", **scheme)
         embeddings = [n for n in sel.chosen if not is_linear(root.get_submodule(n))]
         linears = [n for n in sel.chosen if n not in set(embeddings)]
-        _refuse_misfits(root, embeddings + linears, p, self.id)
+        refuse_misfits(root, embeddings + linears, p, self.id)
         before, after = swap_layers(root, sel.chosen, p.layer_scheme(), ctx.progress)
         report_swap(ctx, self.id, sel, before, after)
         record = {
