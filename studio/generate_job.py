@@ -37,7 +37,7 @@ GENERATE_KIND = "generate"
 GENERATIVE_FAMILIES = ("causal-lm", "seq2seq")
 DEFAULT_NEW_TOKENS = 48
 MAX_NEW_TOKENS = 4096
-DECODE_STEPS = 8  # timed decode steps at each profiled context length (their median gives tokens/s)
+DECODE_STEPS = 16  # timed decode steps at each profiled context length (their median gives tokens/s)
 SHORTEST_PROFILE = 16  # the first profiled context length; then doubling up to the model's context
 PROFILE_POINTS = 6
 

@@ -188,8 +188,10 @@ class GenerateView(QWidget):
         plots = QWidget()
         pl = QHBoxLayout(plots)
         pl.setContentsMargins(0, 0, 0, 0)
-        self.speed_plot = self._plot("Decode speed against context length", "decode speed", "tokens/s", False)
-        self.kv_plot = self._plot("KV-cache memory against context length", "KV cache", "B", True)
+        self.speed_plot = self._plot(
+            "Decode speed against context length", "decode speed", "tokens/s", False, (-10, -10)
+        )
+        self.kv_plot = self._plot("KV-cache memory against context length", "KV cache", "B", True, (10, 10))
         pl.addWidget(self.speed_plot)
         pl.addWidget(self.kv_plot)
         splitter.addWidget(plots)
@@ -197,7 +199,11 @@ class GenerateView(QWidget):
         splitter.setStretchFactor(1, 1)
         layout.addWidget(splitter, 1)
 
-    def _plot(self, title: str, name: str, units: str, si_prefix: bool) -> pg.PlotWidget:
+    def _plot(
+        self, title: str, name: str, units: str, si_prefix: bool, legend_at: tuple[int, int]
+    ) -> pg.PlotWidget:
+        """A plot against context length; its legend sits in the corner its curves leave free (speed falls
+        with the context and its axis starts at 0: bottom right; the cache grows: top left)."""
         plot = pg.PlotWidget(title=title)
         style_plot(plot)
         plot.setLabel("bottom", "context length", units="tokens")
@@ -206,10 +212,17 @@ class GenerateView(QWidget):
         plot.getAxis("left").enableAutoSIPrefix(si_prefix)  # bytes read best as kB / MB
         plot.showGrid(x=True, y=True, alpha=0.2)
         plot.setMinimumHeight(200)
-        legend = plot.addLegend(offset=(10, 10), labelTextSize="9pt")
+        legend = plot.addLegend(offset=legend_at, labelTextSize="9pt")
         style_legend(legend)
         add_plot_export_action(plot, plot, title.split(" ")[0].lower())
         return plot
+
+    def apply_theme(self) -> None:
+        """Re-colour the plots and banners after a light/dark switch (the window calls every tab's)."""
+        for plot in (self.speed_plot, self.kv_plot):
+            style_plot(plot)
+        self.notice.restyle()
+        self.error_banner.restyle()
 
     # ---------------------------------------------------------------------------- variants
 
@@ -395,6 +408,16 @@ class GenerateView(QWidget):
             )
             self._curves[key] = curve
         curve.setData(xs, ys)
+        self._fit(event.name)
+
+    def _fit(self, name: str) -> None:
+        """Both axes from 0, so a plot shows how much faster or smaller, not only which is."""
+        plot = self.speed_plot if name == "decode_tokens_per_s" else self.kv_plot
+        series = [self._points[key] for key in self._points if key[0] == name]
+        top_x = max((x for xs, _ys in series for x in xs), default=1.0)
+        top_y = max((y for _xs, ys in series for y in ys), default=1.0)
+        plot.setXRange(0, top_x * 1.05, padding=0)
+        plot.setYRange(0, (top_y or 1.0) * 1.15, padding=0)
 
     def points(self, name: str, label: str) -> tuple[list[float], list[float]]:
         """The plotted (context length, value) points of metric `name` for side `label`."""
