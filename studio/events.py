@@ -2,7 +2,8 @@
 
 Every event has a `type`: `progress` (step, fraction, message), `log` (level, message), `metric` (name,
 value, step, extra fields such as `iteration`), `variant` (the saved variant's record), `error` (kind,
-message, step) and `done` (the run's result). Techniques and the run loop make these dataclasses, the
+message, step), `done` (the run's result) and, in a generate job, `token` (which variant, how many new
+tokens, the text so far, time to first token, decode tokens/s so far). Techniques and the run loop make these dataclasses, the
 worker writes them as JSON lines, and `EventDecoder` turns the bytes a client reads back into them, which
 the CLI prints and the GUI shows.
 """
@@ -69,12 +70,26 @@ class Error(WireEvent):
 
 
 @dataclass(frozen=True)
+class Token(WireEvent):
+    """One more token of one variant in a generate job: the text so far rather than the new piece, since a
+    byte-level token can complete a character an earlier token began."""
+
+    variant: str  # which side ("A", "B")
+    tokens: int  # new tokens so far
+    text: str  # the generated text so far (the prompt not included)
+    ttft_ms: float  # time to first token: the prefill of the prompt and the first token's choice
+    tokens_per_s: float  # decode tokens per second so far (0 until the second token)
+    finished: bool = False  # this variant has ended (end-of-sequence token, or all new tokens made)
+    type: str = "token"
+
+
+@dataclass(frozen=True)
 class Done(WireEvent):
     result: dict[str, Any]
     type: str = "done"
 
 
-Event = Progress | Log | Metric | VariantSaved | Error | Done
+Event = Progress | Log | Metric | VariantSaved | Error | Token | Done
 
 
 def to_json(event: Event) -> str:
@@ -101,6 +116,15 @@ def from_dict(data: dict[str, Any]) -> Event:
             str(data.get("message", "")),
             data.get("step"),
             str(data.get("detail", "")),
+        )
+    if kind == "token":
+        return Token(
+            str(data["variant"]),
+            int(data["tokens"]),
+            str(data["text"]),
+            float(data["ttft_ms"]),
+            float(data["tokens_per_s"]),
+            bool(data.get("finished", False)),
         )
     if kind == "done":
         return Done(dict(data.get("result", {})))

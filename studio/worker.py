@@ -1,7 +1,8 @@
 """The worker process and the CLI's client of it: techniques run here, never in the GUI's or the CLI's own
 process.
 
-`python -m studio.worker` reads one job (studio/jobs.py) from stdin and writes one event per line to
+`python -m studio.worker` reads one job (studio/jobs.py: a recipe to run, or a generate job,
+studio/generate_job.py) from stdin and writes one event per line to
 stdout. Anything a library prints goes to stderr: the worker keeps a private copy of stdout for events
 and points file descriptor 1 at stderr before importing torch.
 
@@ -40,6 +41,7 @@ def _event_stream() -> IO[str]:
 
 def run_job(data: dict[str, Any], out: IO[str]) -> int:
     from studio.errors import StudioError, disk_full_error
+    from studio.generate_job import is_generate, run_generate
     from studio.pipeline import parse_recipe, plan, run_plan
     from studio.variants import Workspace
 
@@ -52,10 +54,13 @@ def run_job(data: dict[str, Any], out: IO[str]) -> int:
 
     job = Job.from_dict(data)
     try:
-        recipe = parse_recipe(job.recipe, job.recipe_path)
-        workspace = Workspace(job.workspace)
-        planned = plan(recipe, path=job.recipe_path, trust=job.trust)
-        result = run_plan(planned, workspace, sink, job_id=job.job_id)
+        if is_generate(data):
+            result = run_generate(data, job.workspace, job.trust, sink)
+        else:
+            recipe = parse_recipe(job.recipe, job.recipe_path)
+            workspace = Workspace(job.workspace)
+            planned = plan(recipe, path=job.recipe_path, trust=job.trust)
+            result = run_plan(planned, workspace, sink, job_id=job.job_id)
         sink(Done(result))
         return 0
     except StudioError as exc:

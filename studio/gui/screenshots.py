@@ -1,5 +1,5 @@
-"""Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM (`model-studio
-screenshots DIR`, and the README's pictures).
+"""Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM, and the Generate
+tab on the builtin TinyLM (`model-studio screenshots DIR`, and the README's pictures).
 
 The window is put in a state a user would reach in a minute: a real layer selected so its histogram
 shows, head importance computed and the least important heads switched off, so every tab shows real
@@ -35,6 +35,20 @@ DEMO_PIPELINES = (
 )
 
 
+# The Generate tab: builtin:tinylm's original (A) against a bfloat16 variant of it (B, made by a small
+# pipeline in the demo; the original again without the demo), on a prompt of the kind it was trained on.
+GENERATE_MODEL = "builtin:tinylm"
+GENERATE_PROMPT = "The function returns"
+GENERATE_TOKENS = 48
+GENERATE_VARIANT = {
+    "model": GENERATE_MODEL,
+    "steps": [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
+    "data": {"calibration_examples": 8, "evaluation_examples": 8},
+    "evaluate": {"batch_sizes": [1], "sequence_length": 32},
+}
+GENERATE_TAB = "Generate"
+
+
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
     from PySide6.QtCore import QEventLoop, QTimer
 
@@ -59,26 +73,32 @@ def tab_file_name(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-") + ".png"
 
 
+def run_pipeline(window: object, document: object, recipe_data: dict) -> dict:
+    """Run one pipeline through the Run panel (a real worker process); its result."""
+    from studio.pipeline import Recipe
+
+    panel = window.run_panel  # type: ignore[attr-defined]
+    document.pipeline.load(Recipe.model_validate(recipe_data))  # type: ignore[attr-defined]
+    outcome: dict[str, object] = {}
+    panel.finished.connect(lambda result, o=outcome: o.setdefault("result", result))
+    panel.failed.connect(lambda message, o=outcome: o.setdefault("error", message))
+    if not panel.run():
+        raise RuntimeError("screenshots: the demo pipeline did not start")
+    _wait(lambda o=outcome: bool(o), "the demo pipeline", timeout=900)
+    if "error" in outcome:
+        raise RuntimeError(f"screenshots: the demo pipeline failed: {outcome['error']}")
+    return outcome["result"]  # type: ignore[return-value]
+
+
 def run_demo(window: object, document: object) -> None:
     """Run the demo pipelines through the Run panel (real worker processes), leave the last one on screen,
     and put an A/B comparison of the original and the last variant (the ONNX INT8 graph: its per-layer weight
     overlay shows what quantization did to each layer) in the Compare tab."""
-    from studio.pipeline import Recipe
-
-    panel, compare = window.run_panel, window.compare_view  # type: ignore[attr-defined]
-    results = []
-    for steps in DEMO_PIPELINES:
-        recipe = Recipe.model_validate({"model": "builtin:minilm", "steps": steps, **DEMO_SETTINGS})
-        document.pipeline.load(recipe)  # type: ignore[attr-defined]
-        outcome: dict[str, object] = {}
-        panel.finished.connect(lambda result, o=outcome: o.setdefault("result", result))
-        panel.failed.connect(lambda message, o=outcome: o.setdefault("error", message))
-        if not panel.run():
-            raise RuntimeError("screenshots: the demo pipeline did not start")
-        _wait(lambda o=outcome: bool(o), "the demo pipeline", timeout=900)
-        if "error" in outcome:
-            raise RuntimeError(f"screenshots: the demo pipeline failed: {outcome['error']}")
-        results.append(outcome["result"])
+    compare = window.compare_view  # type: ignore[attr-defined]
+    results = [
+        run_pipeline(window, document, {"model": "builtin:minilm", "steps": steps, **DEMO_SETTINGS})
+        for steps in DEMO_PIPELINES
+    ]
     last = results[-1]
     compare.refresh()
     compare.set_ab(last["baseline"]["id"], last["variants"][0]["id"])  # type: ignore[index]
@@ -87,6 +107,32 @@ def run_demo(window: object, document: object) -> None:
     compare.compare_failed.connect(finished.append)
     compare.compare_ab()
     _wait(lambda: bool(finished), "the A/B comparison", timeout=600)
+
+
+def run_generation(window: object, document: object, *, demo: bool) -> None:
+    """Open builtin:tinylm (after the other tabs are grabbed: they show MiniLM) and let the Generate tab's
+    worker stream A and B and measure them at each context length. With `demo`, B is a bfloat16 variant
+    (its KV cache holds half the bytes), made by a small pipeline first."""
+    from studio.generate_job import Side
+
+    window.open_source(GENERATE_MODEL)  # type: ignore[attr-defined]
+    _wait(lambda: not window.opening, f"{GENERATE_MODEL} to open")  # type: ignore[attr-defined]
+    if document.model is None:  # type: ignore[attr-defined]
+        raise RuntimeError(f"screenshots: {GENERATE_MODEL} did not open: {window.last_error}")  # type: ignore[attr-defined]
+    view = window.generate_view  # type: ignore[attr-defined]
+    if demo:
+        result = run_pipeline(window, document, GENERATE_VARIANT)
+        view.set_variant("B", Side("B", row=result["variants"][0]["id"]).key)
+    view.prompt_edit.setPlainText(GENERATE_PROMPT)
+    view.tokens_spin.setValue(GENERATE_TOKENS)
+    outcome: list[object] = []
+    view.finished.connect(outcome.append)
+    view.failed.connect(outcome.append)
+    if not view.generate():
+        raise RuntimeError("screenshots: the Generate tab did not start")
+    _wait(lambda: bool(outcome), "the Generate tab's worker", timeout=600)
+    if isinstance(outcome[0], str):
+        raise RuntimeError(f"screenshots: generation failed: {outcome[0]}")
 
 
 def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool = True) -> list[Path]:
@@ -149,7 +195,7 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
         if demo:
             run_demo(window, document)
 
-        for index in range(window.tabs.count()):
+        def grab(index: int) -> None:
             window.tabs.setCurrentIndex(index)
             _settle()
             app.processEvents()
@@ -157,6 +203,14 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
             if not window.grab().save(str(path)):
                 raise RuntimeError(f"screenshots: could not write {path}")
             written.append(path)
+
+        titles = [window.tabs.tabText(i) for i in range(window.tabs.count())]
+        for index, title in enumerate(titles):
+            if title != GENERATE_TAB:  # MiniLM does not generate: that tab is shown on TinyLM below
+                grab(index)
+        if GENERATE_TAB in titles:
+            run_generation(window, document, demo=demo)
+            grab(titles.index(GENERATE_TAB))
         window.tabs.setCurrentIndex(0)
     finally:
         window.close()

@@ -182,7 +182,14 @@ def test_screenshots_render_every_tab(qtbot, tmp_path, settings):
     from studio.gui.screenshots import render_all
 
     files = render_all(tmp_path / "shots", workspace_root=tmp_path / "workspace", demo=False)
-    assert [f.name for f in files] == ["model.png", "heads.png", "pipeline.png", "run.png", "compare.png"]
+    assert [f.name for f in files] == [
+        "model.png",
+        "heads.png",
+        "pipeline.png",
+        "run.png",
+        "compare.png",
+        "generate.png",
+    ]
     for f in files:
         image = QImage(str(f))
         assert (image.width(), image.height()) == (1280, 800)
