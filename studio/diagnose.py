@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from studio.errors import BadInput
 from studio.inspection.graph import MATMUL_OPS, QDQ_OPS, Graph
 
 # Nodes ONNX Runtime's quantizer adds around an integer MatMul besides the Q/DQ ops themselves: the scale
@@ -174,15 +175,21 @@ def diagnose(
         threads_cause(profile.threads_used, cores()),
         bf16_cause(graph, shares, cpu_flags() if flags is None else flags),
     ]
-    diff = None
+    diff, unmatched = None, None
     if against is not None:
         from studio.inspection.layer_diff import layer_diff
 
-        diff = layer_diff(against, model, examples=examples, sequence_length=sequence_length)
-        causes.append(error_cause(diff, graph, shares))
+        try:
+            diff = layer_diff(against, model, examples=examples, sequence_length=sequence_length)
+        except BadInput as exc:  # no layer matched (a fused graph): the time causes still stand
+            unmatched = exc.message
+        else:
+            causes.append(error_cause(diff, graph, shares))
     ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["cost"])
     summary = {"total_ms": profile.total_ms, "threads_used": profile.threads_used, "cores": cores()}
     out: dict[str, Any] = {"causes": ranked, "profile": summary}
     if diff is not None:
         out["first_jump"] = diff["first_jump"]
+    if unmatched is not None:
+        out["against_error"] = unmatched
     return out
