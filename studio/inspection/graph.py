@@ -16,20 +16,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.checkpoints.onnx_graph import QUANT_OPS
 from studio.errors import BadInput
 
-# Ops that compute in integers (dynamic INT8, static QDQ kernels, ORT's fused integer kernels).
-INT_OPS = {
-    "MatMulInteger",
-    "DynamicQuantizeMatMul",
-    "QLinearMatMul",
-    "QLinearConv",
-    "ConvInteger",
-    "QAttention",
-    "QEmbedLayerNormalization",
-    "QGemm",
-}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+# Ops that compute in integers: those of a quantized graph less the Q/DQ glue, and ORT's fused integer kernels.
+INT_OPS = (QUANT_OPS - QDQ_OPS) | {"QEmbedLayerNormalization", "QGemm"}
 # Ops whose cost is a matrix product: the ones quantization is for.
 MATMUL_OPS = {"MatMul", "Gemm", "Attention", "FusedMatMul", "Conv", "Linear", "Conv1D", "Conv2d"}
 _ELEM = {
