@@ -20,6 +20,9 @@ from studio.inspection.graph import MATMUL_OPS, QDQ_OPS, Graph
 # products and the casts of its int32 result.
 _QUANT_GLUE = ("_quant_scales_mul", "_output_scale_mul", "_quantized_cast", "_QuantizeLinear")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+# A time cause below this share of the run is noise to the person reading the list (ORT fuses most Q/DQ
+# nodes into its integer kernels at load, so a quantized graph's Q/DQ nodes often cost a fraction of 1%).
+MIN_COST = 0.01
 
 
 def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
@@ -185,7 +188,8 @@ def diagnose(
             unmatched = exc.message
         else:
             causes.append(error_cause(diff, graph, shares))
-    ranked = sorted((c for c in causes if c is not None), key=lambda c: -c["cost"])
+    kept = [c for c in causes if c is not None and (c["cost"] >= MIN_COST or c["kind"] == "error-jump")]
+    ranked = sorted(kept, key=lambda c: -c["cost"])
     summary = {"total_ms": profile.total_ms, "threads_used": profile.threads_used, "cores": cores()}
     out: dict[str, Any] = {"causes": ranked, "profile": summary}
     if diff is not None:
