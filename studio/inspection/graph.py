@@ -197,6 +197,7 @@ def onnx_graph(path: Path) -> Graph:
         if node.group is None and node.modules():
             node.group = block_of(node.modules()[0])
         nodes.append(node)
+    adopt_into_consumer_blocks(nodes)
     return Graph(
         kind="onnx",
         nodes=nodes,
@@ -204,6 +205,22 @@ def onnx_graph(path: Path) -> Graph:
         inputs=[i.name for i in proto.graph.input if i.name not in inits],
         outputs=[o.name for o in proto.graph.output],
     )
+
+
+def adopt_into_consumer_blocks(nodes: list[GraphNode]) -> None:
+    """Put a node without a block into the block of its readers when they all sit in one: the unnamed
+    Constants and shape arithmetic an exporter emits for a layer would otherwise stay outside the collapsed
+    layer, hundreds of loose boxes (a 32-layer Llama has over 500). Walked backwards so chains follow."""
+    readers: dict[str, list[GraphNode]] = {}
+    for n in nodes:
+        for t in n.inputs:
+            readers.setdefault(t, []).append(n)
+    for n in reversed(nodes):
+        if n.group is not None:
+            continue
+        blocks = {r.group for t in n.outputs for r in readers.get(t, [])}
+        if len(blocks) == 1 and None not in blocks:
+            n.group = blocks.pop()
 
 
 def _inferred(proto: Any) -> Any:
