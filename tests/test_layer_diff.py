@@ -73,9 +73,8 @@ def test_a_broken_layer_is_the_first_jump(minilm_onnx, broken_onnx, examples):
     before = result["layers"][: names.index(BROKEN)]
     assert before and all(x["relative_error"] == 0.0 for x in before)
     broken = result["layers"][names.index(BROKEN)]
-    assert broken["relative_error"] == pytest.approx(
-        2.0, rel=0.05
-    )  # 3x the output with the bias: about 2x off
+    # three times the weight, the same bias: the output about twice its size off
+    assert broken["relative_error"] == pytest.approx(2.0, rel=0.1)
 
 
 def test_a_torch_model_with_a_scaled_layer_first_jumps_there(bert_classifier, examples):
