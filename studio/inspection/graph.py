@@ -335,7 +335,7 @@ def torch_graph(model: Any, examples: Sequence[Any] | None = None, sequence_leng
                 for p, v in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]
                 if v.dim() >= 1
             ]
-            node = GraphNode(label, type(mod).__name__, [i for i in ins if ":" in i], outs, weights=weights)
+            node = GraphNode(label, type(mod).__name__, ins, outs, weights=weights)
             node.precision = torch_precision(mod, weights)
             node.group = block_of(name)
             nodes.append(node)
