@@ -11,7 +11,9 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+from studio.commands.graph import cmd_diagnose, cmd_diff, cmd_graph
 from studio.commands.inspect import cmd_inspect, cmd_techniques
 from studio.commands.measure import cmd_bench, cmd_screenshots, cmd_search, cmd_sensitivity
 from studio.commands.run import cmd_run
@@ -184,10 +186,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster (not yet supported)")
     p.set_defaults(handler=cmd_search)
 
+    add_graph_verbs(sub, ws, trust)
+
     p = sub.add_parser("screenshots", help="render each main view offscreen to PNG files", parents=[ws])
     p.add_argument("dir", help="output folder")
     p.set_defaults(handler=cmd_screenshots)
     return parser
+
+
+def add_graph_verbs(sub: Any, ws: argparse.ArgumentParser, trust: argparse.ArgumentParser) -> None:
+    """`graph`, `diff` and `diagnose`: each takes variant ids (of --workspace) or checkpoint paths."""
+    ref = "a variant id (a unique prefix is enough) or a checkpoint path / builtin:minilm"
+
+    def data_flags(p: argparse.ArgumentParser, examples: int) -> None:
+        p.add_argument("--json", action="store_true", help="print the documented JSON")
+        p.add_argument(
+            "--data", default="builtin:sentences", help="examples: builtin:sentences or .txt/.jsonl/.csv"
+        )
+        p.add_argument("--examples", type=int, default=examples, help=f"examples run (default {examples})")
+        p.add_argument("--sequence-length", type=int, default=32, help="tokens per example (default 32)")
+
+    p = sub.add_parser(
+        "graph",
+        help="the computation graph of a variant: time share and precision per node",
+        parents=[ws, trust],
+    )
+    p.add_argument("variant", help=ref)
+    p.add_argument("--against", help="also the layer-wise error against this model (" + ref + ")")
+    p.add_argument("--no-profile", action="store_true", help="skip the run-time profile")
+    p.add_argument("--top", type=int, default=25, help="nodes listed without --json (default 25)")
+    data_flags(p, 4)
+    p.set_defaults(handler=cmd_graph)
+
+    p = sub.add_parser(
+        "diff", help="layer-wise error of B against A and the first layer where it jumps", parents=[ws, trust]
+    )
+    p.add_argument("a", help="the reference: " + ref)
+    p.add_argument("b", help="the model compared with it: " + ref)
+    data_flags(p, 4)
+    p.set_defaults(handler=cmd_diff)
+
+    p = sub.add_parser(
+        "diagnose",
+        help="why a variant is not faster: ranked causes with their cost and fix",
+        parents=[ws, trust],
+    )
+    p.add_argument("variant", help=ref)
+    p.add_argument("--against", help="also find the layer where the error against this model jumps")
+    p.add_argument("--threads", type=int, help="CPU threads for the profile (default: the library's)")
+    data_flags(p, 4)
+    p.set_defaults(handler=cmd_diagnose)
 
 
 def open_path_argument(raw: list[str], parser: argparse.ArgumentParser) -> list[str]:

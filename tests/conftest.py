@@ -175,3 +175,39 @@ def tiny_onnx(models_dir) -> Path:
         output_names=["logits"],
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def minilm_onnx(models_dir) -> dict[str, Path]:
+    """MiniLM through export.onnx, onnx.optimize and onnx.quantize_dynamic with one FFN MatMul kept float:
+    {"exported", "optimized", "quantized"} graph paths, made by the studio's own blocks."""
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.techniques.base import RunContext, get_technique, initial_state
+
+    state = initial_state(open_checkpoint("builtin:minilm"))
+    steps = [
+        ("exported", "export.onnx", {}),
+        ("optimized", "onnx.optimize", {}),
+        ("quantized", "onnx.quantize_dynamic", {"exclude_nodes": [MINILM_EXCLUDED]}),
+    ]
+    out = {}
+    for index, (key, technique, params) in enumerate(steps):
+        ctx = RunContext(
+            original=state.model,
+            workdir=models_dir / "minilm-onnx",
+            calibration=load_examples("builtin:sentences", 8),
+            sequence_length=32,
+            step_index=index,
+            later_steps=[s[1] for s in steps[index + 1 :]],
+            emit=lambda event: None,
+        )
+        cls = get_technique(technique)
+        state = cls().run(state, cls.Params(**params), ctx)
+        out[key] = state.path
+    return out
+
+
+MINILM_EXCLUDED = (
+    "/model/encoder/layer.0/output/dense/MatMul"  # the node minilm_onnx's INT8 graph keeps float
+)
