@@ -87,6 +87,15 @@ def kv_spec_of(module: Any) -> KVCacheSpec | None:
 # ------------------------------------------------------------------------------------------------ bit packing
 
 
+@functools.cache
+def _bit_weights(bits: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(0..bits-1 as shifts, 1 << 0..bits-1) on a device, made once: decoding packs and unpacks every step."""
+    import torch
+
+    shifts = torch.arange(bits, device=device, dtype=torch.int32)
+    return shifts, (1 << shifts.to(torch.int64))
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes below 2**bits along the last axis, packed `bits` bits each into uint8 bytes."""
     import torch
@@ -94,12 +103,12 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 0:
         return torch.zeros((*codes.shape[:-1], 0), dtype=torch.uint8, device=codes.device)
     n = codes.shape[-1]
-    shifts = torch.arange(bits, device=codes.device)
+    shifts, _ = _bit_weights(bits, codes.device)
     flat = ((codes.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)  # [..., n * bits]
     pad = (-n * bits) % 8
     if pad:
         flat = torch.nn.functional.pad(flat, (0, pad))
-    weights = 1 << torch.arange(8, device=codes.device, dtype=torch.int32)
+    _, weights = _bit_weights(8, codes.device)
     return (flat.unflatten(-1, (-1, 8)) * weights).sum(-1).to(torch.uint8)
 
 
@@ -109,9 +118,9 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
 
     if bits == 0:
         return torch.zeros((*packed.shape[:-1], n), dtype=torch.long, device=packed.device)
-    shifts = torch.arange(8, device=packed.device, dtype=torch.int32)
+    shifts, _ = _bit_weights(8, packed.device)
     flat = ((packed.to(torch.int32).unsqueeze(-1) >> shifts) & 1).flatten(-2)[..., : n * bits]
-    weights = 1 << torch.arange(bits, device=packed.device, dtype=torch.int64)
+    _, weights = _bit_weights(bits, packed.device)
     return (flat.unflatten(-1, (n, bits)).to(torch.int64) * weights).sum(-1)
 
 
@@ -260,25 +269,35 @@ class TurboQuantizer:
         low = math.floor(mse_bits)
         self.n_high = round((mse_bits - low) * dim)  # coordinates that get low + 1 bits
         self.widths = (low + 1, low)  # the first n_high coordinates, then the rest
+        self._tables: dict[Any, tuple[Any, ...]] = {}
 
-    def _on(self, device: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-        r = rotation(self.dim, self.seed).to(device)
-        s = sketch_matrix(self.dim, self.seed).to(device) if self.qjl else None
-        return r, s
+    def _on(self, device: Any) -> tuple[torch.Tensor, torch.Tensor | None, list[tuple[Any, ...]]]:
+        """(rotation, sketch, [(coordinates, width, centroids, boundaries)]) on `device`, made once."""
+        import torch
 
-    def _parts(self) -> list[tuple[slice, int]]:
-        return [(slice(0, self.n_high), self.widths[0]), (slice(self.n_high, self.dim), self.widths[1])]
+        if device not in self._tables:
+            scale = 1.0 / math.sqrt(self.dim)  # the codebook is for N(0, 1/d): the coordinates' distribution
+            parts = []
+            for part, w in (
+                (slice(0, self.n_high), self.widths[0]),
+                (slice(self.n_high, self.dim), self.widths[1]),
+            ):
+                centroids, bounds = lloyd_max_gaussian(w)
+                c = torch.tensor(centroids, device=device) * scale
+                parts.append((part, w, c, torch.tensor(bounds, device=device) * scale))
+            sketch = sketch_matrix(self.dim, self.seed).to(device) if self.qjl else None
+            self._tables[device] = (rotation(self.dim, self.seed).to(device), sketch, parts)
+        return self._tables[device]
 
-    def _mse_codes(self, y: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def _mse_codes(
+        self, y: torch.Tensor, parts: list[tuple[Any, ...]]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Codes of the rotated unit vectors y per coordinate part, and y's reconstruction."""
         import torch
 
         codes, recon = [], torch.empty_like(y)
-        scale = 1.0 / math.sqrt(self.dim)  # the codebook is for N(0, 1/d): the coordinates' distribution
-        for part, w in self._parts():
-            centroids, bounds = lloyd_max_gaussian(w)
-            c = torch.tensor(centroids, device=y.device) * scale
-            idx = torch.bucketize(y[..., part].contiguous(), torch.tensor(bounds, device=y.device) * scale)
+        for part, _, c, bounds in parts:
+            idx = torch.bucketize(y[..., part].contiguous(), bounds)
             codes.append(idx)
             recon[..., part] = c[idx]
         return codes, recon
@@ -286,13 +305,13 @@ class TurboQuantizer:
     def quantize(self, x: torch.Tensor) -> Packed:
         import torch
 
-        rot, sketch = self._on(x.device)
+        rot, sketch, parts = self._on(x.device)
         x = x.float()
         norm = x.norm(dim=-1, keepdim=True).to(torch.float16)
         unit = x / norm.float().clamp(min=1e-12)
-        codes, recon = self._mse_codes(unit @ rot.T)
+        codes, recon = self._mse_codes(unit @ rot.T, parts)
         out: Packed = {"norm": norm}
-        for i, ((_, w), c) in enumerate(zip(self._parts(), codes, strict=True)):
+        for i, ((_, w, _, _), c) in enumerate(zip(parts, codes, strict=True)):
             out[f"codes{i}"] = pack_codes(c, w)
         if sketch is not None:
             residual = x - norm.float() * (recon @ rot)
@@ -304,14 +323,10 @@ class TurboQuantizer:
         import torch
 
         norm = p["norm"]
-        rot, sketch = self._on(norm.device)
+        rot, sketch, parts = self._on(norm.device)
         y = torch.empty((*norm.shape[:-1], dim), device=norm.device)
-        scale = 1.0 / math.sqrt(self.dim)
-        for i, (part, w) in enumerate(self._parts()):
-            n = part.stop - part.start
-            centroids, _ = lloyd_max_gaussian(w)
-            c = torch.tensor(centroids, device=norm.device) * scale
-            y[..., part] = c[unpack_codes(p[f"codes{i}"], w, n)]
+        for i, (part, w, c, _) in enumerate(parts):
+            y[..., part] = c[unpack_codes(p[f"codes{i}"], w, part.stop - part.start)]
         x = norm.float() * (y @ rot)
         if sketch is not None:
             # E[S^T sign(S r)] = d * sqrt(2/pi) * r / |r| for Gaussian S, hence the sqrt(pi/2) / d factor:
