@@ -87,6 +87,10 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 
 def cache_bytes(cache: Any) -> int:
+    from studio.evaluation.kv_quant import held_bytes, is_quantized_cache
+
+    if is_quantized_cache(cache):  # codes, scales, norms and sketch bits besides the float window
+        return held_bytes(cache)
     return sum(t.numel() * t.element_size() for t in cache_tensors(cache))
 
 
@@ -117,6 +121,11 @@ class GreedyLoop:
     def _cache(self) -> Any:
         from transformers import DynamicCache, EncoderDecoderCache
 
+        from studio.evaluation.kv_quant import kv_spec_of, quantized_cache
+
+        spec = kv_spec_of(self.module)  # a kv_cache.quantize variant generates with its quantized cache
+        if spec is not None and not self.seq2seq:
+            return quantized_cache(self.config, spec)
         if self.seq2seq:
             return EncoderDecoderCache(DynamicCache(config=self.config), DynamicCache(config=self.config))
         return DynamicCache(config=self.config)

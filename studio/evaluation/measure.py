@@ -356,12 +356,17 @@ def lm_perplexity(runner: Runner, model: LoadedModel, ids: Any, seq_len: int) ->
     length (at most the model's context), stride half a window."""
     import torch
 
+    from studio.evaluation.kv_quant import decode_logits, kv_spec_of
     from studio.families import accepted_inputs, context_length
 
     window = max(2, min(seq_len, context_length(model) or seq_len))
     accepted = accepted_inputs(model)
 
+    kv_spec = kv_spec_of(getattr(runner, "module", None))
+
     def logits_of(chunk: Any) -> Any:
+        if kv_spec is not None:  # a quantized KV cache: each token scored as decoding through it sees it
+            return decode_logits(runner.module, chunk, kv_spec)  # type: ignore[attr-defined]
         inputs = {"input_ids": chunk, "attention_mask": torch.ones_like(chunk)}
         return runner(Batch(inputs={k: v for k, v in inputs.items() if k in accepted}))
 

@@ -5,6 +5,7 @@ from studio.techniques import (  # noqa: F401  (imported to register)
     compile,
     distill,
     gptq,
+    kv_cache,
     lora,
     precision,
     prune,
