@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from studio.errors import BadInput, Unavailable
+from studio.evaluation.onnx_cache import PAST_PREFIX, empty_past
 from studio.families import Batch, Family, Seq2Seq, family_for
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def graph_feeds(
     return feeds
 
 
-_ORT_TYPES = {
+ORT_TYPES = {
     "tensor(int64)": "int64",
     "tensor(int32)": "int32",
     "tensor(float)": "float32",
@@ -203,7 +204,16 @@ class OnnxRunner:
             )
         except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
             raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=self.path) from exc
-        self.inputs = [(i.name, _ORT_TYPES.get(i.type, "float32")) for i in self.session.get_inputs()]
+        declared = self.session.get_inputs()
+        # A cache graph (export.onnx with_cache) is fed a zero-length past: a plain forward pass.
+        self.past = [
+            (i.name, i.shape, ORT_TYPES.get(i.type, "float32"))
+            for i in declared
+            if i.name.startswith(PAST_PREFIX)
+        ]
+        self.inputs = [
+            (i.name, ORT_TYPES.get(i.type, "float32")) for i in declared if not i.name.startswith(PAST_PREFIX)
+        ]
         self.output = self.session.get_outputs()[0].name
         self.family = family_for(model)
         self.config = graph_config(model, metadata)
@@ -212,5 +222,7 @@ class OnnxRunner:
         import torch
 
         feeds = graph_feeds(batch, self.inputs, self.family, self.config)
+        if self.past:
+            feeds.update(empty_past(self.past, len(next(iter(feeds.values())))))
         (primary,) = self.session.run([self.output], feeds)
         return self.family.from_primary(torch.from_numpy(primary), batch).float()
