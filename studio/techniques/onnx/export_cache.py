@@ -90,6 +90,8 @@ def cache_wrapper(module: Any, layout: CacheLayout) -> Any:
     import torch
     from transformers import DynamicCache
 
+    from studio.evaluation.generation import cache_tensors
+
     config = module.config
 
     class WithCache(torch.nn.Module):
@@ -109,10 +111,7 @@ def cache_wrapper(module: Any, layout: CacheLayout) -> Any:
                 use_cache=True,
                 return_dict=True,
             )
-            presents: list[torch.Tensor] = []
-            for layer in out.past_key_values.layers:
-                presents += [layer.keys, layer.values]
-            return (out.logits, *presents)
+            return (out.logits, *cache_tensors(out.past_key_values))
 
     return WithCache().eval()
 
@@ -127,6 +126,7 @@ def verify_decode_step(
     import torch
     from transformers import DynamicCache
 
+    from studio.evaluation.generation import cache_tensors
     from studio.evaluation.onnx_cache import empty_past
     from studio.evaluation.runners import ORT_TYPES, session_options
 
@@ -150,7 +150,7 @@ def verify_decode_step(
     logits, *presents = session.run(None, step_feeds)
     with torch.no_grad():
         ref = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
-    expected = [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    expected = list(cache_tensors(cache))
     diff = float(np.abs(logits.astype(np.float32) - ref.float().numpy()).max())
     for got, want in zip(presents, expected, strict=True):
         if got.shape != tuple(want.shape):
