@@ -173,13 +173,24 @@ class GreedyLoop:
         import torch
 
         with torch.inference_mode():
-            token, state = self.prefill(prompts)
-            out = [token]
-            for _ in range(new_tokens - 1):
-                token = self.step(token, state)
-                out.append(token)
-            self.step(token, state)
-        return torch.stack(out, dim=1).cpu(), state
+            tokens, state = greedy_run(self, prompts, new_tokens)
+        return tokens.cpu(), state
+
+
+def greedy_run(
+    loop: GreedyLoop | OnnxGreedyLoop, prompts: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Prefill, then steps until `new_tokens` tokens; the last token is fed too, so the state's cache
+    covers prompt + new tokens. Shared by the torch and the ONNX Runtime loop."""
+    import torch
+
+    token, state = loop.prefill(prompts)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        token = loop.step(token, state)
+        out.append(token)
+    loop.step(token, state)
+    return torch.stack(out, dim=1), state
 
 
 def greedy_tokens(

@@ -27,23 +27,14 @@ class OnnxGreedyLoop:
     """Greedy decoding of one cache graph on ONNX Runtime: `prefill` then `step`, one token at a time."""
 
     def __init__(self, path: Path, *, threads: int | None = None, device: str | None = "cpu") -> None:
-        import onnxruntime as ort
         import torch
 
-        from studio.evaluation.runners import ORT_TYPES, providers_for, session_options
+        from studio.evaluation.runners import open_session, past_inputs
 
         self.path = Path(path)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(threads), providers=providers_for(device)
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=self.path) from exc
-        declared = self.session.get_inputs()
-        names = [i.name for i in declared]
-        self.past = [
-            (i.name, i.shape, ORT_TYPES.get(i.type, "float32")) for i in declared if i.name in past_of(names)
-        ]
+        self.session = open_session(self.path, threads, device)
+        names = [i.name for i in self.session.get_inputs()]
+        self.past = past_inputs(self.session)
         if not self.past or "input_ids" not in names:
             raise BadInput(f"this graph has no past key/values inputs: {NO_CACHE_HOW}", path=self.path)
         self.past_names = [name for name, _, _ in self.past]
@@ -88,19 +79,9 @@ class OnnxGreedyLoop:
 
     def generate(self, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
         """Greedy new tokens [batch, new_tokens]; the returned state's cache covers prompt + new tokens."""
-        import torch
+        from studio.evaluation.generation import greedy_run
 
-        token, state = self.prefill(prompts)
-        out = [token]
-        for _ in range(new_tokens - 1):
-            token = self.step(token, state)
-            out.append(token)
-        self.step(token, state)
-        return torch.stack(out, dim=1), state
-
-
-def past_of(names: list[str]) -> list[str]:
-    return [n for n in names if n.startswith(PAST_PREFIX)]
+        return greedy_run(self, prompts, new_tokens)
 
 
 def array_bytes(arrays: list[Any]) -> int:

@@ -181,6 +181,27 @@ def providers_for(device: str | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def open_session(path: Path, threads: int | None = None, device: str | None = None) -> Any:
+    """An onnxruntime session with the measuring options; a graph it cannot load is BadInput."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=providers_for(device)
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=path) from exc
+
+
+def past_inputs(session: Any) -> list[tuple[str, list[Any], str]]:
+    """A session's KV-cache inputs (export.onnx with_cache) as [(name, declared shape, numpy dtype)]."""
+    return [
+        (i.name, list(i.shape), ORT_TYPES.get(i.type, "float32"))
+        for i in session.get_inputs()
+        if i.name.startswith(PAST_PREFIX)
+    ]
+
+
 class OnnxRunner:
     """An onnxruntime session: declared inputs fed from the batch, output 0 through `family.from_primary`."""
 
@@ -192,25 +213,14 @@ class OnnxRunner:
         threads: int | None = None,
         device: str | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         from studio.checkpoints.onnx_graph import read_metadata
 
         self.path = Path(path)
         metadata = read_metadata(self.path)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(threads), providers=providers_for(device)
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=self.path) from exc
+        self.session = open_session(self.path, threads, device)
         declared = self.session.get_inputs()
         # A cache graph (export.onnx with_cache) is fed a zero-length past: a plain forward pass.
-        self.past = [
-            (i.name, i.shape, ORT_TYPES.get(i.type, "float32"))
-            for i in declared
-            if i.name.startswith(PAST_PREFIX)
-        ]
+        self.past = past_inputs(self.session)
         self.inputs = [
             (i.name, ORT_TYPES.get(i.type, "float32")) for i in declared if not i.name.startswith(PAST_PREFIX)
         ]

@@ -122,23 +122,22 @@ def verify_decode_step(
     """Prefill the batch in torch and in ONNX Runtime, feed both the same next token, and compare the
     step's logits and the grown cache; fails when the graph's cache path is wrong."""
     import numpy as np
-    import onnxruntime as ort
     import torch
     from transformers import DynamicCache
 
     from studio.evaluation.generation import cache_tensors
     from studio.evaluation.onnx_cache import empty_past
-    from studio.evaluation.runners import ORT_TYPES, session_options
+    from studio.evaluation.runners import open_session, past_inputs
 
-    session = ort.InferenceSession(
-        str(path), sess_options=session_options(), providers=["CPUExecutionProvider"]
-    )
-    declared = {i.name: i for i in session.get_inputs()}
+    session = open_session(path, device="cpu")
     ids = batch.inputs["input_ids"]
     mask = batch.inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
-    past_inputs = [(n, declared[n].shape, ORT_TYPES.get(declared[n].type, "float32")) for n in layout.inputs]
-    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(), **empty_past(past_inputs, len(ids))}
+    feeds = {
+        "input_ids": ids.numpy(),
+        "attention_mask": mask.numpy(),
+        **empty_past(past_inputs(session), len(ids)),
+    }
     prefill = session.run(None, feeds)
     cache = DynamicCache(config=module.config)
     with torch.no_grad():
