@@ -295,6 +295,44 @@ def check_generation(spec: EvaluateSpec, model: LoadedModel) -> list[str]:
     return []
 
 
+def check_generation_cache(recipe: Recipe, model: LoadedModel) -> list[tuple[int, str]]:
+    """An ONNX causal LM asked to generate must have its KV cache (export.onnx with_cache): without it
+    every new token recomputes the whole sequence, so its generation numbers would mean nothing."""
+    from studio.evaluation.onnx_cache import NO_CACHE_HOW, takes_past
+
+    if recipe.evaluate.generation is None or model.family != "causal-lm":
+        return []
+    exports = [i for i, s in enumerate(recipe.steps) if s.technique == "export.onnx"]
+    if exports:
+        i = exports[-1]
+        if not final_kind_is_onnx(recipe.steps[i + 1 :]):
+            return []  # a TensorRT engine (say) is built from the graph: its own runtime decides
+        if not recipe.steps[i].params.get("with_cache", False):
+            return [
+                (
+                    i,
+                    f"step {i + 1} (export.onnx): field 'with_cache': evaluate.generation measures the ONNX "
+                    "variant generating by itself, which needs its KV cache: set `with_cache: true`",
+                )
+            ]
+        return []
+    if stage_of(model) == "onnx" and not takes_past(model.input_names or ()):
+        problem = (
+            f"field 'evaluate.generation': this ONNX graph has no past key/values inputs; {NO_CACHE_HOW}"
+        )
+        return [(-1, problem)]
+    return []
+
+
+def final_kind_is_onnx(later: list[Step]) -> bool:
+    from studio.techniques.base import get_technique
+
+    try:
+        return all(get_technique(s.technique).output_kind == "onnx" for s in later)
+    except BadInput:  # an unknown technique: check_steps reports it
+        return False
+
+
 def plan(
     recipe: Recipe, model: LoadedModel | None = None, *, path: str | Path | None = None, trust: bool = False
 ) -> Plan:
@@ -312,6 +350,7 @@ def plan(
         model.family = recipe.task
     planned, problems = check_steps(recipe.steps, stage_of(model), model)
     problems += [(-1, p) for p in check_generation(recipe.evaluate, model)]
+    problems += check_generation_cache(recipe, model)
     if problems:
         raise BadInput(problems[0][1], path=path)
     kind = planned[-1].technique.output_kind if planned else stage_of(model)

@@ -4,8 +4,9 @@ replayed on it, then the saved weights loaded.
 A variant folder's config.json carries `studio_transforms`: one record per structure-changing technique
 applied (pruned heads, quantized layers, a dtype). Only the technique that wrote a record knows how to
 re-create that structure, and techniques sit above the checkpoints, so each technique registers its
-`restore` here (`studio.techniques.base.register` does it for every block). The entry points (CLI, worker,
-GUI) import `studio.techniques` first; a library user rebuilding a variant does the same.
+`restore` here (`studio.techniques.base.register` does it for every block). The built-in blocks are loaded
+by name the first time a record names a technique not registered yet, so every process that opens a variant
+folder (the CLI, the worker, the memory probe, a library user) rebuilds it alike.
 """
 
 from __future__ import annotations
@@ -29,6 +30,12 @@ def register_restorer(technique_id: str, restore: Restorer) -> None:
 
 
 def restorer(technique_id: str) -> Restorer:
+    if technique_id not in _RESTORERS:
+        # The blocks sit above the checkpoints (no static import of them here): load the built-in ones by
+        # name, as a plugin registry does, then look again.
+        import importlib
+
+        importlib.import_module("studio.techniques")
     if technique_id not in _RESTORERS:
         raise BadInput(f"unknown technique '{technique_id}' (known: {', '.join(sorted(_RESTORERS))})")
     return _RESTORERS[technique_id]

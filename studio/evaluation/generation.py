@@ -16,8 +16,9 @@ timed too). The same prompts, built from the evaluation data, are used for the b
   resident-memory growth of this process during it (memory freed by earlier work and reused is not
   counted, so it is a lower bound; the number is comparable between variants of the same run).
 
-ONNX graphs are measured only when they take past key/values; today's export.onnx writes causal LMs
-without the cache, so for them the metrics say that generation needs a cache-enabled export.
+ONNX graphs are measured when they take past key/values (export.onnx with `with_cache`), by the same
+timing over `OnnxGreedyLoop` (studio/evaluation/onnx_generation.py), the cache bytes read from the
+`present.*` arrays ONNX Runtime returns; a graph without the cache says how to export one.
 """
 
 from __future__ import annotations
@@ -35,10 +36,12 @@ if TYPE_CHECKING:
     import torch
 
     from studio.checkpoints.base import LoadedModel
+    from studio.evaluation.onnx_generation import OnnxGreedyLoop
 
 NO_CACHE_EXPORT = (
-    "generation metrics need a graph exported with past key/values inputs (a cache-enabled export); "
-    "this graph has none, so every new token would recompute the whole prompt: not measured"
+    "generation metrics need a graph exported with past key/values inputs (a cache-enabled export: "
+    "export.onnx with `with_cache: true`); this graph has none, so every new token would recompute the "
+    "whole prompt: not measured"
 )
 
 
@@ -87,6 +90,10 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 
 def cache_bytes(cache: Any) -> int:
+    if isinstance(cache, list):  # OnnxGreedyLoop's cache: the present arrays ONNX Runtime returned
+        from studio.evaluation.onnx_generation import array_bytes
+
+        return array_bytes(cache)
     from studio.evaluation.kv_quant import held_bytes, is_quantized_cache
 
     if is_quantized_cache(cache):  # codes, scales, norms and sketch bits besides the float window
@@ -175,24 +182,57 @@ class GreedyLoop:
         import torch
 
         with torch.inference_mode():
-            token, state = self.prefill(prompts)
-            out = [token]
-            for _ in range(new_tokens - 1):
-                token = self.step(token, state)
-                out.append(token)
-            self.step(token, state)
-        return torch.stack(out, dim=1).cpu(), state
+            tokens, state = greedy_run(self, prompts, new_tokens)
+        return tokens.cpu(), state
 
 
-def greedy_tokens(module: Any, family: str, prompts: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """The greedy new tokens of `module` after each prompt ([batch, new_tokens])."""
-    return GreedyLoop(module, family).generate(prompts, new_tokens)[0]
+def greedy_run(
+    loop: GreedyLoop | OnnxGreedyLoop, prompts: torch.Tensor, new_tokens: int
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Prefill, then steps until `new_tokens` tokens; the last token is fed too, so the state's cache
+    covers prompt + new tokens. Shared by the torch and the ONNX Runtime loop."""
+    import torch
+
+    token, state = loop.prefill(prompts)
+    out = [token]
+    for _ in range(new_tokens - 1):
+        token = loop.step(token, state)
+        out.append(token)
+    loop.step(token, state)
+    return torch.stack(out, dim=1), state
+
+
+def greedy_tokens(
+    module: Any, family: str, prompts: torch.Tensor, new_tokens: int, kind: str = "torch"
+) -> torch.Tensor:
+    """The greedy new tokens of `module` (an ONNX file with kind "onnx") after each prompt ([batch,
+    new_tokens])."""
+    return greedy_loop(kind, module, family).generate(prompts, new_tokens)[0]
+
+
+def greedy_loop(kind: str, target: Any, family: str) -> GreedyLoop | OnnxGreedyLoop:
+    """The greedy loop of a runnable: a torch module, or an ONNX graph with a KV cache (any other kind, or
+    a graph without the cache, raises BadInput saying why)."""
+    if kind == "torch":
+        return GreedyLoop(target, family)
+    if kind != "onnx":
+        raise BadInput(f"generation metrics are measured for torch and ONNX variants only, not {kind}")
+    reason = _onnx_reason(target, family)
+    if reason:
+        raise BadInput(reason)
+    import torch
+
+    from studio.evaluation.onnx_generation import OnnxGreedyLoop
+
+    return OnnxGreedyLoop(target, threads=torch.get_num_threads())
 
 
 # ------------------------------------------------------------------------------------------------ timing
 
 
-def _decode_samples(loop: GreedyLoop, prompts: Any, new_tokens: int, policy: TimingPolicy) -> list[float]:
+def _decode_samples(
+    loop: GreedyLoop | OnnxGreedyLoop, prompts: Any, new_tokens: int, policy: TimingPolicy
+) -> list[float]:
     """Milliseconds of every decode step of complete greedy runs: one warm-up run, then runs until the
     policy has enough steps and time (a run is never cut short, so late steps count as often as early)."""
     import torch
@@ -228,7 +268,7 @@ def _percentiles(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if k != "throughput_per_s"}
 
 
-def _peak_memory_mb(loop: GreedyLoop, prompts: Any, new_tokens: int) -> float:
+def _peak_memory_mb(loop: GreedyLoop | OnnxGreedyLoop, prompts: Any, new_tokens: int) -> float:
     import torch
 
     if loop.device.type == "cuda":
@@ -261,17 +301,9 @@ def measure_generation(
 
     log = log or (lambda level, message: None)
     out: dict[str, Any] = {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens}
-    if kind == "onnx":
-        out["unavailable"] = _onnx_reason(target)
-        log("warning", out["unavailable"])
-        return out
-    if kind != "torch":
-        out["unavailable"] = f"generation metrics are measured for torch variants only, not {kind}"
-        log("warning", out["unavailable"])
-        return out
     policy = policy or TimingPolicy()
     try:
-        loop = GreedyLoop(target, model.family)
+        loop = greedy_loop(kind, target, model.family if model is not None else "causal-lm")
     except BadInput as exc:  # the variant is built already: say why, rather than lose the whole run
         out["unavailable"] = exc.problem
         log("warning", out["unavailable"])
@@ -306,13 +338,17 @@ def measure_generation(
     return out
 
 
-def _onnx_reason(path: Any) -> str:
+def _onnx_reason(path: Any, family: str) -> str | None:
+    """Why an ONNX graph cannot be measured, or None when it can (a causal LM graph with a KV cache)."""
     from studio.checkpoints.onnx_graph import load_onnx_graph
+    from studio.evaluation.onnx_cache import takes_past
 
     names = [i.name for i in load_onnx_graph(path).graph.input]
-    if any(name.startswith("past") for name in names):
+    if not takes_past(names):
+        return NO_CACHE_EXPORT
+    if family != "causal-lm":
         return (
-            "this graph takes past key/values, but generating with an ONNX cache is not implemented here "
-            "yet: not measured"
+            f"generating with an ONNX cache is implemented for causal-lm graphs, not {family} ones: "
+            "not measured"
         )
-    return NO_CACHE_EXPORT
+    return None

@@ -374,14 +374,20 @@ def lm_perplexity(runner: Runner, model: LoadedModel, ids: Any, seq_len: int) ->
 
 
 def generation_quality(
-    base_module: Any, var_module: Any, model: LoadedModel, examples: Sequence[Example], spec: Any
+    base_module: Any,
+    var_module: Any,
+    model: LoadedModel,
+    examples: Sequence[Example],
+    spec: Any,
+    kind: str = "torch",
 ) -> float:
-    """generation_match of two torch modules on the generation prompts (up to 8 of them)."""
+    """generation_match of a variant (a torch module, or an ONNX graph with a KV cache for kind "onnx")
+    against the torch baseline on the generation prompts (up to 8 of them)."""
     from studio.evaluation.generation import generation_prompts, greedy_tokens
 
     prompts = generation_prompts(model, examples, min(8, max(1, len(examples))), spec.prompt_tokens)
     base = greedy_tokens(base_module, model.family, prompts, spec.new_tokens)
-    var = greedy_tokens(var_module, model.family, prompts, spec.new_tokens)
+    var = greedy_tokens(var_module, model.family, prompts, spec.new_tokens, kind)
     return generation_match(base, var)
 
 
@@ -426,8 +432,11 @@ def evaluate_variant(
         var_q["perplexity"] = lm_perplexity(runner, model, ids, seq)
         base_q["perplexity"] = lm_perplexity(base_runner, model, ids, seq)
     gen = recipe.evaluate.generation
-    if gen is not None and kind == "torch" and base_kind == "torch" and model.family == "causal-lm":
-        var_q["generation_match"] = generation_quality(model.module, runner.module, model, examples, gen)
+    # an ONNX graph generates only with its cache inputs (OnnxRunner.past); without them, no match to report
+    generates = kind == "torch" or (kind == "onnx" and bool(getattr(runner, "past", None)))
+    if gen is not None and generates and base_kind == "torch" and model.family == "causal-lm":
+        var = runner.module if kind == "torch" else target
+        var_q["generation_match"] = generation_quality(model.module, var, model, examples, gen, kind)
         base_q["generation_match"] = 1.0
     metrics["quality"] = var_q
     metrics["baseline_quality"] = base_q

@@ -19,6 +19,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from studio.errors import BadInput, Unavailable
+from studio.evaluation.onnx_cache import PAST_PREFIX, empty_past
 from studio.families import Batch, Family, Seq2Seq, family_for
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def graph_feeds(
     return feeds
 
 
-_ORT_TYPES = {
+ORT_TYPES = {
     "tensor(int64)": "int64",
     "tensor(int32)": "int32",
     "tensor(float)": "float32",
@@ -180,6 +181,27 @@ def providers_for(device: str | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def open_session(path: Path, threads: int | None = None, device: str | None = None) -> Any:
+    """An onnxruntime session with the measuring options; a graph it cannot load is BadInput."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(
+            str(path), sess_options=session_options(threads), providers=providers_for(device)
+        )
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=path) from exc
+
+
+def past_inputs(session: Any) -> list[tuple[str, list[Any], str]]:
+    """A session's KV-cache inputs (export.onnx with_cache) as [(name, declared shape, numpy dtype)]."""
+    return [
+        (i.name, list(i.shape), ORT_TYPES.get(i.type, "float32"))
+        for i in session.get_inputs()
+        if i.name.startswith(PAST_PREFIX)
+    ]
+
+
 class OnnxRunner:
     """An onnxruntime session: declared inputs fed from the batch, output 0 through `family.from_primary`."""
 
@@ -191,19 +213,17 @@ class OnnxRunner:
         threads: int | None = None,
         device: str | None = None,
     ) -> None:
-        import onnxruntime as ort
-
         from studio.checkpoints.onnx_graph import read_metadata
 
         self.path = Path(path)
         metadata = read_metadata(self.path)
-        try:
-            self.session = ort.InferenceSession(
-                str(self.path), sess_options=session_options(threads), providers=providers_for(device)
-            )
-        except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-            raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=self.path) from exc
-        self.inputs = [(i.name, _ORT_TYPES.get(i.type, "float32")) for i in self.session.get_inputs()]
+        self.session = open_session(self.path, threads, device)
+        declared = self.session.get_inputs()
+        # A cache graph (export.onnx with_cache) is fed a zero-length past: a plain forward pass.
+        self.past = past_inputs(self.session)
+        self.inputs = [
+            (i.name, ORT_TYPES.get(i.type, "float32")) for i in declared if not i.name.startswith(PAST_PREFIX)
+        ]
         self.output = self.session.get_outputs()[0].name
         self.family = family_for(model)
         self.config = graph_config(model, metadata)
@@ -212,5 +232,7 @@ class OnnxRunner:
         import torch
 
         feeds = graph_feeds(batch, self.inputs, self.family, self.config)
+        if self.past:
+            feeds.update(empty_past(self.past, len(next(iter(feeds.values())))))
         (primary,) = self.session.run([self.output], feeds)
         return self.family.from_primary(torch.from_numpy(primary), batch).float()

@@ -31,6 +31,7 @@ from studio.checkpoints.onnx_graph import (
     set_metadata,
 )
 from studio.errors import BadInput
+from studio.evaluation.onnx_cache import LAYOUT_KEY
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
 
 if TYPE_CHECKING:
@@ -57,6 +58,11 @@ class ExportOnnxParams(Params):
     )
     dynamic_axes: bool = Field(
         True, description="dynamic batch and sequence axes (off: the graph only takes the traced shapes)"
+    )
+    with_cache: bool = Field(
+        False,
+        description="causal LMs: also take past_key_values.{i}.key/value inputs and return present.{i}.key/"
+        "value outputs, so ONNX Runtime generates with a KV cache (needed for generation metrics)",
     )
     verify: bool = Field(
         True, description="run torch and ONNX Runtime on calibration examples and compare the outputs"
@@ -88,9 +94,18 @@ class ExportOnnx(Technique):
     output_kind = "onnx"
     description = (
         "Exports the model to an ONNX graph whose output is what the studio compares (last hidden state "
-        "or logits; no KV cache), with dynamic batch and sequence axes, and checks it against torch."
+        "or logits; with_cache adds a causal LM's KV cache), with dynamic batch and sequence axes, and "
+        "checks it against torch."
     )
     Params = ExportOnnxParams
+
+    def check(self, params: ExportOnnxParams, model: LoadedModel) -> None:  # type: ignore[override]
+        from studio.techniques.onnx.export_cache import CACHE_FAMILIES
+
+        if params.with_cache and model.family not in CACHE_FAMILIES:
+            raise BadInput(
+                f"field 'with_cache': a KV-cache export is written for causal-lm models, not {model.family}"
+            )
 
     def run(self, state: StageState, params: ExportOnnxParams, ctx: RunContext) -> StageState:  # type: ignore[override]
         import torch
@@ -123,6 +138,14 @@ class ExportOnnx(Technique):
         trace_batch = sub_batch(batch, [0, 1])
         names = input_names(family, trace_batch)
         trace_args = tuple(example_feeds(trace_batch, names, model))
+        layout = None
+        if params.with_cache:
+            from studio.techniques.onnx import export_cache
+
+            self.check(params, model)
+            layout = export_cache.cache_layout(module)
+            names = export_cache.input_names(layout)
+            trace_args = export_cache.trace_args(trace_batch, layout, next(module.parameters()).dtype)
 
         # Eager attention: ONNX Runtime's fusions recognise its pattern (not SDPA's), and the TorchScript
         # exporter's SDPA translation computes half-precision attention in float32, giving an invalid graph.
@@ -139,9 +162,16 @@ class ExportOnnx(Technique):
                         else " (the TorchScript exporter's SDPA translation breaks half-precision graphs)"
                     )
                 )
-            wrapper = primary_wrapper(module, family, names)
             ctx.progress(0.15, f"exporting with the {params.exporter} exporter")
-            export_graph(wrapper, trace_args, names, family, params, out_dir, path)
+            if layout is None:
+                export_graph(
+                    primary_wrapper(module, family, names), trace_args, names, family, params, out_dir, path
+                )
+            else:
+                dims = export_cache.dynamic_dims(layout)
+                outputs = export_cache.output_names(layout)
+                wrapper = export_cache.cache_wrapper(module, layout)
+                export_graph(wrapper, trace_args, names, family, params, out_dir, path, outputs, dims)
         seconds = time.perf_counter() - start
         ctx.metric("export_seconds", seconds)
         if params.exporter == "dynamo" and "onnx.optimize" in ctx.later_steps:
@@ -153,6 +183,8 @@ class ExportOnnx(Technique):
 
         props = metadata_for(model, info, params)
         props["studio.weight_names"] = json.dumps(weight_names(module, path), sort_keys=True)
+        if layout is not None:
+            props[LAYOUT_KEY] = layout.to_metadata()
         set_metadata(path, props)
         copy_model_side_files(model, out_dir)
         size = onnx_size(path)
@@ -166,7 +198,12 @@ class ExportOnnx(Technique):
 
         if params.verify:
             ctx.progress(0.7, "verifying against torch")
-            verify_export(module, path, model, family, batch, dtype, params.atol, ctx)
+            diff = verify_export(module, path, model, family, batch, dtype, params.atol, ctx)
+            if layout is not None:  # the prefill is checked above (a zero-length past); now one decode step
+                tolerance = max(params.atol, diff)
+                export_cache.verify_decode_step(
+                    module, path, sub_batch(batch, [0, 1]), layout, tolerance, ctx
+                )
         ctx.progress(1.0, "exported")
         info["onnx_exporter"] = params.exporter
         info["torch_transforms"] = [r.get("technique") for r in state.transforms]
@@ -332,16 +369,23 @@ def export_graph(
     params: ExportOnnxParams,
     out_dir: Path,
     path: Path,
+    outputs: list[str] | None = None,
+    dims: dict[str, dict[int, str]] | None = None,
 ) -> None:
-    """Export into a scratch folder, then keep one `model.onnx` (+ one `model.onnx.data` over 2 GB)."""
+    """Export into a scratch folder, then keep one `model.onnx` (+ one `model.onnx.data` over 2 GB).
+
+    `outputs` and `dims` (named dynamic axes of every input and output) replace the family's one output
+    and its axes: the KV-cache graph has many of each."""
     import torch
 
     scratch = out_dir / "_export"
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir()
     target = scratch / "model.onnx"
-    out = output_name(family)
-    in_dims, out_dims = dynamic_dims(family, names)
+    if outputs is None or dims is None:
+        out = output_name(family)
+        in_dims, out_dims = dynamic_dims(family, names)
+        outputs, dims = [out], {**in_dims, out: out_dims}
     weight_bytes = sum(p.numel() * p.element_size() for p in wrapper.parameters())
     captured = io.StringIO()
     try:
@@ -355,9 +399,9 @@ def export_graph(
                     str(target),
                     dynamo=False,
                     input_names=names,
-                    output_names=[out],
+                    output_names=outputs,
                     opset_version=params.opset,
-                    dynamic_axes={**in_dims, out: out_dims} if params.dynamic_axes else None,
+                    dynamic_axes=dims if params.dynamic_axes else None,
                     do_constant_folding=True,
                 )
             else:
@@ -366,14 +410,14 @@ def export_graph(
                     from torch.export import Dim
 
                     # one entry: the wrapper's *args parameter, a tuple of per-input dims
-                    shapes = (tuple({i: Dim.DYNAMIC for i in in_dims[n]} for n in names),)
+                    shapes = (tuple({i: Dim.DYNAMIC for i in dims[n]} for n in names),)
                 program = torch.onnx.export(
                     wrapper,
                     args,
                     None,
                     dynamo=True,
                     input_names=names,
-                    output_names=[out],
+                    output_names=outputs,
                     opset_version=params.opset,
                     dynamic_shapes=shapes,
                     verbose=False,

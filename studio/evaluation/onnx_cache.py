@@ -1,0 +1,79 @@
+"""The KV-cache interface of the ONNX graphs export.onnx writes for causal LMs with `with_cache`.
+
+Inputs `input_ids` [batch, sequence], `attention_mask` [batch, past + sequence] and, per layer,
+`past_key_values.{i}.key` / `.value` [batch, kv_heads, past_sequence, head_dim]; outputs `logits` (always
+output 0, so every runner that reads the first output reads the logits) and `present.{i}.key` / `.value`
+[batch, kv_heads, past_sequence + sequence, head_dim]. These are the names ONNX Runtime's transformer
+tools and onnxruntime-genai expect. A zero-length past makes the same graph a plain forward pass, which is
+how quality and latency runners feed it.
+
+The layout (layers, kv heads, head dim, names) is also stored in the graph's metadata under
+`studio.kv_cache`, so what the cache holds is known without running the graph.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+PAST_PREFIX = "past_key_values."
+PRESENT_PREFIX = "present."
+LAYOUT_KEY = "studio.kv_cache"
+PARTS = ("key", "value")
+
+NO_CACHE_HOW = (
+    "export the torch model with export.onnx and `with_cache: true` (past key/values inputs, present "
+    "outputs) to generate with ONNX Runtime"
+)
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"{PAST_PREFIX}{i}.{part}" for i in range(layers) for part in PARTS]
+
+
+def present_names(layers: int) -> list[str]:
+    return [f"{PRESENT_PREFIX}{i}.{part}" for i in range(layers) for part in PARTS]
+
+
+def takes_past(input_names: Sequence[str]) -> bool:
+    return any(name.startswith(PAST_PREFIX) for name in input_names)
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """What one position of one sequence holds in the cache: layers x (key, value) x kv_heads x head_dim."""
+
+    layers: int
+    kv_heads: int
+    head_dim: int
+    dtype: str = "float32"
+
+    @property
+    def inputs(self) -> list[str]:
+        return past_names(self.layers)
+
+    @property
+    def outputs(self) -> list[str]:
+        return present_names(self.layers)
+
+    def to_metadata(self) -> str:
+        return json.dumps({**asdict(self), "inputs": self.inputs, "outputs": self.outputs}, sort_keys=True)
+
+    @classmethod
+    def from_metadata(cls, raw: str) -> CacheLayout:
+        data = json.loads(raw)
+        return cls(int(data["layers"]), int(data["kv_heads"]), int(data["head_dim"]), str(data["dtype"]))
+
+
+def empty_past(past_inputs: Sequence[tuple[str, Sequence[Any], str]], batch_size: int) -> dict[str, Any]:
+    """Zero-length past tensors for a graph's cache inputs [(name, declared shape, numpy dtype)]: the
+    batch axis set, the symbolic past-length axis 0, the fixed axes (kv heads, head dim) as declared."""
+    import numpy as np
+
+    feeds: dict[str, Any] = {}
+    for name, shape, dtype in past_inputs:
+        dims = [batch_size if k == 0 else (d if isinstance(d, int) else 0) for k, d in enumerate(shape)]
+        feeds[name] = np.zeros(dims, dtype=dtype)
+    return feeds
