@@ -80,7 +80,7 @@ class ExportOnnxParams(Params):
 
 
 @register
-class ExportOnnx(Technique):
+class ExportOnnx(Technique[ExportOnnxParams]):
     id = "export.onnx"
     title = "Export to ONNX"
     category = "export"
@@ -92,7 +92,7 @@ class ExportOnnx(Technique):
     )
     Params = ExportOnnxParams
 
-    def run(self, state: StageState, params: ExportOnnxParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: ExportOnnxParams, ctx: RunContext) -> StageState:
         import torch
 
         from studio.families import family_for

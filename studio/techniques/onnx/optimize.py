@@ -75,7 +75,7 @@ class OptimizeParams(Params):
 
 
 @register
-class OnnxOptimize(Technique):
+class OnnxOptimize(Technique[OptimizeParams]):
     id = "onnx.optimize"
     title = "ONNX Runtime graph fusion"
     category = "graph"
@@ -87,7 +87,7 @@ class OnnxOptimize(Technique):
     )
     Params = OptimizeParams
 
-    def run(self, state: StageState, params: OptimizeParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: OptimizeParams, ctx: RunContext) -> StageState:
         import onnxruntime as ort
 
         frame = GraphPass.open(state, ctx, "optimize", technique=self.id)
