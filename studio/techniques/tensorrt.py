@@ -447,7 +447,7 @@ class ExportTensorRT(Technique[TensorRTParams]):
     @staticmethod
     def _to_float16(path: Path, out_dir: Path) -> Path:
         import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16  # type: ignore[import]
+        from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = onnx.load(str(path))
         converted = convert_float_to_float16(model, keep_io_types=True)

@@ -231,7 +231,12 @@ def attention_shape(config: Any, state: StageState, params: OptimizeParams) -> t
     config_heads = _first_attr(config, "num_attention_heads", "n_head", "encoder_attention_heads")
     config_hidden = _first_attr(config, "hidden_size", "n_embd", "d_model")
     counts = pruned_head_counts(state)
-    even = bool(counts) and len(set(counts)) == 1 and config_heads > 0 and config_hidden % config_heads == 0
+    even = (
+        counts is not None
+        and len(set(counts)) == 1
+        and config_heads > 0
+        and config_hidden % config_heads == 0
+    )
     heads = params.num_heads
     if heads is None:
         heads = config_heads if counts is None else (counts[0] if even else 0)
