@@ -107,7 +107,7 @@ class Technique(Generic[P]):
         # A ClassVar cannot hold a type variable, so the checker sees a plain attribute (read on the class).
         Params: type[P]
     else:
-        Params = NoParams
+        Params = NoParams  # a technique without parameters need not set it
     # Families the technique applies to; None means every family.
     families: ClassVar[tuple[str, ...] | None] = None
     # Parameters a new block starts with in the editor, when the Params defaults alone do not validate.
