@@ -165,14 +165,14 @@ def summarise_bench(
         lat = rows.get(name, {}).get("latency_ms", {}).get(str(b))
         return lat["p50"] if lat else None
 
+    def ratio(top: float | None, bottom: float | None) -> float | None:
+        return top / bottom if top and bottom else None
+
     for name, row in rows.items():
         if "latency_ms" not in row:
             continue
         for ref_name, key in ((REFERENCE, "speedup_vs_fp32"), (USUAL_INT8, "speedup_vs_usual_int8")):
-            row[key] = {
-                str(b): (p50(ref_name, b) / p50(name, b)) if p50(ref_name, b) and p50(name, b) else None
-                for b in batch_sizes
-            }
+            row[key] = {str(b): ratio(p50(ref_name, b), p50(name, b)) for b in batch_sizes}
         row["targets"] = check_targets(name, row, rows.get(REFERENCE, {}))
     return {
         "model": "builtin:minilm",

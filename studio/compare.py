@@ -146,7 +146,7 @@ def layer_differences(
 ) -> dict[str, Any]:
     """Per-layer differences of the tensors present in both: relative L2 change, max abs change, sparsity
     before and after; shape changes (pruning) and layers present in one only are listed."""
-    layers = []
+    layers: list[dict[str, Any]] = []
     for name, ra in a_refs.items():
         rb = b_refs.get(name)
         if rb is None or ra.numel < 2:

@@ -19,6 +19,8 @@ class StudioError(Exception):
 
     kind = "error"
     exit_code = 1
+    # The pipeline step (index) that raised it, set by the pipeline so the worker's error event names it.
+    step: int | None = None
 
     def __init__(self, problem: str, *, path: str | Path | None = None) -> None:
         self.problem = problem

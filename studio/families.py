@@ -42,6 +42,7 @@ def accepted_inputs(model: LoadedModel) -> tuple[str, ...]:
         params = inspect.signature(model.module.forward).parameters
     except (TypeError, ValueError):
         return TEXT_INPUTS
+    names: tuple[str, ...]
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and "input_ids" not in params:
         names = TEXT_INPUTS
     else:
@@ -274,6 +275,8 @@ class Seq2Seq(Family):
         """Teacher-forcing decoder inputs: the labels shifted right behind the decoder start token
         (what the model computes internally from `labels`; an exported graph takes them explicitly)."""
         labels = batch.labels
+        if labels is None:
+            raise BadInput("a seq2seq batch without target token ids (labels) has no decoder inputs")
         start = (
             config.decoder_start_token_id
             if config.decoder_start_token_id is not None

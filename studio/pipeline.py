@@ -387,7 +387,7 @@ def execute_steps(plan_: Plan, workdir: Path, calibration: list[Any], sink: Sink
         try:
             state = planned.technique.run(state, planned.params, ctx)
         except (BadInput, Unavailable) as exc:
-            exc.step = planned.index  # type: ignore[attr-defined]
+            exc.step = planned.index
             raise
         elapsed = time.perf_counter() - started
         step_times.append(elapsed)

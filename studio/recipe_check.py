@@ -20,6 +20,7 @@ import threading
 import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel
@@ -53,6 +54,11 @@ UNKNOWN = ModelLayout(None, None)
 
 _CACHE: dict[int, tuple[weakref.ref, ModelLayout]] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def _forget(key: int, _ref: weakref.ref) -> None:
+    """Drop a model's cached layout once the model is garbage collected (ids are reused)."""
+    _CACHE.pop(key, None)
 
 
 def _layout_of_module(module: Any) -> ModelLayout:
@@ -104,7 +110,7 @@ def model_layout(model: LoadedModel) -> ModelLayout:
             return hit[1]
     layout = _compute_layout(model)
     with _CACHE_LOCK:
-        _CACHE[key] = (weakref.ref(model, lambda _ref, k=key: _CACHE.pop(k, None)), layout)
+        _CACHE[key] = (weakref.ref(model, partial(_forget, key)), layout)
     return layout
 
 

@@ -64,7 +64,7 @@ def run_job(data: dict[str, Any], out: IO[str]) -> int:
         sink(Done(result))
         return 0
     except StudioError as exc:
-        sink(Error(exc.kind, exc.message, getattr(exc, "step", None)))
+        sink(Error(exc.kind, exc.message, exc.step))
         return exc.exit_code
     except Exception as exc:  # a full disk, or a bug: reported, never a silent death
         full = disk_full_error(exc, "the run's files")

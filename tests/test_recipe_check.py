@@ -116,7 +116,16 @@ def test_run_refuses_heads_the_model_lacks_before_a_worker_starts(tmp_path):
         encoding="utf-8",
     )
     proc = subprocess.run(
-        [sys.executable, "-m", "studio", "run", str(recipe), "--dry-run", "--workspace", str(tmp_path / "ws")],
+        [
+            sys.executable,
+            "-m",
+            "studio",
+            "run",
+            str(recipe),
+            "--dry-run",
+            "--workspace",
+            str(tmp_path / "ws"),
+        ],
         capture_output=True,
         text=True,
         timeout=300,

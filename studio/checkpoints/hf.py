@@ -108,7 +108,8 @@ def architecture_name(config: Any, path: Path) -> str:  # config: a PretrainedCo
 _IMPORT_LOCK = threading.Lock()
 
 
-def model_class(config: Any, path: Path) -> type:
+def model_class(config: Any, path: Path) -> Any:
+    """The transformers model class config.json names (Any: it is looked up by name at run time)."""
     import transformers
 
     name = architecture_name(config, path)
@@ -176,7 +177,7 @@ def sentence_transformers_pooling(path: Path) -> tuple[str | None, bool]:
     return pooling, normalize
 
 
-def load_pretrained(cls: type, path: Path) -> Any:
+def load_pretrained(cls: Any, path: Path) -> Any:
     """Instantiate the model offline; failures name the folder instead of a transformers traceback."""
     from transformers.utils import logging as hf_logging
 

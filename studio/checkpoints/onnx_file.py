@@ -156,9 +156,11 @@ def iter_onnx_tensors(path: Path) -> Iterator[TensorRef]:
         scale = inits.get(stem + "_scale") if stem != init.name and stem in names else None
         entry = names.get(stem if scale is not None else init.name)
         if entry is None:
-            yield TensorRef(
-                name=init.name, shape=dims, dtype=dtype, load=lambda init=init: _tensor(array_of(init))
-            )
+
+            def plain(init: Any = init) -> Any:
+                return _tensor(array_of(init))
+
+            yield TensorRef(name=init.name, shape=dims, dtype=dtype, load=plain)
             continue
 
         def raw(init: Any = init, scale: Any = scale) -> Any:

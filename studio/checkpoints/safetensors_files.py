@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,10 +204,8 @@ def iter_safetensors(files: list[Path]) -> Iterator[TensorRef]:
                 name=name,
                 shape=tuple(info["shape"]),
                 dtype=_DTYPES.get(info["dtype"], info["dtype"].lower()),
-                load=lambda f=lazy, n=name: f.tensor(n),
-                load_rows=(lambda a, b, i=info, p=path, d=data_start: _read_rows(p, d, i, a, b))
-                if known
-                else None,
+                load=partial(lazy.tensor, name),
+                load_rows=partial(_read_rows, path, data_start, info) if known else None,
             )
 
 

@@ -89,7 +89,7 @@ def _tensor_refs(tensors: dict[str, Any]) -> Iterator[TensorRef]:
             name=name,
             shape=tuple(t.shape),
             dtype=str(t.dtype).removeprefix("torch."),
-            load=lambda t=t: t.detach(),
+            load=t.detach,
         )
 
 

@@ -41,14 +41,14 @@ def restorer(technique_id: str) -> Restorer:
     return _RESTORERS[technique_id]
 
 
-def build_variant_module(cls: type, path: Path, config: Any) -> Any:
+def build_variant_module(cls: Any, path: Path, config: Any) -> Any:
     """Architecture from the config, structure records replayed, then the saved weights loaded."""
     import torch
 
     from studio.checkpoints.torch_files import load_weights_only
 
     records = list(getattr(config, TRANSFORMS_KEY, None) or [])
-    module = cls._from_config(config)  # type: ignore[attr-defined]  # a transformers model class
+    module = cls._from_config(config)  # cls: a transformers model class
     for record in records:
         module = restorer(record["technique"])(module, record)
     if (path / "model.safetensors").is_file():

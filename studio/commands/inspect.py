@@ -36,7 +36,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         )
         bar.done()
 
-    dominant = max(summary.params_by_dtype, key=summary.params_by_dtype.get, default=None)
+    dominant = max(summary.params_by_dtype, key=lambda d: summary.params_by_dtype[d], default=None)
     info = {
         **model.summary_dict(),
         "parameters": summary.parameters,

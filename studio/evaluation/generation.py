@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from studio.errors import BadInput
@@ -110,6 +110,7 @@ class GreedyLoop:
         self.module = module
         self.seq2seq = family == "seq2seq"
         config = getattr(module, "config", None)
+        params: Mapping[str, inspect.Parameter]
         try:
             params = inspect.signature(module.forward).parameters
         except (TypeError, ValueError):

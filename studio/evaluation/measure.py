@@ -16,6 +16,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,15 @@ def runner_for(kind: str, target: Any, model: LoadedModel, threads: int | None =
     from studio.evaluation.runners import make_runner
 
     return make_runner(kind, model, artifact=target, threads=threads)
+
+
+def module_of(runner: Runner) -> Any:
+    """The torch module a torch runner runs: generation drives the module itself, not the runner."""
+    from studio.evaluation.runners import TorchRunner
+
+    if not isinstance(runner, TorchRunner):
+        raise TypeError(f"{type(runner).__name__} runs no torch module")
+    return runner.module
 
 
 def set_threads(threads: int | None) -> int:
@@ -128,7 +138,7 @@ def measure_interleaved(
         sink(
             Progress(step, 0.3 + 0.6 * k / len(sizes), f"timing batch {b}: {' and '.join(runners)} in turns")
         )
-        samples = time_interleaved({label: (lambda r=r, x=batch: r(x)) for label, r in runners.items()})
+        samples = time_interleaved({label: partial(r, batch) for label, r in runners.items()})
         for label, times in samples.items():
             stats = flag_wide_ci(summarise(times, b))
             out[label]["latency_ms"][str(b)] = stats
@@ -435,7 +445,7 @@ def evaluate_variant(
     # an ONNX graph generates only with its cache inputs (OnnxRunner.past); without them, no match to report
     generates = kind == "torch" or (kind == "onnx" and bool(getattr(runner, "past", None)))
     if gen is not None and generates and base_kind == "torch" and model.family == "causal-lm":
-        var = runner.module if kind == "torch" else target
+        var = module_of(runner) if kind == "torch" else target
         var_q["generation_match"] = generation_quality(model.module, var, model, examples, gen, kind)
         base_q["generation_match"] = 1.0
     metrics["quality"] = var_q
@@ -450,7 +460,7 @@ def evaluate_variant(
         metrics.update(timed["variant"])
         metrics["baseline_latency_ms"] = timed["original"]["latency_ms"]  # the same minutes, in turns
     if gen is not None:
-        module_or_file = runner.module if kind == "torch" else target
+        module_or_file = module_of(runner) if kind == "torch" else target
         metrics["generation"] = generation_metrics(
             kind, module_or_file, model, recipe, examples, sink, "variant", step
         )

@@ -73,8 +73,8 @@ class QualityAccumulator:
                 self._add(name, float((nll * m).sum()), float(m.sum()))
             self._token_metrics(base, var, mask, n)
         elif self.family == "seq2seq":
-            mask = (batch.labels != -100).float() if batch.labels is not None else None
-            self._token_metrics(base, var, mask, n)
+            targets = (batch.labels != -100).float() if batch.labels is not None else None
+            self._token_metrics(base, var, targets, n)
         else:
             diff = (base - var).flatten(1).pow(2).mean(1).sqrt()
             self.per_example += (-diff).tolist()
@@ -112,9 +112,10 @@ class QualityAccumulator:
         if self._mean("accuracy") is not None:
             var["accuracy"] = self._mean("accuracy")
             base["accuracy"] = self._mean("baseline_accuracy")
-        if self._mean("nll") is not None:
-            var["perplexity"] = math.exp(self._mean("nll"))
-            base["perplexity"] = math.exp(self._mean("baseline_nll"))
+        nll, baseline_nll = self._mean("nll"), self._mean("baseline_nll")
+        if nll is not None and baseline_nll is not None:  # added together, so both or neither
+            var["perplexity"] = math.exp(nll)
+            base["perplexity"] = math.exp(baseline_nll)
         return base, var
 
     def worst(self, k: int = 5) -> list[dict[str, Any]]:

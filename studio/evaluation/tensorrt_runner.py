@@ -64,7 +64,7 @@ def require_tensorrt() -> Any:
 
     if not torch.cuda.is_available():
         raise Unavailable(f"{NO_GPU} (torch.cuda.is_available() is False: no usable CUDA device)")
-    import tensorrt as trt  # type: ignore[import]
+    import tensorrt as trt
 
     return trt
 

@@ -152,7 +152,7 @@ class AWQParams(CalibratedWeightParams):
 
 
 @register
-class AWQ(Technique):
+class AWQ(Technique[AWQParams]):
     id = "quantize.awq"
     title = "AWQ INT4 / INT8"
     category = "quantization"
@@ -168,7 +168,7 @@ class AWQ(Technique):
     )
     Params = AWQParams
 
-    def check(self, params: AWQParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: AWQParams, model: LoadedModel) -> None:
         super().check(params, model)
         refuse_unbuildable(self.id, model)
         if model.module is not None:
@@ -192,7 +192,7 @@ class AWQ(Technique):
         check_widths(root, sel.chosen, p, self.id)
         return sel, prefix, blocks
 
-    def run(self, state: StageState, params: AWQParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: AWQParams, ctx: RunContext) -> StageState:
         import torch
 
         from studio.techniques import layerwise

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -37,6 +37,10 @@ class Params(BaseModel):
 
 class NoParams(Params):
     pass
+
+
+# A technique's own parameters class: `run` and `check` receive the validated instance of exactly it.
+P = TypeVar("P", bound=Params)
 
 
 @dataclass
@@ -86,8 +90,12 @@ class RunContext:
         return path
 
 
-class Technique:
-    """A pipeline block. Subclasses set the class attributes and implement `run`."""
+class Technique(Generic[P]):
+    """A pipeline block. Subclasses set the class attributes and implement `run`.
+
+    A subclass names its params class twice, `class Half(Technique[HalfParams])` and `Params = HalfParams`:
+    the first types `run`/`check`, the second is what the pipeline validates a step's params with.
+    """
 
     id: ClassVar[str]
     title: ClassVar[str]
@@ -95,7 +103,11 @@ class Technique:
     input_kind: ClassVar[str]
     output_kind: ClassVar[str]
     description: ClassVar[str] = ""
-    Params: ClassVar[type[Params]] = NoParams
+    if TYPE_CHECKING:
+        # A ClassVar cannot hold a type variable, so the checker sees a plain attribute (read on the class).
+        Params: type[P]
+    else:
+        Params = NoParams  # a technique without parameters need not set it
     # Families the technique applies to; None means every family.
     families: ClassVar[tuple[str, ...] | None] = None
     # Parameters a new block starts with in the editor, when the Params defaults alone do not validate.
@@ -105,14 +117,14 @@ class Technique:
         """(available, reason when not): e.g. TensorRT without an NVIDIA GPU."""
         return True, None
 
-    def check(self, params: Params, model: LoadedModel) -> None:
+    def check(self, params: P, model: LoadedModel) -> None:
         """Refuse (BadInput) before anything runs when the technique cannot apply to this model."""
         if self.families is not None and model.family not in self.families:
             raise BadInput(
                 f"{self.id} does not apply to {model.family} models (it applies to: {', '.join(self.families)})"
             )
 
-    def run(self, state: StageState, params: Params, ctx: RunContext) -> StageState:
+    def run(self, state: StageState, params: P, ctx: RunContext) -> StageState:
         raise NotImplementedError
 
     @classmethod

@@ -69,7 +69,7 @@ def compile_module(module: Any, mode: str, freezing: bool, dynamic: str) -> Any:
 
 
 @register
-class CompileInductor(Technique):
+class CompileInductor(Technique[CompileParams]):
     id = "compile.inductor"
     title = "torch.compile (Inductor)"
     category = "compile"
@@ -82,12 +82,12 @@ class CompileInductor(Technique):
     )
     Params = CompileParams
 
-    def check(self, params: CompileParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: CompileParams, model: LoadedModel) -> None:
         super().check(params, model)
         if model.format == "onnx":
             raise BadInput("compile.inductor compiles torch models; an ONNX graph runs in ONNX Runtime")
 
-    def run(self, state: StageState, params: CompileParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: CompileParams, ctx: RunContext) -> StageState:
         import time
 
         import torch

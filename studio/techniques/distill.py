@@ -207,7 +207,7 @@ def to_device(batch: Any, device: Any) -> Any:
 
 
 @register
-class Distill(Technique):
+class Distill(Technique[DistillParams]):
     id = "distill"
     title = "Distillation"
     category = "distillation"
@@ -219,7 +219,7 @@ class Distill(Technique):
     )
     Params = DistillParams
 
-    def run(self, state: StageState, params: DistillParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: DistillParams, ctx: RunContext) -> StageState:
         import torch
 
         from studio.families import FeatureExtraction, family_for

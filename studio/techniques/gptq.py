@@ -305,7 +305,7 @@ class GPTQParams(CalibratedWeightParams):
 
 
 @register
-class GPTQ(Technique):
+class GPTQ(Technique[GPTQParams]):
     id = "quantize.gptq"
     title = "GPTQ INT4 / INT8"
     category = "quantization"
@@ -321,7 +321,7 @@ class GPTQ(Technique):
     )
     Params = GPTQParams
 
-    def check(self, params: GPTQParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: GPTQParams, model: LoadedModel) -> None:
         super().check(params, model)
         refuse_unbuildable(self.id, model)
         if model.module is not None:
@@ -333,7 +333,7 @@ class GPTQ(Technique):
         check_widths(root, sel.chosen, p, self.id)
         return sel
 
-    def run(self, state: StageState, params: GPTQParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: GPTQParams, ctx: RunContext) -> StageState:
         from studio.techniques import layerwise
 
         p = params

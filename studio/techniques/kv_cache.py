@@ -84,7 +84,7 @@ def _attention_config(model: LoadedModel) -> Any:
 
 
 @register
-class KVCacheQuantize(Technique):
+class KVCacheQuantize(Technique[KVCacheParams]):
     id = "kv_cache.quantize"
     title = "KV-cache quantization"
     category = "quantization"
@@ -99,7 +99,7 @@ class KVCacheQuantize(Technique):
     )
     Params = KVCacheParams
 
-    def check(self, params: KVCacheParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: KVCacheParams, model: LoadedModel) -> None:
         super().check(params, model)
         if model.format in ("torchscript", "exported-program", "onnx"):
             raise BadInput(
@@ -109,7 +109,7 @@ class KVCacheQuantize(Technique):
 
         quantized_cache(_attention_config(model), params.spec())  # refuses layers it cannot hold
 
-    def run(self, state: StageState, params: KVCacheParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: KVCacheParams, ctx: RunContext) -> StageState:
         from studio.evaluation.kv_quant import quantized_cache
 
         module = state.module

@@ -238,7 +238,7 @@ def save_adapter(root: Any, config: Any, folder: Path) -> None:
 
 
 @register
-class Lora(Technique):
+class Lora(Technique[LoraParams]):
     id = "train.lora"
     title = "LoRA recovery"
     category = "distillation"
@@ -252,7 +252,7 @@ class Lora(Technique):
     )
     Params = LoraParams
 
-    def check(self, params: LoraParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: LoraParams, model: LoadedModel) -> None:
         super().check(params, model)
         if model.format in ("torchscript", "exported-program", "onnx"):
             raise BadInput(
@@ -266,7 +266,7 @@ class Lora(Technique):
                 self.id,
             )
 
-    def run(self, state: StageState, params: LoraParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: LoraParams, ctx: RunContext) -> StageState:
         import torch
         from peft.tuners.tuners_utils import BaseTunerLayer
 

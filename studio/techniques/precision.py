@@ -43,7 +43,7 @@ def _convert(module: Any, dtype_name: str) -> Any:
 
 
 @register
-class Half(Technique):
+class Half(Technique[HalfParams]):
     id = "precision.half"
     title = "Half precision"
     category = "precision"
@@ -55,12 +55,12 @@ class Half(Technique):
     )
     Params = HalfParams
 
-    def check(self, params: HalfParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: HalfParams, model: LoadedModel) -> None:
         super().check(params, model)
         if model.format == "onnx":
             raise BadInput("precision.half converts torch models; for an ONNX graph use onnx.half")
 
-    def run(self, state: StageState, params: HalfParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: HalfParams, ctx: RunContext) -> StageState:
         import torch
 
         module = state.module

@@ -142,7 +142,7 @@ def unwrap(root: Any, names: list[str]) -> None:
 
 
 @register
-class Qat(Technique):
+class Qat(Technique[QatParams]):
     id = "quantize.qat"
     title = "Quantization-aware training"
     category = "quantization"
@@ -157,11 +157,11 @@ class Qat(Technique):
     )
     Params = QatParams
 
-    def check(self, params: QatParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: QatParams, model: LoadedModel) -> None:
         super().check(params, model)
         refuse_unbuildable(self.id, model)
 
-    def run(self, state: StageState, params: QatParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: QatParams, ctx: RunContext) -> StageState:
         import torch
 
         from studio.techniques.distill import quantized_parts

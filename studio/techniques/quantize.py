@@ -165,7 +165,7 @@ class DynamicInt8Params(Params):
 
 
 @register
-class DynamicInt8(Technique):
+class DynamicInt8(Technique[DynamicInt8Params]):
     id = "quantize.dynamic_int8"
     title = "Dynamic INT8"
     category = "quantization"
@@ -180,11 +180,11 @@ class DynamicInt8(Technique):
     )
     Params = DynamicInt8Params
 
-    def check(self, params: DynamicInt8Params, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: DynamicInt8Params, model: LoadedModel) -> None:
         super().check(params, model)
         refuse_unbuildable(self.id, model)
 
-    def run(self, state: StageState, params: DynamicInt8Params, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: DynamicInt8Params, ctx: RunContext) -> StageState:
         from studio.techniques.quantized_layers import vnni_available
 
         p = params
@@ -294,7 +294,7 @@ def refuse_misfits(root: Any, names: list[str], p: WeightOnlyParams, technique: 
 
 
 @register
-class WeightOnly(Technique):
+class WeightOnly(Technique[WeightOnlyParams]):
     id = "quantize.weight_only"
     title = "Weight-only INT8 / INT4"
     category = "quantization"
@@ -310,7 +310,7 @@ class WeightOnly(Technique):
     )
     Params = WeightOnlyParams
 
-    def check(self, params: WeightOnlyParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: WeightOnlyParams, model: LoadedModel) -> None:
         super().check(params, model)
         refuse_unbuildable(self.id, model)
         p = params
@@ -335,7 +335,7 @@ class WeightOnly(Technique):
                     "is odd; use bits 8"
                 )
 
-    def run(self, state: StageState, params: WeightOnlyParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: WeightOnlyParams, ctx: RunContext) -> StageState:
         p = params
         root = state.module
         scheme = {"bits": p.bits, "group_size": p.group_size, "symmetric": p.symmetric}

@@ -350,7 +350,7 @@ class WeightOnlyEmbedding(WeightOnlyLinear):
     def embedding_dim(self) -> int:
         return self.in_features
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         rows = self.dequantize(self.scales.dtype, rows=ids.reshape(-1))
         return rows.reshape(*ids.shape, self.in_features)
 

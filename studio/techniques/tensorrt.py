@@ -233,7 +233,7 @@ class _Built:
 
 
 @register
-class ExportTensorRT(Technique):
+class ExportTensorRT(Technique[TensorRTParams]):
     id = "export.tensorrt"
     title = "TensorRT engine"
     category = "export"
@@ -248,7 +248,7 @@ class ExportTensorRT(Technique):
     def availability(self) -> tuple[bool, str | None]:
         return tensorrt_availability()
 
-    def run(self, state: StageState, params: TensorRTParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: TensorRTParams, ctx: RunContext) -> StageState:
         trt = require_tensorrt()
         import torch
 
@@ -447,7 +447,7 @@ class ExportTensorRT(Technique):
     @staticmethod
     def _to_float16(path: Path, out_dir: Path) -> Path:
         import onnx
-        from onnxruntime.transformers.float16 import convert_float_to_float16  # type: ignore[import]
+        from onnxruntime.transformers.float16 import convert_float_to_float16
 
         model = onnx.load(str(path))
         converted = convert_float_to_float16(model, keep_io_types=True)

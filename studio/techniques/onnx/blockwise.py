@@ -56,7 +56,7 @@ class BlockwiseParams(OnnxQuantizeParams):
 
 
 @register
-class OnnxQuantizeBlockwise(Technique):
+class OnnxQuantizeBlockwise(Technique[BlockwiseParams]):
     id = "onnx.quantize_blockwise"
     title = "ONNX block-wise INT8 / INT4 MatMul"
     category = "quantization"
@@ -69,7 +69,7 @@ class OnnxQuantizeBlockwise(Technique):
     )
     Params = BlockwiseParams
 
-    def run(self, state: StageState, params: BlockwiseParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: BlockwiseParams, ctx: RunContext) -> StageState:
         import onnx
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -86,7 +86,7 @@ class ExportOnnxParams(Params):
 
 
 @register
-class ExportOnnx(Technique):
+class ExportOnnx(Technique[ExportOnnxParams]):
     id = "export.onnx"
     title = "Export to ONNX"
     category = "export"
@@ -99,7 +99,7 @@ class ExportOnnx(Technique):
     )
     Params = ExportOnnxParams
 
-    def check(self, params: ExportOnnxParams, model: LoadedModel) -> None:  # type: ignore[override]
+    def check(self, params: ExportOnnxParams, model: LoadedModel) -> None:
         from studio.techniques.onnx.export_cache import CACHE_FAMILIES
 
         if params.with_cache and model.family not in CACHE_FAMILIES:
@@ -107,7 +107,7 @@ class ExportOnnx(Technique):
                 f"field 'with_cache': a KV-cache export is written for causal-lm models, not {model.family}"
             )
 
-    def run(self, state: StageState, params: ExportOnnxParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: ExportOnnxParams, ctx: RunContext) -> StageState:
         import torch
 
         from studio.families import family_for

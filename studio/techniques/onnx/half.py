@@ -26,7 +26,7 @@ class HalfParams(Params):
 
 
 @register
-class OnnxHalf(Technique):
+class OnnxHalf(Technique[HalfParams]):
     id = "onnx.half"
     title = "ONNX float16"
     category = "precision"
@@ -38,7 +38,7 @@ class OnnxHalf(Technique):
     )
     Params = HalfParams
 
-    def run(self, state: StageState, params: HalfParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: HalfParams, ctx: RunContext) -> StageState:
         import onnx
         from onnxruntime.transformers.onnx_model import OnnxModel
 

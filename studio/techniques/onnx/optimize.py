@@ -75,7 +75,7 @@ class OptimizeParams(Params):
 
 
 @register
-class OnnxOptimize(Technique):
+class OnnxOptimize(Technique[OptimizeParams]):
     id = "onnx.optimize"
     title = "ONNX Runtime graph fusion"
     category = "graph"
@@ -87,7 +87,7 @@ class OnnxOptimize(Technique):
     )
     Params = OptimizeParams
 
-    def run(self, state: StageState, params: OptimizeParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: OptimizeParams, ctx: RunContext) -> StageState:
         import onnxruntime as ort
 
         frame = GraphPass.open(state, ctx, "optimize", technique=self.id)
@@ -231,7 +231,12 @@ def attention_shape(config: Any, state: StageState, params: OptimizeParams) -> t
     config_heads = _first_attr(config, "num_attention_heads", "n_head", "encoder_attention_heads")
     config_hidden = _first_attr(config, "hidden_size", "n_embd", "d_model")
     counts = pruned_head_counts(state)
-    even = bool(counts) and len(set(counts)) == 1 and config_heads > 0 and config_hidden % config_heads == 0
+    even = (
+        counts is not None
+        and len(set(counts)) == 1
+        and config_heads > 0
+        and config_hidden % config_heads == 0
+    )
     heads = params.num_heads
     if heads is None:
         heads = config_heads if counts is None else (counts[0] if even else 0)

@@ -45,7 +45,7 @@ class QuantizeDynamicParams(IntegerQuantizeParams):
 
 
 @register
-class OnnxQuantizeDynamic(Technique):
+class OnnxQuantizeDynamic(Technique[QuantizeDynamicParams]):
     id = "onnx.quantize_dynamic"
     title = "ONNX dynamic INT8"
     category = "quantization"
@@ -57,7 +57,7 @@ class OnnxQuantizeDynamic(Technique):
     )
     Params = QuantizeDynamicParams
 
-    def run(self, state: StageState, params: QuantizeDynamicParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: QuantizeDynamicParams, ctx: RunContext) -> StageState:
         frame = GraphPass.open(
             state, ctx, "quantize_dynamic", technique=self.id, float32=True, exclude=params.exclude_nodes
         )

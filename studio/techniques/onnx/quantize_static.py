@@ -41,7 +41,7 @@ class QuantizeStaticParams(IntegerQuantizeParams):
 
 
 @register
-class OnnxQuantizeStatic(Technique):
+class OnnxQuantizeStatic(Technique[QuantizeStaticParams]):
     id = "onnx.quantize_static"
     title = "ONNX static INT8 (QDQ)"
     category = "quantization"
@@ -53,7 +53,7 @@ class OnnxQuantizeStatic(Technique):
     )
     Params = QuantizeStaticParams
 
-    def run(self, state: StageState, params: QuantizeStaticParams, ctx: RunContext) -> StageState:  # type: ignore[override]
+    def run(self, state: StageState, params: QuantizeStaticParams, ctx: RunContext) -> StageState:
         import onnx
         from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

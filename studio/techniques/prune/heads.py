@@ -85,7 +85,7 @@ def _loaded_with(model: Any, module: Any) -> Any:
 
 
 @register
-class HeadsPrune(Technique):
+class HeadsPrune(Technique[HeadsParams]):
     id = "prune.heads"
     title = "Attention-head pruning"
     category = "pruning"

@@ -133,7 +133,7 @@ def weight_sparsity(layers: Sequence[tuple[str, Any]]) -> float:
 
 
 @register
-class MagnitudePrune(Technique):
+class MagnitudePrune(Technique[MagnitudeParams]):
     id = "prune.magnitude"
     title = "Magnitude pruning"
     category = "pruning"

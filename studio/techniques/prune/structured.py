@@ -62,7 +62,7 @@ class StructuredParams(Params):
 
 
 @register
-class StructuredPrune(Technique):
+class StructuredPrune(Technique[StructuredParams]):
     id = "prune.structured"
     title = "Structured pruning (FFN neurons / channels)"
     category = "pruning"
