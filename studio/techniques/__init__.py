@@ -3,6 +3,7 @@
 from studio.techniques import (  # noqa: F401  (imported to register)
     compile,
     distill,
+    executorch_export,
     precision,
     prune,
     quantize,
