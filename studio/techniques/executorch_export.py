@@ -269,12 +269,45 @@ def quantize_int8(program: Any, args: tuple[Any, ...], calibration: list[tuple[A
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        prepared = prepare_pt2e(program.module(), quantizer)
+        prepared = prepare_pt2e(keep_integer_arithmetic(program.module()), quantizer)
         with torch.no_grad():
             for batch in calibration:
                 prepared(*batch)
         converted = convert_pt2e(prepared)
         return capture(converted, args)
+
+
+def keep_integer_arithmetic(graph_module: Any) -> Any:
+    """Protect integer index arithmetic from prepare_pt2e, which turns every Python-number operand of
+    add/sub/mul into a float tensor constant: transformers' mask code does `arange(n) + 0` and indexes
+    with it, and a float index fails ("tensors used as indices must be long"). Identities (x + 0, x * 1)
+    are dropped and other integer-tensor-with-number operations use the .Scalar overload, which
+    prepare leaves alone."""
+    import torch
+
+    aten = torch.ops.aten
+    identity = {aten.add.Tensor: 0, aten.sub.Tensor: 0, aten.mul.Tensor: 1}
+    scalar = {
+        aten.add.Tensor: aten.add.Scalar,
+        aten.sub.Tensor: aten.sub.Scalar,
+        aten.mul.Tensor: aten.mul.Scalar,
+    }
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in identity or len(node.args) != 2:
+            continue
+        tensor, number = node.args
+        val = getattr(tensor, "meta", {}).get("val")
+        if not isinstance(number, (int, float)) or val is None or val.dtype.is_floating_point or node.kwargs:
+            continue
+        if number == identity[node.target]:
+            node.replace_all_uses_with(tensor)
+            graph.erase_node(node)
+        else:
+            node.target = scalar[node.target]
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
 
 
 def lower(program: Any) -> tuple[bytes, dict[str, Any]]:
