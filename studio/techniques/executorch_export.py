@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from studio.families import Batch
 
 FAIL_FACTOR = 100.0  # float32: a difference this many times the tolerance is a wrong program, not rounding
-INT8_MIN_COSINE = 0.9  # int8: below this the quantized program no longer computes the same function
+INT8_MIN_COSINE = 0.9  # int8: below this the log warns that quantization cost much of the function
 DELEGATE_CALL = "executorch_call_delegate"
 BOOKKEEPING_OPS = ("getitem",)  # tuple indexing of a delegate's outputs: no computation, not reported
 
@@ -69,7 +69,7 @@ class ExportExecuTorchParams(Params):
         1e-3,
         gt=0,
         description="float32: largest acceptable absolute difference from torch (above: a warning; 100x "
-        f"above: the step fails); int8 is judged by cosine (fails below {INT8_MIN_COSINE})",
+        f"above: the step fails); int8 is judged by cosine (a warning below {INT8_MIN_COSINE})",
     )
 
 
@@ -404,10 +404,13 @@ def verify(
     ctx.metric("executorch_cosine", cosine)
     ctx.log(f"ExecuTorch vs torch: max |diff| {diff:.2e}, cosine {cosine:.5f}")
     if params.quantize == "int8":
+        # Static per-tensor INT8 activations cost transformers real fidelity; the evaluation measures it,
+        # so a low cosine is reported here rather than refused.
         if cosine < INT8_MIN_COSINE:
-            raise BadInput(
+            ctx.log(
                 f"the INT8 program's outputs are far from torch's (cosine {cosine:.3f} < {INT8_MIN_COSINE}): "
-                "try more calibration_batches or quantize: none"
+                "try more calibration_batches, or quantize: none",
+                level="warning",
             )
         return
     if diff > FAIL_FACTOR * params.atol:
