@@ -45,7 +45,7 @@ RECOVER = (
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (
     id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,            -- torch | onnx | tensorrt | baseline
+    kind TEXT NOT NULL,            -- torch | onnx | tensorrt | executorch | baseline
     parent TEXT,
     model TEXT NOT NULL,
     name TEXT NOT NULL DEFAULT '',
@@ -88,7 +88,8 @@ def environment() -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
-    for dist in ("torch", "transformers", "onnx", "onnxruntime", "torchao", "tensorrt", "model-studio"):
+    libraries = ("torch", "transformers", "onnx", "onnxruntime", "torchao", "tensorrt", "executorch")
+    for dist in (*libraries, "model-studio"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
     return {"versions": versions, "machine": machine_info(), "python": platform.python_version()}
@@ -579,7 +580,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _main_artifact(folder: Path, kind: str, files: list[Path]) -> str:
     """The file a user means by 'the artifact': model.onnx, the engine, or the folder for torch."""
-    suffix = {"onnx": ".onnx", "tensorrt": ".engine"}.get(kind)
+    suffix = {"onnx": ".onnx", "tensorrt": ".engine", "executorch": ".pte"}.get(kind)
     if suffix:
         main = [p for p in files if p.suffix == suffix]
         if main:

@@ -239,7 +239,7 @@ def weights_size(model: LoadedModel) -> int:
     path = model.path
     if path.is_file():
         return path.stat().st_size
-    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data")
+    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".pte")
     return sum(
         p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in suffixes
     ) or folder_size(path)
@@ -483,7 +483,7 @@ def pair_spearman(runner: Runner, model: LoadedModel, pairs: Sequence[Example], 
 
 def folder_weights_size(folder: Path) -> int:
     """Bytes of the model files in a variant folder (weights, graphs, engines; not tokenizer files)."""
-    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".plan")
+    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".plan", ".pte")
     return sum(
         p.stat().st_size
         for p in folder.rglob("*")

@@ -4,6 +4,7 @@ from studio.techniques import (  # noqa: F401  (imported to register)
     awq,
     compile,
     distill,
+    executorch_export,
     gptq,
     kv_cache,
     lora,

@@ -25,7 +25,7 @@ from studio.checkpoints.variant_folder import register_restorer
 from studio.errors import BadInput
 from studio.events import Event, Log, Metric, Progress
 
-STAGES = ("torch", "onnx", "tensorrt")
+STAGES = ("torch", "onnx", "tensorrt", "executorch")
 CATEGORIES = ("precision", "quantization", "pruning", "distillation", "export", "graph", "compile")
 
 
