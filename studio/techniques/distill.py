@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -71,6 +72,41 @@ TEACHER_CACHE_BYTES = 512 << 20  # teacher outputs kept across epochs up to this
 def outputs_nbytes(out: Outputs) -> int:
     tensors = [out.primary] + [h for states, _ in out.hidden for h in states]
     return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class TeacherOutputs:
+    """The teacher's outputs per fixed batch, computed once and kept while they fit TEACHER_CACHE_BYTES (the
+    teacher never changes; `distill` and the recovery training of `train.lora` / `quantize.qat` share it)."""
+
+    def __init__(self, teacher: Any, family: Any, want_hidden: bool) -> None:
+        self.teacher, self.family, self.want_hidden = teacher, family, want_hidden
+        self.kept: dict[int, Outputs] = {}
+        self.bytes = 0
+
+    def get(self, index: int, batch: Any) -> Outputs:
+        import torch
+
+        out = self.kept.get(index)
+        if out is None:
+            with torch.no_grad():
+                out = model_outputs(self.teacher, self.family, batch, self.want_hidden)
+            size = outputs_nbytes(out)
+            if self.bytes + size <= TEACHER_CACHE_BYTES:
+                self.kept[index] = out
+                self.bytes += size
+        return out
+
+    def clear(self) -> None:
+        self.kept.clear()
+
+
+def batch_order(rng: Any, count: int) -> Iterator[int]:
+    """Batch indices for training steps: every batch once per epoch, each epoch in a new seeded order."""
+    while True:
+        order = list(range(count))
+        rng.shuffle(order)
+        while order:
+            yield order.pop()
 
 
 def _is_hf(module: Any) -> bool:
@@ -296,24 +332,13 @@ class Distill(Technique[DistillParams]):
         losses: list[float] = []
         hidden_pairs = 0
         started = time.perf_counter()
-        order: list[int] = []
-        teacher_cache: dict[int, Outputs] = {}
-        cached_bytes = 0
+        teacher_outputs = TeacherOutputs(teacher, family, want_hidden)
+        indices = batch_order(rng, len(batches))
         try:
             for step in range(params.steps):
-                if not order:
-                    order = list(range(len(batches)))
-                    rng.shuffle(order)
-                index = order.pop()
+                index = next(indices)
                 batch = batches[index]
-                t_out = teacher_cache.get(index)
-                if t_out is None:
-                    with torch.no_grad():
-                        t_out = model_outputs(teacher, family, batch, want_hidden)
-                    size_bytes = outputs_nbytes(t_out)
-                    if cached_bytes + size_bytes <= TEACHER_CACHE_BYTES:  # the teacher never changes
-                        teacher_cache[index] = t_out
-                        cached_bytes += size_bytes
+                t_out = teacher_outputs.get(index, batch)
                 s_out = model_outputs(student, family, batch, want_hidden)
                 if is_embedding:
                     out_term = embedding_loss(s_out.primary, t_out.primary)
@@ -350,7 +375,7 @@ class Distill(Technique[DistillParams]):
                 ctx.progress((step + 1) / params.steps, f"step {step + 1}/{params.steps}: loss {value:.4g}")
         finally:
             optimizer.zero_grad(set_to_none=True)
-            teacher_cache.clear()
+            teacher_outputs.clear()
             for p, g in zip(every, old_grad, strict=True):
                 p.requires_grad_(g)
             student.eval()

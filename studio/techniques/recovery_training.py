@@ -85,13 +85,13 @@ def train_toward_original(
 
     from studio.families import FeatureExtraction, TextClassification, family_for
     from studio.techniques.distill import (
-        TEACHER_CACHE_BYTES,
+        TeacherOutputs,
+        batch_order,
         embedding_loss,
         hidden_loss,
         logit_kd,
         model_outputs,
         output_mask,
-        outputs_nbytes,
     )
 
     if not ctx.calibration:
@@ -133,10 +133,8 @@ def train_toward_original(
         f"{n_examples} examples ({len(batches)} batches); objective: {objective}"
     )
     losses: list[float] = []
-    cache: dict[int, Any] = {}
-    cached_bytes = 0
-    order: list[int] = []
-    rng = random.Random(s.seed)
+    teacher_outputs = TeacherOutputs(teacher, family, want_hidden)
+    indices = batch_order(random.Random(s.seed), len(batches))
     started = time.perf_counter()
     student.eval()  # dropout off: trained deterministically toward the teacher
     for sub in train_mode:
@@ -145,19 +143,9 @@ def train_toward_original(
         for p in every:
             p.requires_grad_(id(p) in chosen)
         for step in range(s.steps):
-            if not order:
-                order = list(range(len(batches)))
-                rng.shuffle(order)
-            index = order.pop()
+            index = next(indices)
             batch = batches[index]
-            t_out = cache.get(index)
-            if t_out is None:
-                with torch.no_grad():
-                    t_out = model_outputs(teacher, family, batch, want_hidden)
-                size = outputs_nbytes(t_out)
-                if cached_bytes + size <= TEACHER_CACHE_BYTES:  # the teacher never changes
-                    cache[index] = t_out
-                    cached_bytes += size
+            t_out = teacher_outputs.get(index, batch)
             extra: dict[str, float] = {}
             if s.task_loss:
                 loss, _what = family.loss(student, batch, t_out.primary)
@@ -188,7 +176,7 @@ def train_toward_original(
             ctx.progress((step + 1) / s.steps, f"step {step + 1}/{s.steps}: loss {value:.4g}")
     finally:
         optimizer.zero_grad(set_to_none=True)
-        cache.clear()
+        teacher_outputs.clear()
         for p, g in zip(every, old_grad, strict=True):
             p.requires_grad_(g)
         student.eval()
