@@ -34,15 +34,14 @@ reference implementations.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
-from studio.techniques.base import Params, RunContext, StageState, Technique, register
+from studio.techniques.base import RunContext, StageState, Technique, register
 from studio.techniques.layer_swap import (
-    DEFAULT_INT4_GROUP,
     Selection,
     float_weight,
     is_linear,
@@ -53,8 +52,7 @@ from studio.techniques.layer_swap import (
 from studio.techniques.quantize import (
     WeightOnly,
     WeightOnlyParams,
-    check_patterns,
-    exclude_field,
+    WeightStorageParams,
     refuse_unbuildable,
     report_swap,
 )
@@ -236,18 +234,9 @@ def weight_only_layer(
 # ---------------------------------------------------------------------------------------------- the block
 
 
-class CalibratedWeightParams(Params):
+class CalibratedWeightParams(WeightStorageParams):
     """What the calibrated weight-only quantizers (GPTQ, AWQ) share: the storage and the calibration."""
 
-    bits: Literal[4, 8] = Field(4, description="bits per weight: 4 (two codes per byte) or 8")
-    group_size: int | None = Field(
-        None,
-        description="input columns sharing one scale; must divide every quantized layer's input width. "
-        f"Default: {DEFAULT_INT4_GROUP} for 4 bits, the whole row (one scale per output channel) for 8 bits",
-    )
-    symmetric: bool = Field(
-        True, description="codes centred on zero (one scale per group); off: a zero point per group too"
-    )
     calibration_examples: int = Field(
         128,
         ge=1,
@@ -255,16 +244,6 @@ class CalibratedWeightParams(Params):
         "the recipe's sequence length. At least as many tokens as the widest quantized layer's input width "
         "are needed",
     )
-    exclude: list[str] = exclude_field()
-
-    _patterns = field_validator("exclude")(check_patterns)
-
-    @field_validator("group_size")
-    @classmethod
-    def _positive(cls, value: int | None) -> int | None:
-        if value is not None and value <= 0:
-            raise ValueError("group_size must be a positive number of input columns")
-        return value
 
     def storage(self) -> WeightOnlyParams:
         """The weight-only storage the codes use (the same default group sizes)."""

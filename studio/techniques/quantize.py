@@ -218,7 +218,9 @@ class DynamicInt8(Technique[DynamicInt8Params]):
 # ---------------------------------------------------------------------------------------------- weight-only
 
 
-class WeightOnlyParams(Params):
+class WeightStorageParams(Params):
+    """What every weight-only block stores by (round-to-nearest, GPTQ, AWQ): bits, groups, symmetry."""
+
     bits: Literal[8, 4] = Field(4, description="bits per weight: 8 or 4 (two 4-bit codes per byte)")
     group_size: int | None = Field(
         None,
@@ -230,14 +232,7 @@ class WeightOnlyParams(Params):
         description="codes centred on zero (one scale per group); off: a zero point per group too, "
         "which fits skewed weight groups better",
     )
-    embeddings: bool = Field(
-        default=False,
-        description="also store embedding tables this way (one scale per group of embedding columns, only "
-        "the rows looked up are dequantized): MiniLM's vocabulary table is half its weights, and 4 bits "
-        "with groups of 128 cost it about 0.002 of cosine",
-    )
     exclude: list[str] = exclude_field()
-    mixed_precision: float | None = _mixed_precision_field()
 
     _patterns = field_validator("exclude")(check_patterns)
 
@@ -247,6 +242,16 @@ class WeightOnlyParams(Params):
         if value is not None and value <= 0:
             raise ValueError("group_size must be a positive number of input columns")
         return value
+
+
+class WeightOnlyParams(WeightStorageParams):
+    embeddings: bool = Field(
+        default=False,
+        description="also store embedding tables this way (one scale per group of embedding columns, only "
+        "the rows looked up are dequantized): MiniLM's vocabulary table is half its weights, and 4 bits "
+        "with groups of 128 cost it about 0.002 of cosine",
+    )
+    mixed_precision: float | None = _mixed_precision_field()
 
     def group_for(self, in_features: int) -> int:
         return group_width(self.bits, self.group_size, in_features)
