@@ -21,6 +21,7 @@ from studio.checkpoints.onnx_graph import (
     uses_external_data,
 )
 from studio.errors import BadInput
+from studio.events import Event, Log
 from studio.techniques.base import RunContext, StageState
 from studio.techniques.onnx.graph_pass import GraphPass
 
@@ -78,7 +79,7 @@ def test_frame_refuses_quantized_or_half_inputs_for_int8_passes(tmp_path):
 
 
 def test_frame_reports_tool_failures_and_warnings_and_finishes_the_output(tmp_path):
-    events: list[dict] = []
+    events: list[Event] = []
     ctx = RunContext(original=None, workdir=tmp_path, emit=events.append)
     src = tmp_path / "in" / "model.onnx"
     src.parent.mkdir()
@@ -91,7 +92,7 @@ def test_frame_reports_tool_failures_and_warnings_and_finishes_the_output(tmp_pa
         for _ in range(2):
             logging.getLogger().warning("a warning from the tool")
         save_onnx(_graph(), frame.out)
-    warned = [e["message"] for e in events if e.get("type") == "log" and e.get("level") == "warning"]
+    warned = [e.message for e in events if isinstance(e, Log) and e.level == "warning"]
     assert warned == ["onnxruntime: a warning from the tool (x2)"]
     frame.finish({"studio.dtype": "float16"})
     assert read_metadata(frame.out) == {"studio.family": "feature-extraction", "studio.dtype": "float16"}
