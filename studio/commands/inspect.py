@@ -12,6 +12,7 @@ from studio.units import human_bytes
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     from studio.checkpoints import open_checkpoint
+    from studio.inspection import stats
     from studio.inspection.stats import ModelSummary, iter_weight_stats
 
     model = open_checkpoint(args.path, trust=args.trust)
@@ -72,8 +73,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{s.name[-name_w:]:<{name_w}} {shape:<18} {s.dtype:<9} {s.params:>11,} {format_number(s.mean):>10} "
             f"{format_number(s.std):>9} {format_number(s.min):>9} {format_number(s.max):>9} {s.sparsity * 100:>6.2f}% {s.outliers * 100:>6.3f}%"
         )
+    rate = summary.bytes / summary.seconds / 1e9 if summary.seconds else 0.0
+    sampled = sum(1 for s in layers if s.sample_size is not None)
     print(
         f"\n{summary.tensors} tensors, {summary.parameters:,} parameters, statistics in {summary.seconds:.2f}s"
+        f" ({rate:.2f} GB/s)"
+        + (
+            f"; histograms of the {sampled} tensors over {stats.SAMPLE_ABOVE:,} values from a strided sample"
+            if sampled
+            else ""
+        )
     )
     if heads is not None:
         print_heads(heads)
