@@ -1,6 +1,6 @@
 """Measure what a user feels in the desktop app (offscreen): start-up time and GUI-thread stalls.
 
-    python scripts/measure_gui.py [--recipe RECIPE.yaml]
+    python scripts/measure_gui.py [--recipe RECIPE.yaml] [--open CHECKPOINT]
 
 Prints: time from process start to the window shown, and to the model being open (tree filled);
 then runs a pipeline (default: the starter pipeline) through the Run panel and records the longest gap
@@ -22,6 +22,11 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--recipe", help="recipe to run (default: the starter pipeline)")
+    parser.add_argument(
+        "--open",
+        default="builtin:minilm",
+        help="checkpoint to open (default builtin:minilm); e.g. a big sharded one",
+    )
     args = parser.parse_args()
     from PySide6.QtCore import QElapsedTimer, QTimer
 
@@ -39,11 +44,11 @@ def main() -> None:
     shown = time.perf_counter() - T0
     opened: dict[str, float] = {}
     window.open_finished.connect(lambda ok: opened.setdefault("t", time.perf_counter() - T0))
-    window.open_source("builtin:minilm")
+    window.open_source(args.open)
     while "t" not in opened:
         app.processEvents()
         time.sleep(0.005)
-    print(f"window shown after {shown:.2f} s; builtin:minilm open (tree filled) after {opened['t']:.2f} s")
+    print(f"window shown after {shown:.2f} s; {args.open} open (tree filled) after {opened['t']:.2f} s")
 
     if args.recipe:
         window.pipeline_editor.open_from(args.recipe)

@@ -235,3 +235,49 @@ def test_minilm_int8_program_stays_close_to_torch(tmp_path):
     assert cosine.min() > 0.7 and not torch.allclose(got, reference, atol=1e-5)
     # INT8 Linear weights; the 47 MB word-embedding table stays float (the quantizer leaves lookups)
     assert _metric(events, "pte_size_bytes") < 68e6  # float32's program: 90 MB
+
+
+def test_int8_layers_of_an_earlier_step_are_carried_to_the_xnnpack_int8_program(cnn, tmp_path):
+    """quantize.dynamic_int8 / quantize.qat leave FBGEMM-packed layers that torch.export cannot capture:
+    the INT8 program re-quantizes their dequantized weights; a float32 program is refused naming them."""
+    ctx = RunContext(
+        original=cnn,
+        workdir=tmp_path / "q",
+        calibration=load_examples("builtin:sentences", 8),
+        emit=lambda e: None,
+    )
+    technique = get_technique("quantize.dynamic_int8")
+    quantized = technique().run(initial_state(cnn), technique.Params(), ctx)
+    (name,) = [n for n, m in quantized.module.named_modules() if type(m).__name__ == "DynamicInt8Linear"]
+    with pytest.raises(
+        BadInput, match=rf"holds 1 INT8 layers from an earlier step \({name}\).*quantize: int8"
+    ):
+        _export(cnn, tmp_path / "none", state=quantized, quantize="none")
+    state, events = _export(cnn, tmp_path / "int8", state=quantized, quantize="int8", calibration_batches=4)
+    facts = json.loads((state.path.parent / PROGRAM_FILE).read_text())
+    assert facts["carried_int8_layers"] == [name]
+    assert facts["delegation"]["delegated"].get("aten_linear_default") == 1
+    assert any("INT8 layers of earlier steps carried over" in getattr(e, "message", "") for e in events)
+    family = family_for(cnn)
+    batch = family.batch(cnn, [None] * 2, 16)
+    with torch.no_grad():
+        reference = family.forward(quantized.module, batch)
+    got = make_runner(state)(batch)
+    assert torch.nn.functional.cosine_similarity(got, reference, dim=-1).min() > 0.99
+    assert (
+        type(quantized.module.get_submodule(name)).__name__ == "DynamicInt8Linear"
+    )  # the input is untouched
+
+
+@pytest.mark.parametrize(
+    "name", ["minilm-fp32", "minilm-int8", "minilm-pruned-int8", "minilm-pruned-qat-int8"]
+)
+def test_the_shipped_executorch_recipes_plan_on_minilm(name):
+    from studio.pipeline import load_recipe, plan
+    from studio.resources import resource
+
+    recipe = load_recipe(resource("recipes", "executorch", f"{name}.yaml"))
+    steps = [s.technique.id for s in plan(recipe, open_checkpoint("builtin:minilm")).steps]
+    assert steps[-1] == "export.executorch"
+    if name == "minilm-pruned-qat-int8":
+        assert steps == ["prune.structured", "quantize.qat", "export.executorch"]

@@ -110,6 +110,19 @@ class ExportExecuTorch(Technique[ExportExecuTorchParams]):
             raise BadInput("export.executorch needs a torch model")
         model = state.model
         family = family_for(model)
+        module, carried = float_int8_layers(module)
+        if carried and params.quantize != "int8":
+            raise BadInput(
+                f"export.executorch: the model holds {len(carried)} INT8 layers from an earlier step "
+                f"({', '.join(carried[:3])}{', ...' if len(carried) > 3 else ''}), which torch.export cannot "
+                "capture; set quantize: int8 (XNNPACK re-quantizes them on their own grid), or drop the "
+                "quantization step for a float32 program"
+            )
+        if carried:
+            ctx.log(
+                f"{len(carried)} INT8 layers of earlier steps carried over: their dequantized weights go to "
+                "the XNNPACK quantizer, whose per-channel absmax scales put them back on their INT8 grid"
+            )
         if module_dtype(module) not in (None, "float32"):
             # XNNPACK's float kernels and the INT8 quantizer both start from float32 weights.
             module = copy.deepcopy(module).float()
@@ -155,6 +168,7 @@ class ExportExecuTorch(Technique[ExportExecuTorchParams]):
             "batch_size": rows,
             "sequence_length": seq if family.takes_text else None,
             "quantize": params.quantize,
+            "carried_int8_layers": carried,
             "family": model.family,
             "pad_token_id": model.tokenizer.pad_token_id if family.takes_text else None,
             "delegation": delegation,
@@ -177,6 +191,36 @@ class ExportExecuTorch(Technique[ExportExecuTorchParams]):
         info["executorch"] = {"program": str(out_dir / PROGRAM_FILE), "quantize": params.quantize}
         info["torch_transforms"] = [r.get("technique") for r in state.transforms]
         return StageState(kind="executorch", model=model, path=path, info=info)
+
+
+def float_int8_layers(module: Any) -> tuple[Any, list[str]]:
+    """A copy of `module` whose dynamic INT8 Linear layers (quantize.dynamic_int8, quantize.qat) are float
+    Linear layers holding their dequantized weights, and those layers' names; `module` itself when it has
+    none. FBGEMM's packed weights are opaque to torch.export, while codes x scale are exact floats: the
+    XNNPACK quantizer's symmetric per-channel scale (absmax / 127) then gives the same codes again, but for
+    rows whose extreme code was -128, which are re-rounded by at most one step in 128.
+    """
+    import copy
+
+    import torch
+
+    from studio.techniques.layer_swap import set_submodule
+    from studio.techniques.quantized_layers import DynamicInt8Linear
+
+    names = [name for name, layer in module.named_modules() if isinstance(layer, DynamicInt8Linear)]
+    if not names:
+        return module, []
+    module = copy.deepcopy(module)
+    for name in names:
+        layer = module.get_submodule(name)
+        codes, scales, bias = layer.unpacked()
+        linear = torch.nn.Linear(layer.in_features, layer.out_features, bias=bias is not None)
+        with torch.no_grad():
+            linear.weight.copy_(codes.to(torch.float32) * scales.reshape(-1, 1))
+            if bias is not None:
+                linear.bias.copy_(bias)
+        set_submodule(module, name, linear)
+    return module, names
 
 
 # ------------------------------------------------------------------------------------------- the inputs
