@@ -130,6 +130,12 @@ def test_minilm_program_matches_torch_on_shorter_padded_batches(tmp_path):
         reference = family.forward(minilm.module, batch)
     got = make_runner(state)(batch)
     torch.testing.assert_close(got, reference, atol=1e-4, rtol=1e-3)
+    # the memory probe runs the program in a fresh process, fed as the model it came from
+    from studio.evaluation.measure import peak_memory
+
+    memory = peak_memory("executorch", state.path, minilm, family.batch(minilm, sentences[:1], 16), 1)
+    assert "error" not in memory, memory
+    assert memory["total_mb"] >= memory["loaded_mb"] > 10  # 90 MB of float32 weights, memory-mapped
     longer = family.batch(minilm, [load_examples("builtin:sentences", 64)[-1]] * 1, 64)
     if longer.inputs["input_ids"].shape[1] > 16:
         with pytest.raises(BadInput, match="sequence_length >= "):

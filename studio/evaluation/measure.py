@@ -184,6 +184,9 @@ def measure_memory(
     return {"peak_memory_mb": memory["total_mb"], "memory": memory} if "total_mb" in memory else {}
 
 
+COMPILED_KINDS = ("executorch", "tensorrt")  # stage kinds whose artifact open_checkpoint cannot open
+
+
 def peak_memory(
     kind: str, target: Any, model: LoadedModel, batch: Batch, threads: int | None
 ) -> dict[str, Any]:
@@ -198,6 +201,8 @@ def peak_memory(
     job = {
         "kind": kind,
         "target": str(target),
+        # a compiled program is no checkpoint: the probe opens the model it came from to feed it
+        "model": model.source if kind in COMPILED_KINDS else None,
         "batch_size": size,
         "sequence_length": seq or 128,
         "threads": threads,

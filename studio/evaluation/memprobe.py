@@ -5,7 +5,9 @@ growing. A fresh process imports the runtimes first (their cost is the same for 
 subtracted), then loads the artifact from disk and runs one forward pass at the given batch; the result is
 the resident memory the model itself costs (weights, pre-packed kernels, activations, arenas).
 
-Input (stdin, JSON): {"kind", "target", "batch_size", "sequence_length", "data", "threads", "lifeline_fd"}.
+Input (stdin, JSON): {"kind", "target", "model", "batch_size", "sequence_length", "data", "threads",
+"lifeline_fd"}; `model` (the checkpoint the target was made from) only when the target is a compiled
+program rather than a checkpoint (ExecuTorch, TensorRT).
 Output (stdout, JSON): {"loaded_mb", "total_mb", "method", "batch"}.
 
 The probe never outlives the process that started it (a worker the GUI cancelled, or one killed outright
@@ -82,7 +84,10 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     from studio.families import family_for
 
     torch.set_num_threads(job.get("threads") or torch.get_num_threads())
-    model = open_checkpoint(job["target"], trust=job.get("trust") is True)  # set by the parent process only
+    # A compiled program (a .pte, an engine) is no checkpoint: the model it came from says how to feed it.
+    compiled = job.get("model") is not None
+    source = job["model"] if compiled else job["target"]
+    model = open_checkpoint(source, trust=job.get("trust") is True)  # set by the parent process only
     family = family_for(model)
     examples = load_examples(job.get("data") or "builtin:sentences", 64)
     seq = int(job["sequence_length"])
@@ -93,7 +98,9 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     with PeakRSS() as mem:
         if kind == "torch":
             _ = model.module  # built lazily otherwise, inside the forward pass
-        runner = make_runner(kind, model, threads=job.get("threads"))
+        runner = make_runner(
+            kind, model, artifact=job["target"] if compiled else None, threads=job.get("threads")
+        )
         if batch is None:
             batch = family.batch(model, batch_examples, seq)
         loaded = _rss_mb()
