@@ -220,12 +220,12 @@ TINY_SEARCH = {
     "objectives": ["size_mb", "max:quality.output_cosine"],
     "constraints": {"quality.output_cosine": ">= 0.5"},
     "trials": 3,
-    "seed": 3,
+    "seed": 0,  # TPE's first three trials with this seed: three different combinations
     "space": {2: {"optional": True}, 3: {"per_channel": [True, False]}},
 }
 
 
-def tiny_search_recipe(model: Path, folder: Path, trials: int = 3) -> Path:
+def write_tiny_search_recipe(model: Path, folder: Path, trials: int = 3) -> Path:
     """A search recipe file over export.onnx, an optional onnx.optimize and onnx.quantize_dynamic."""
     import yaml
 
@@ -247,6 +247,12 @@ def tiny_search_recipe(model: Path, folder: Path, trials: int = 3) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_search_recipe(bert_classifier):
+    """Writes the tiny search recipe on the tiny BERT classifier: `tiny_search_recipe(folder, trials)`."""
+    return lambda folder, trials=3: write_tiny_search_recipe(bert_classifier, folder, trials)
+
+
+@pytest.fixture(scope="session")
 def tiny_search(bert_classifier, tmp_path_factory) -> tuple[Path, Path, dict[str, Any]]:
     """(recipe file, workspace root, `model-studio search --json` result) of a finished 3-trial search."""
     import contextlib
@@ -256,7 +262,7 @@ def tiny_search(bert_classifier, tmp_path_factory) -> tuple[Path, Path, dict[str
     from studio.cli import main
 
     folder = tmp_path_factory.mktemp("tiny-search")
-    path = tiny_search_recipe(bert_classifier, folder)
+    path = write_tiny_search_recipe(bert_classifier, folder)
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["search", str(path), "--workspace", str(folder / "ws"), "--json"])
