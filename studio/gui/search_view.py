@@ -29,7 +29,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.errors import StudioError
+from studio.errors import BadInput, StudioError
 from studio.gui.document import StudioDocument
 from studio.gui.search_plot import SearchPlot, axis_label
 from studio.gui.widgets import fill_table, fmt, make_table
@@ -83,6 +83,7 @@ class SearchView(QWidget):
         self.stopping = False
         self.outcome = ""  # "", running, finished, stopped, failed
         self._stderr = StderrTail()
+        self._refill = False  # the recipe list changed while a search ran
         self._rows: list[int] = []  # trial number of each table row
 
         self.recipe_combo = QComboBox()
@@ -158,6 +159,10 @@ class SearchView(QWidget):
 
     def fill_recipes(self) -> None:
         """The current pipeline (when it has a search section), the shipped search recipes, the chosen files."""
+        if self.process is not None:  # the running search's recipe stays chosen; the list is refilled after
+            self._refill = True
+            return
+        self._refill = False
         chosen = self.recipe_combo.currentData()
         files = [self.recipe_combo.itemData(i) for i in range(self.recipe_combo.count())]
         extra = [p for p in files if p not in (CURRENT_PIPELINE, *shipped_recipes())]
@@ -190,11 +195,12 @@ class SearchView(QWidget):
 
     def _recipe_chosen(self) -> None:
         data = self.recipe_combo.currentData()
-        self.recipe = self.recipe_path = self.study = None
+        previous, self.recipe, self.recipe_path, self.study = self.study, None, None, None
         try:
             if data == CURRENT_PIPELINE:
                 recipe = self._pipeline_recipe()
-                assert recipe is not None
+                if recipe is None:
+                    raise BadInput("the current pipeline has no search: section")
                 path = Path(self.document.recipe_path or "pipeline.yaml")
                 path = self.document.workspace.root / SEARCHES_FOLDER / f"{path.stem}.yaml"
             elif data is not None:
@@ -212,7 +218,8 @@ class SearchView(QWidget):
         self.recipe, self.recipe_path, self.study = recipe, path, study_name(recipe, path)
         self.trials_spin.setValue(spec.trials)
         self.search_button.setEnabled(self.process is None)
-        self.outcome = ""
+        if self.study != previous:
+            self.outcome = ""  # what happened to the last search belongs to the other study
         self._show_progress(None)
         self.poll()
 
@@ -332,6 +339,8 @@ class SearchView(QWidget):
         self._set_running(False)
         self.poll()
         self._show_status(message)
+        if self._refill:
+            self.fill_recipes()
         self.ended.emit(outcome)
         if outcome in ("finished", "stopped"):
             self.document.variants_changed.emit()
@@ -398,20 +407,19 @@ class SearchView(QWidget):
         self.table.blockSignals(False)
 
     def _show_status(self, message: str = "") -> None:
+        """'N trials, M on the front, running|stopping…|stopped|finished|failed — why (study NAME)'."""
         parts = []
         if self.progress is not None and self.progress.exists:
-            p = self.progress
-            parts.append(f"{len(p.trials)} trials, {len(p.pareto)} on the front")
+            parts.append(f"{len(self.progress.trials)} trials, {len(self.progress.pareto)} on the front")
         elif self.study is not None:
             parts.append("no trials yet")
-        state = {"running": "stopping…" if self.stopping else "running"}.get(self.outcome, self.outcome)
-        if state:
-            parts.append(state)
+        state = "stopping…" if self.outcome == "running" and self.stopping else self.outcome
+        text = ", ".join([*parts, state] if state else parts)
         if message:
-            parts.append(message)
+            text = f"{text} — {message}" if text else message
         if self.study is not None:
-            parts.append(f"study {self.study}")
-        self.status_label.setText(", ".join(parts[:2]) + "".join(f" — {x}" for x in parts[2:]))
+            text += f" (study {self.study})"
+        self.status_label.setText(text)
 
     # ---------------------------------------------------------------------------- selection
 

@@ -113,6 +113,24 @@ def test_search_from_the_view_then_stop_keeps_the_finished_trials(
     view = SearchView(StudioDocument(workspace=Workspace(root)))
     qtbot.addWidget(view)
     assert view.set_recipe(path)
+    try:
+        seen = _search_then_stop(qtbot, view)
+    finally:
+        view.shutdown()  # a failed wait must not leave the search running
+
+    kept = load_progress(root, study_name(load_recipe(path), path))
+    done = {t.number: t.variant for t in kept.trials if t.state in (COMPLETE, INFEASIBLE)}
+    assert seen.items() <= done.items()  # every trial seen finished is still there, with its variant
+    assert len(done) < 6  # it was stopped before the end
+    assert not [t for t in kept.trials if t.state == RUNNING]
+    # the trial running at Stop (the next one starts the moment one finishes) is recorded as stopped
+    assert kept.trials[-1].state == FAILED and kept.trials[-1].error == STOPPED_ERROR
+    variants = {r["id"] for r in Workspace(root).list()}
+    assert set(done.values()) <= variants
+    assert not [p for p in (root / "tmp").iterdir() if p.is_dir()]  # no half trial left behind
+
+
+def _search_then_stop(qtbot, view) -> dict[int, str | None]:
     assert view.start() and view.running and view.stop_button.isEnabled()
     qtbot.waitUntil(
         lambda: view.progress is not None and view.progress.count(COMPLETE, INFEASIBLE) >= 1, timeout=300_000
@@ -123,14 +141,4 @@ def test_search_from_the_view_then_stop_keeps_the_finished_trials(
     assert ended.args == ["stopped"] and not view.running
     assert view.search_button.isEnabled() and not view.stop_button.isEnabled()
     assert "stopped" in view.status_label.text()
-
-    kept = load_progress(root, study_name(load_recipe(path), path))
-    done = {t.number: t.variant for t in kept.trials if t.state in (COMPLETE, INFEASIBLE)}
-    assert seen.items() <= done.items()  # every trial seen finished is still there, with its variant
-    assert len(done) < 6  # it was stopped before the end
-    assert not [t for t in kept.trials if t.state == RUNNING]
-    cut = [t for t in kept.trials if t.state == FAILED]
-    assert all(t.error == STOPPED_ERROR for t in cut[-1:])  # the trial cut short is recorded as stopped
-    variants = {r["id"] for r in Workspace(root).list()}
-    assert set(done.values()) <= variants
-    assert not [p for p in (root / "tmp").iterdir() if p.is_dir()]  # no half trial left behind
+    return seen
