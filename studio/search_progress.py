@@ -124,49 +124,77 @@ def _trial(trial: Any, stopped: set[int]) -> TrialProgress:
     )
 
 
-def load_progress(workspace: Any, study_name: str, objectives: Sequence[str] | None = None) -> SearchProgress:
-    """Every trial of the study, its objectives and its Pareto front. `objectives` (the recipe's
-    `search.objectives`) names the axes; without it the names come from the trials' recorded metrics.
+class StudyReader:
+    """Reads one study again and again (a poll a second): the storage and the study stay open between
+    reads, so each read fetches only what changed (Optuna caches finished trials), with no connection
+    held between reads. `objectives` (the recipe's `search.objectives`) names the axes; without it the
+    names come from the trials' recorded metrics."""
 
-    Raises StudyBusy while the search holds the write lock, BadInput when the file is not a study."""
-    import optuna
-    import sqlalchemy.exc
+    def __init__(self, workspace: Any, study_name: str, objectives: Sequence[str] | None = None) -> None:
+        self.path = study_path(workspace, study_name)
+        self.name = study_name
+        self.objectives = None if objectives is None else list(objectives)
+        self._study: Any = None
+        self._last: tuple[tuple[int, int], SearchProgress] | None = None  # the file's stamp, what it held
 
-    db = study_path(workspace, study_name)
-    if not db.is_file():  # never let a read create the file: the search makes it
-        return SearchProgress(study_name, (), (), exists=False)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = None
-    try:
+    def read(self, *, force: bool = False) -> SearchProgress:
+        """Every trial, the objectives and the Pareto front; the last reading again while the file has not
+        changed (a trial runs for minutes: most polls find nothing new), unless `force`. Raises StudyBusy
+        while the search holds the write lock (read again later), BadInput when the file is not a study."""
+        import optuna
+        import sqlalchemy.exc
+
+        try:
+            info = self.path.stat()
+        except FileNotFoundError:  # never let a read create the file: the search makes it
+            return SearchProgress(self.name, (), (), exists=False)
+        stamp = (info.st_mtime_ns, info.st_size)
+        if not force and self._last is not None and self._last[0] == stamp:
+            return self._last[1]
+        try:
+            study = self._study or self._open()
+            trials = study.get_trials(deepcopy=False)
+            stopped = set(study.user_attrs.get(STOPPED_KEY, []))
+        except KeyError:  # the file exists but the search has not created its study in it yet
+            return SearchProgress(self.name, (), (), exists=False)
+        except (sqlalchemy.exc.DatabaseError, optuna.exceptions.StorageInternalError) as exc:
+            # Optuna wraps a failed commit (a lock, say) in StorageInternalError: the cause says what it was
+            cause = exc if isinstance(exc, sqlalchemy.exc.DatabaseError) else exc.__cause__
+            text = str(getattr(cause, "orig", None) or cause or exc)
+            if "is locked" in text or "no such table" in text:  # written, or being created, this instant
+                raise StudyBusy(text) from exc
+            raise BadInput(
+                f"cannot read the search study: not an Optuna study ({text})", path=self.path
+            ) from exc
+        self._study = study
+        directions = tuple(d.name.lower() for d in study.directions)
+        rows = [_trial(t, stopped) for t in trials]
+        ok = [r for r in rows if r.feasible and r.values is not None]
+        front = pareto_indices([r.values for r in ok if r.values is not None], directions)
+        progress = SearchProgress(
+            study=self.name,
+            objectives=_objective_names(study, trials, self.objectives),
+            directions=directions,
+            trials=tuple(rows),
+            pareto=tuple(ok[i].number for i in front),
+        )
+        self._last = (stamp, progress)
+        return progress
+
+    def _open(self) -> Any:
+        import optuna
+        from sqlalchemy.pool import NullPool
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
         storage = optuna.storages.RDBStorage(
-            f"sqlite:///{db.resolve()}",
-            engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}},
+            f"sqlite:///{self.path.resolve()}",
+            engine_kwargs={"connect_args": {"timeout": BUSY_TIMEOUT_S}, "poolclass": NullPool},
             skip_compatibility_check=True,
             skip_table_creation=True,
         )
-        study = optuna.load_study(study_name=study_name, storage=storage)
-        trials = study.get_trials(deepcopy=False)
-        stopped = set(study.user_attrs.get(STOPPED_KEY, []))
-        directions = tuple(d.name.lower() for d in study.directions)
-    except KeyError:  # the file exists but the search has not created its study in it yet
-        return SearchProgress(study_name, (), (), exists=False)
-    except (sqlalchemy.exc.DatabaseError, optuna.exceptions.StorageInternalError) as exc:
-        # Optuna wraps a failed commit (a lock, say) in StorageInternalError: the cause says what it was
-        cause = exc if isinstance(exc, sqlalchemy.exc.DatabaseError) else exc.__cause__
-        text = str(getattr(cause, "orig", None) or cause or exc)
-        if "is locked" in text or "no such table" in text:  # written, or being created, this instant
-            raise StudyBusy(text) from exc
-        raise BadInput(f"cannot read the search study: not an Optuna study ({text})", path=db) from exc
-    finally:
-        if storage is not None:
-            storage.engine.dispose()  # no connection stays open between polls
-    rows = [_trial(t, stopped) for t in trials]
-    ok = [r for r in rows if r.feasible and r.values is not None]
-    front = pareto_indices([r.values for r in ok if r.values is not None], directions)
-    return SearchProgress(
-        study=study_name,
-        objectives=_objective_names(study, trials, objectives),
-        directions=directions,
-        trials=tuple(rows),
-        pareto=tuple(ok[i].number for i in front),
-    )
+        return optuna.load_study(study_name=self.name, storage=storage)
+
+
+def load_progress(workspace: Any, study_name: str, objectives: Sequence[str] | None = None) -> SearchProgress:
+    """The study as it is now, read once (see StudyReader)."""
+    return StudyReader(workspace, study_name, objectives).read()

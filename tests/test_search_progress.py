@@ -18,6 +18,7 @@ from studio.search_progress import (
     RUNNING,
     STOPPED_ERROR,
     StudyBusy,
+    StudyReader,
     dominates,
     load_progress,
     pareto_indices,
@@ -102,6 +103,18 @@ def test_a_locked_study_is_busy_until_the_lock_goes(tmp_path):
         holder.execute("ROLLBACK")
         holder.close()
     assert len(load_progress(tmp_path, name).trials) == 1  # the next poll reads it
+
+
+def test_a_reader_reads_again_only_what_the_search_wrote(tmp_path):
+    study, name = _study(tmp_path)
+    reader = StudyReader(tmp_path, name)
+    first = reader.read()
+    assert first.trials == () and first.exists
+    assert reader.read() is first  # the file has not changed: the same reading, nothing queried
+    _finish(study, (10.0, 0.99), [-0.1], "v")
+    second = reader.read()
+    assert [t.variant for t in second.trials] == ["v"] and second.pareto == (0,)
+    assert reader.read(force=True) is not second and reader.read(force=True).trials == second.trials
 
 
 def test_no_study_yet_and_a_damaged_file(tmp_path):

@@ -43,7 +43,7 @@ from studio.search_progress import (
     SEARCHES_FOLDER,
     SearchProgress,
     StudyBusy,
-    load_progress,
+    StudyReader,
 )
 from studio.search_space import validate_search
 
@@ -80,6 +80,7 @@ class SearchView(QWidget):
         self.recipe: Recipe | None = None
         self.recipe_path: Path | None = None
         self.study: str | None = None
+        self.reader: StudyReader | None = None  # reads the chosen recipe's study
         self.stopping = False
         self.outcome = ""  # "", running, finished, stopped, failed
         self._stderr = StderrTail()
@@ -196,6 +197,7 @@ class SearchView(QWidget):
     def _recipe_chosen(self) -> None:
         data = self.recipe_combo.currentData()
         previous, self.recipe, self.recipe_path, self.study = self.study, None, None, None
+        self.reader = None
         try:
             if data == CURRENT_PIPELINE:
                 recipe = self._pipeline_recipe()
@@ -216,6 +218,7 @@ class SearchView(QWidget):
             self.search_button.setEnabled(False)
             return
         self.recipe, self.recipe_path, self.study = recipe, path, study_name(recipe, path)
+        self.reader = StudyReader(self.document.workspace, self.study, spec.objectives)
         self.trials_spin.setValue(spec.trials)
         self.search_button.setEnabled(self.process is None)
         if self.study != previous:
@@ -337,7 +340,7 @@ class SearchView(QWidget):
         self.timer.stop()
         self.outcome = outcome
         self._set_running(False)
-        self.poll()
+        self.poll(force=True)  # the last write may share the file time of the read before it
         self._show_status(message)
         if self._refill:
             self.fill_recipes()
@@ -354,12 +357,12 @@ class SearchView(QWidget):
 
     # ---------------------------------------------------------------------------- the study
 
-    def poll(self) -> None:
+    def poll(self, force: bool = False) -> None:
         """Read the study once; a locked study keeps what is shown until the next poll."""
-        if self.study is None or self.recipe is None or self.recipe.search is None:
+        if self.reader is None or self.study is None:
             return
         try:
-            progress = load_progress(self.document.workspace, self.study, self.recipe.search.objectives)
+            progress = self.reader.read(force=force)
         except StudyBusy:
             return
         except StudioError as exc:
