@@ -70,7 +70,8 @@ class SearchPlot(QObject):
         item.showGrid(x=True, y=True, alpha=0.15)
         for name in ("left", "bottom"):
             item.getAxis(name).enableAutoSIPrefix(False)
-        self.legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt")
+        # one row across the top, over the band `_fit` keeps free of points
+        self.legend = item.addLegend(offset=(10, 5), labelTextSize="9pt", colCount=5)
         self.front_line = pg.PlotDataItem([], [], pen=pg.mkPen(FRONT_COLOR, width=2), name="Pareto front")
         item.addItem(self.front_line)
         self.points = pg.ScatterPlotItem(
@@ -91,14 +92,24 @@ class SearchPlot(QObject):
             tip=self._tip,
             name="infeasible (a constraint broken)",
         )
+        self.front_points = pg.ScatterPlotItem(
+            size=12,
+            symbol="o",
+            pen=pg.mkPen(FRONT_COLOR.darker(130), width=1.2),
+            brush=pg.mkBrush(FRONT_COLOR),
+            hoverable=True,
+            tip=self._tip,
+            name="on the front",
+        )
         self.highlight = pg.ScatterPlotItem(
             size=20, pen=pg.mkPen(colors["mean"], width=2.5), brush=None, name="selected"
         )
         self.highlight.setZValue(5)
-        for scatter in (self.points, self.infeasible, self.highlight):
+        self.scatters = (self.points, self.front_points, self.infeasible)
+        for scatter in (*self.scatters, self.highlight):
             item.addItem(scatter)
-        self.points.sigClicked.connect(self._clicked)
-        self.infeasible.sigClicked.connect(self._clicked)
+        for scatter in self.scatters:
+            scatter.sigClicked.connect(self._clicked)
         style_legend(self.legend)
         add_plot_export_action(self.plot, self.plot, "search")
 
@@ -124,8 +135,10 @@ class SearchPlot(QObject):
             item.setLabel("bottom", axis_label(names[0], dirs[0]))
             item.setLabel("left", axis_label(names[1], dirs[1]))
         done = [t for t in progress.trials if t.values is not None]
+        on = set(progress.pareto)
         for scatter, trials in (
-            (self.points, [t for t in done if t.feasible]),
+            (self.points, [t for t in done if t.feasible and t.number not in on]),
+            (self.front_points, [t for t in done if t.number in on]),
             (self.infeasible, [t for t in done if not t.feasible]),
         ):
             spots = [{"pos": self._xy(t), "data": t.number} for t in trials]
@@ -137,7 +150,22 @@ class SearchPlot(QObject):
         else:
             xs, ys = front_steps(front, (dirs[0], dirs[1]))
         self.front_line.setData(xs, ys)
+        self._fit([self._xy(t) for t in done])
         self.select(self.selected)
+
+    def _fit(self, points: list[tuple[float, float]]) -> None:
+        """Every point in view with a margin, and a free band at the top for the legend."""
+        if not points:
+            return
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        dx = (max(xs) - min(xs)) or abs(max(xs)) or 1.0
+        dy = (max(ys) - min(ys)) or abs(max(ys)) or 1.0
+        box = self.plot.getPlotItem().getViewBox()
+        box.setRange(
+            xRange=(min(xs) - 0.06 * dx, max(xs) + 0.06 * dx),
+            yRange=(min(ys) - 0.08 * dy, max(ys) + 0.3 * dy),
+            padding=0,
+        )
 
     def select(self, number: int | None) -> None:
         self.selected = number
@@ -154,7 +182,7 @@ class SearchPlot(QObject):
         return next((t for t in self.progress.trials if t.number == number), None)
 
     def point_count(self) -> int:
-        return len(self.points.data) + len(self.infeasible.data)
+        return sum(len(scatter.data) for scatter in self.scatters)
 
     def front_numbers(self) -> list[int]:
         """The trials the drawn front line passes through, read back from the line (its corners are not

@@ -121,7 +121,7 @@ class SearchView(QWidget):
         lower = QSplitter(Qt.Orientation.Horizontal)
         lower.addWidget(self.table)
         lower.addWidget(self.log)
-        lower.setStretchFactor(0, 3)
+        lower.setStretchFactor(0, 4)
         lower.setStretchFactor(1, 1)
         split = QSplitter(Qt.Orientation.Vertical)
         split.addWidget(self.plot.plot)
@@ -179,7 +179,8 @@ class SearchView(QWidget):
         index = self.recipe_combo.findData(chosen)
         self.recipe_combo.setCurrentIndex(max(0, index))
         self.recipe_combo.blockSignals(False)
-        self._recipe_chosen()
+        if index < 0 or chosen == CURRENT_PIPELINE:  # another recipe now, or the pipeline changed
+            self._recipe_chosen()
 
     def set_recipe(self, path: str | Path) -> bool:
         """Choose a recipe file (added to the list); False, with the reason shown, when it cannot search."""
@@ -404,6 +405,7 @@ class SearchView(QWidget):
         self.table.setColumnCount(len(headers))
         self.table.setHorizontalHeaderLabels(headers)
         fill_table(self.table, rows, align_right_from=2)
+        self.table.resizeColumnsToContents()
         self._rows = [t.number for t in progress.trials]
         if selected in self._rows:
             self.table.selectRow(self._rows.index(selected))
