@@ -211,3 +211,61 @@ def minilm_onnx(models_dir) -> dict[str, Path]:
 MINILM_EXCLUDED = (
     "/model/encoder/layer.0/output/dense/MatMul"  # the node minilm_onnx's INT8 graph keeps float
 )
+
+
+# A real search on the tiny BERT classifier, kept fast as in tests/test_search.py: a tiny evaluation and
+# timing off, so each trial (a worker: ONNX export, passes, evaluation) takes seconds. The Search view's
+# tests and tests/test_search_progress.py read the study it leaves.
+TINY_SEARCH = {
+    "objectives": ["size_mb", "max:quality.output_cosine"],
+    "constraints": {"quality.output_cosine": ">= 0.5"},
+    "trials": 3,
+    "seed": 0,  # TPE's first three trials with this seed: three different combinations
+    "space": {2: {"optional": True}, 3: {"per_channel": [True, False]}},
+}
+
+
+def write_tiny_search_recipe(model: Path, folder: Path, trials: int = 3) -> Path:
+    """A search recipe file over export.onnx, an optional onnx.optimize and onnx.quantize_dynamic."""
+    import yaml
+
+    data = {
+        "model": str(model),
+        "data": {"calibration_examples": 4, "evaluation_examples": 4},
+        "steps": [
+            {"technique": "export.onnx", "params": {"verify": False}},
+            {"technique": "onnx.optimize"},
+            {"technique": "onnx.quantize_dynamic"},
+        ],
+        "evaluate": {"batch_sizes": [1], "sequence_length": 16, "latency": False},
+        "search": {**TINY_SEARCH, "trials": trials},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "tiny-search.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_search_recipe(bert_classifier):
+    """Writes the tiny search recipe on the tiny BERT classifier: `tiny_search_recipe(folder, trials)`."""
+    return lambda folder, trials=3: write_tiny_search_recipe(bert_classifier, folder, trials)
+
+
+@pytest.fixture(scope="session")
+def tiny_search(bert_classifier, tmp_path_factory) -> tuple[Path, Path, dict[str, Any]]:
+    """(recipe file, workspace root, `model-studio search --json` result) of a finished 3-trial search."""
+    import contextlib
+    import io
+    import json
+
+    from studio.cli import main
+
+    folder = tmp_path_factory.mktemp("tiny-search")
+    path = write_tiny_search_recipe(bert_classifier, folder)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["search", str(path), "--workspace", str(folder / "ws"), "--json"])
+    result = json.loads(out.getvalue())
+    assert code == 0, result
+    return path, folder / "ws", result

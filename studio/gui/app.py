@@ -89,8 +89,8 @@ def load_starter_pipeline(document) -> None:
 
 
 def build_main_window(document):
-    """The main window with every tab: Model and Heads come with MainWindow; Pipeline, Run, Compare and
-    Generate are plugged in here and answer the window's menu requests."""
+    """The main window with every tab: Model and Heads come with MainWindow; Pipeline, Run, Compare,
+    Generate and Search are plugged in here and answer the window's menu requests."""
     from PySide6.QtWidgets import QApplication
 
     from studio.gui.main_window import MainWindow
@@ -112,6 +112,14 @@ def build_main_window(document):
 
     window.generate_view = GenerateView(document)
     window.add_tab(window.generate_view, "Generate")
+    from studio.gui.search_view import SearchView
+
+    window.search_view = SearchView(document)
+    window.add_tab(window.search_view, "Search")
+    # a clicked trial's variant is selected in the Compare tab (refreshed first when it is new there)
+    window.search_view.variant_selected.connect(
+        lambda vid: compare.select_variant(vid) or (compare.refresh(), compare.select_variant(vid))
+    )
     panel.compare_requested.connect(lambda: window.tabs.setCurrentWidget(compare))  # offered, not forced
     window.run_requested.connect(lambda: (window.tabs.setCurrentWidget(panel), panel.run()))
     window.cancel_requested.connect(panel.cancel)
@@ -133,6 +141,7 @@ def build_main_window(document):
     app = QApplication.instance()
     if app is not None:
         app.aboutToQuit.connect(panel.shutdown)
+        app.aboutToQuit.connect(window.search_view.shutdown)
     load_starter_pipeline(document)
     window.restore_current_tab()
     return window

@@ -1,5 +1,6 @@
-"""Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM, and the Generate
-tab on the builtin TinyLM (`model-studio screenshots DIR`, and the README's pictures).
+"""Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM (the Search tab
+after a small real search), and the Generate tab on the builtin TinyLM (`model-studio screenshots DIR`,
+and the README's pictures).
 
 The window is put in a state a user would reach in a minute: a real layer selected so its histogram
 shows, head importance computed and the least important heads switched off, so every tab shows real
@@ -47,6 +48,26 @@ GENERATE_VARIANT = {
     "evaluate": {"batch_sizes": [1], "sequence_length": 32},
 }
 GENERATE_TAB = "Generate"
+
+# The Search tab: a small real search (four trials of MiniLM's ONNX INT8 pipeline with a small evaluation,
+# timed at batch 1), so the scatter shows latency against size, a front, and the trials table.
+SEARCH_DEMO = {
+    "model": "builtin:minilm",
+    "data": {"calibration_examples": 16, "evaluation_examples": 16},
+    "steps": [
+        {"technique": "export.onnx"},
+        {"technique": "onnx.optimize"},
+        {"technique": "onnx.quantize_dynamic"},
+    ],
+    "evaluate": {"batch_sizes": [1], "sequence_length": 64},
+    "search": {
+        "objectives": ["latency_ms.b1.p50", "size_mb"],
+        "constraints": {"quality.fidelity_cosine": ">= 0.99"},
+        "trials": 4,
+        "seed": 0,
+        "space": {2: {"optional": True}, 3: {"per_channel": [True, False], "reduce_range": [True, False]}},
+    },
+}
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
@@ -135,6 +156,25 @@ def run_generation(window: object, document: object, *, demo: bool) -> None:
         raise RuntimeError(f"screenshots: generation failed: {outcome[0]}")
 
 
+def run_search_demo(window: object, folder: Path) -> None:
+    """Run the demo search from the Search tab (the search process, as a person would) and select the
+    first trial on its front, so its point is ringed and its row selected."""
+    import yaml
+
+    view = window.search_view  # type: ignore[attr-defined]
+    path = folder / "search-demo.yaml"
+    path.write_text(yaml.safe_dump(SEARCH_DEMO), encoding="utf-8")
+    if not view.set_recipe(path) or not view.start():
+        raise RuntimeError(f"screenshots: the demo search did not start: {view.status_label.text()}")
+    _wait(lambda: not view.running, "the demo search", timeout=1800)
+    if view.outcome == "failed":
+        raise RuntimeError(f"screenshots: the demo search failed: {view.status_label.text()}")
+    if view.progress is not None and view.progress.pareto:
+        view.blockSignals(True)  # the Compare tab keeps the A/B pair the demo put there
+        view.select_trial(view.progress.pareto[0])
+        view.blockSignals(False)
+
+
 def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool = True) -> list[Path]:
     """Render each tab of the main window to `<out_dir>/<tab>.png`; returns the files written. With `demo`,
     small real pipelines run first (into the workspace: a temporary one unless given), so the Run and
@@ -194,6 +234,7 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
         _wait(lambda: heads.fidelity is not None and heads.fidelity < 1.0, "the fidelity of the masked model")
         if demo:
             run_demo(window, document)
+            run_search_demo(window, Path(scratch.name))
 
         def grab(index: int) -> None:
             window.tabs.setCurrentIndex(index)

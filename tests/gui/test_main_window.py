@@ -188,6 +188,7 @@ def test_screenshots_render_every_tab(qtbot, tmp_path, settings):
         "pipeline.png",
         "run.png",
         "compare.png",
+        "search.png",
         "generate.png",
     ]
     for f in files:
