@@ -19,6 +19,7 @@ before Ray is asked); one that listens but is no Ray head is Ray's own error aft
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import tempfile
@@ -85,7 +86,7 @@ def connect(address: str) -> Any:
     # In this (the main) thread: ray.init started from another thread loses its connection to the
     # cluster it starts. Ray bounds the wait itself: a GCS that does not answer in 60 s ends the process.
     try:
-        ray.init(log_to_driver=False, logging_level="warning", **kwargs)
+        ray.init(log_to_driver=False, logging_level=logging.WARNING, **kwargs)
     except Exception as exc:  # ConnectionError, RuntimeError, ...: Ray's own words go to the person
         raise Unavailable(f"cannot join the Ray cluster at {address}: {exc}") from exc
     return ray

@@ -161,3 +161,15 @@ def test_searched_settings_travel_with_each_variant(bert_classifier, tmp_path, c
         assert opts.intra_op_num_threads == params["2.intra_op_threads"]
         assert opts.graph_optimization_level == LEVELS[params["2.graph_optimization_level"]]
         assert opts.execution_mode == MODES[params["2.execution_mode"]]
+
+
+def test_the_shipped_runtime_search_recipe_validates():
+    from pathlib import Path
+
+    from studio.pipeline import load_recipe
+
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_recipe(root / "resources/recipes/search/minilm-onnx-runtime.yaml")
+    spec = validate_search(recipe)
+    assert recipe.steps[2].technique == "runtime.onnxruntime"
+    assert set(spec.space[3]) == {"intra_op_threads", "graph_optimization_level", "execution_mode"}
