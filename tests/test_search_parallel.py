@@ -144,3 +144,37 @@ def test_parallel_trials_overlap_but_their_timings_never_do(bert_classifier, tmp
     assert again["new_trials"] == 1 and [t["number"] for t in again["trials"]] == [0, 1, 2]
     assert again["trials"][:2] == result["trials"]
     _assert_windows_apart([t for t in again["trials"] if t["state"] == "COMPLETE"])
+
+
+def test_ctrl_c_stops_every_trial_in_flight_and_the_study_resumes(bert_classifier, tmp_path, capsys):
+    import signal
+    import time
+
+    path = _timed_search(bert_classifier, tmp_path, trials=3)
+    data = yaml.safe_load(path.read_text())
+    data["evaluate"]["latency"] = False  # no timing needed to be stopped: a quicker trial
+    data["search"]["objectives"] = ["size_mb", "max:quality.output_cosine"]
+    path.write_text(yaml.safe_dump(data))
+    ws = tmp_path / "ws"
+    cmd = [sys.executable, "-m", "studio", "search", str(path), "--workspace", str(ws), "--parallel", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    for _ in range(3000):  # stop once both trials' workers have made their job folders
+        folders = [p for p in (ws / "tmp").iterdir() if p.is_dir()] if (ws / "tmp").is_dir() else []
+        if len(folders) >= 2 or proc.poll() is not None:
+            break
+        time.sleep(0.1)
+    assert len(folders) >= 2, proc.stderr.read() if proc.poll() is not None else "no two trials in flight"
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait() == 130, rest
+    assert not [p for p in (ws / "tmp").iterdir() if p.is_dir()]  # no worker folder left behind
+
+    code, result = _search(capsys, str(path), "--workspace", str(ws), "--parallel", "2", "--trials", "2")
+    assert code == 0, result
+    kept = {r["id"] for r in Workspace(ws).list() if r["kind"] != "baseline"}
+    stopped = [t for t in result["trials"] if t["error"] == "stopped before the trial finished"]
+    assert stopped and all(t["state"] == "FAIL" for t in stopped)
+    complete = [t for t in result["trials"] if t["state"] == "COMPLETE"]
+    assert len(complete) == 2 and {t["variant"] for t in complete} == kept  # stopped trials saved nothing
+    assert len(result["trials"]) == len(stopped) + 2
