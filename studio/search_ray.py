@@ -27,7 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from studio.errors import BadInput, Unavailable
+from studio.errors import BadInput, DiskFull, Unavailable
 from studio.evaluation.timing_lock import LOCK_NAME
 from studio.search_runner import Outcome, TrialRunner, timing_lock_env
 
@@ -105,6 +105,28 @@ def capacity(ray: Any, cpus_per_trial: int) -> int:
     return sum(int(n["Resources"].get("CPU", 0)) // cpus_per_trial for n in ray.nodes() if n.get("Alive"))
 
 
+def as_trial_outcome(task: Future[Outcome]) -> Future[Outcome]:
+    """A task's future whose Ray failures (a node lost, a task killed) are the trial's failure, not the
+    search's: only a full disk (which stops every trial) and a cancellation pass through as exceptions."""
+    out: Future[Outcome] = Future()
+
+    def settle(done: Future[Outcome]) -> None:
+        if done.cancelled():
+            out.cancel()
+            out.set_running_or_notify_cancel()
+            return
+        exc = done.exception()
+        if exc is None:
+            out.set_result(done.result())
+        elif isinstance(exc, DiskFull) or type(exc).__name__ == "TaskCancelledError":
+            out.set_exception(exc)
+        else:
+            out.set_result((None, f"crash: the Ray task failed: {type(exc).__name__}: {exc}"))
+
+    task.add_done_callback(settle)
+    return out
+
+
 class RayTrials:
     """Trials as Ray tasks: `slots` is --parallel, or as many as the cluster fits."""
 
@@ -135,8 +157,7 @@ class RayTrials:
     def submit(self, concrete: dict[str, Any]) -> Future[Outcome]:
         ref = self.task.remote(concrete, str(self.runner.root), self.runner.recipe_path, self.runner.trust)
         self._refs.append(ref)
-        future: Future[Outcome] = ref.future()
-        return future
+        return as_trial_outcome(ref.future())
 
     def cancel_all(self) -> None:
         """Interrupt every task (KeyboardInterrupt in it: its worker is cancelled and its folder removed)."""

@@ -81,3 +81,24 @@ def test_a_search_on_a_local_ray_lands_in_the_workspace(bert_classifier, tmp_pat
     windows = sorted((t["timing_window"] for t in result["trials"]), key=lambda w: w["start"])
     assert windows[0]["end"] <= windows[1]["start"], windows  # one node: its lock kept the timings apart
     assert node_lock().is_file()
+
+
+def test_a_failed_ray_task_is_a_failed_trial_but_a_full_disk_stops_the_search():
+    from concurrent.futures import Future
+
+    from studio.errors import DiskFull
+    from studio.search_ray import as_trial_outcome
+
+    def settled(value=None, exc=None):
+        task: Future = Future()
+        out = as_trial_outcome(task)
+        task.set_exception(exc) if exc is not None else task.set_result(value)
+        return out
+
+    assert settled(({"id": "v1"}, None)).result() == ({"id": "v1"}, None)
+    variant, error = settled(exc=RuntimeError("node 10.0.0.7 died")).result()
+    assert (
+        variant is None and error.startswith("crash: the Ray task failed") and "node 10.0.0.7 died" in error
+    )
+    with pytest.raises(DiskFull):
+        settled(exc=DiskFull("no space left")).result()
