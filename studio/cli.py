@@ -183,7 +183,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="a recipe file with a search: section")
     p.add_argument("--trials", type=int, help="trials in the study (default: the recipe's search.trials)")
     p.add_argument("--json", action="store_true", help="print the result JSON")
-    p.add_argument("--ray", metavar="ADDRESS", help="run the trials on a Ray cluster (not yet supported)")
+    p.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="trials at a time (default: 2 from 4 cores up, else 1; with --ray: as many as the cluster "
+        "fits); their timings still run one at a time",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the trials as tasks of a Ray cluster: HOST:PORT of its head, auto (the cluster this "
+        "machine belongs to) or local (a private one on this machine); the workspace must be on a file "
+        "system every node sees at the same path (docs/search.md)",
+    )
+    p.add_argument(
+        "--ray-cpus-per-trial",
+        type=int,
+        metavar="N",
+        help="CPUs Ray reserves for each trial (default: all of the smallest node's: one trial per node)",
+    )
     p.set_defaults(handler=cmd_search)
 
     add_graph_verbs(sub, ws, trust)

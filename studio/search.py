@@ -2,7 +2,10 @@
 
 Every trial is a normal run in its own worker process (the client `model-studio run` uses), so a trial that
 crashes or exhausts memory cannot take the search down, and every finished trial is a variant in the
-workspace with its recipe. Trials run one at a time: a trial's timing never overlaps another's.
+workspace with its recipe. Several trials may run at once (`--parallel N`, studio/search_runner.py, or
+the tasks of a Ray cluster, studio/search_ray.py), but a trial's timing never overlaps another's on the
+same machine: each run holds a file lock while it times (studio/evaluation/timing_lock.py) and records
+the window it timed in, which each trial row carries as `timing_window`.
 
 The study lives in the workspace (`searches/<name>.db`, Optuna's SQLite storage) under a name derived
 from the recipe's content without its trial count, so running the same recipe again resumes it: raising
@@ -20,10 +23,12 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from pathlib import Path
 from typing import Any
 
-from studio.errors import BadInput, DiskFull
+from studio.errors import BadInput
+from studio.search_runner import LocalTrials, Outcome, TrialRunner, Trials, default_parallel
 from studio.search_space import metric_of, parse_constraint, trial_steps, validate_search, violation
 
 Log = Callable[[str], None]
@@ -51,7 +56,7 @@ def trial_recipe(recipe: Any, trial: Any) -> Any:
     return parse_recipe(trial_steps(recipe, trial))
 
 
-def _sampler(kind: str, seed: int | None) -> Any:
+def _sampler(kind: str, seed: int | None, concurrent: bool = False) -> Any:
     import optuna
 
     def constraints(trial: Any) -> list[float]:
@@ -61,7 +66,9 @@ def _sampler(kind: str, seed: int | None) -> Any:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if kind == "nsga2":
             return optuna.samplers.NSGAIISampler(seed=seed, constraints_func=constraints)
-        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints)
+        # with trials in flight, TPE treats them as bad results ("constant liar") so that two trials asked
+        # for at once are not the same point
+        return optuna.samplers.TPESampler(seed=seed, constraints_func=constraints, constant_liar=concurrent)
 
 
 def _dominates(a: list[float], b: list[float], signs: list[float]) -> bool:
@@ -82,43 +89,6 @@ def pareto_front(
     return [r for r in ok if not any(_dominates(vec[o["number"]], vec[r["number"]], signs) for o in ok)]
 
 
-class _Runner:
-    """Runs one concrete recipe in a worker; returns (variant row, None) or (None, error message)."""
-
-    def __init__(self, workspace: Any, recipe_path: str | None, trust: bool) -> None:
-        self.workspace = workspace
-        self.recipe_path = recipe_path
-        self.trust = trust
-
-    def __call__(self, concrete: Any) -> tuple[dict[str, Any] | None, str | None]:
-        from studio.events import Done, Error
-        from studio.worker import WorkerClient
-
-        client = WorkerClient(
-            concrete.model_dump(mode="json"),
-            self.workspace.root,
-            recipe_path=self.recipe_path,
-            trust=self.trust,
-        )
-        result = error = None
-        try:
-            for event in client.events():
-                if isinstance(event, Done):
-                    result = event.result
-                elif isinstance(event, Error):
-                    error = event
-        except KeyboardInterrupt:
-            client.cancel()  # no half variant: the worker's folder goes with it
-            raise
-        if error is not None:
-            if error.kind == "disk-full":
-                raise DiskFull(error.message)
-            where = f"step {error.step + 1}: " if error.step is not None and error.step >= 0 else ""
-            return None, f"{error.kind}: {where}{error.message}"
-        assert result is not None
-        return result["variants"][0], None
-
-
 def _row(trial: Any, stopped: set[int]) -> dict[str, Any]:
     attrs = dict(trial.user_attrs)
     if trial.number in stopped:
@@ -135,7 +105,75 @@ def _row(trial: Any, stopped: set[int]) -> dict[str, Any]:
         "violation": None if cons is None else sum(max(0.0, c) for c in cons),
         "state": trial.state.name,
         "error": attrs.get("error"),
+        "timing_window": attrs.get("timing_window"),
     }
+
+
+def _tell(
+    study: Any,
+    trial: Any,
+    variant: dict[str, Any] | None,
+    error: str | None,
+    objectives: list[str],
+    constraints: list[tuple[str, str, float]],
+    wanted: list[str],
+    recipe_path: str | Path | None,
+) -> tuple[dict[str, float], list[float]] | None:
+    """Record a finished trial in the study (this thread is its one writer): failed with its error, or its
+    objective values, constraint values, variant and timing window. Returns (values, constraint values)."""
+    from optuna.trial import TrialState
+
+    from studio.compare import flat_metrics
+
+    if error is not None:
+        trial.set_user_attr("error", error)
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    assert variant is not None
+    flat = flat_metrics(variant["metrics"])
+    missing = [m for m in wanted if m not in flat]
+    trial.set_user_attr("variant", variant["id"])
+    if variant["metrics"].get("timing_window"):
+        trial.set_user_attr("timing_window", variant["metrics"]["timing_window"])
+    if missing:
+        trial.set_user_attr("error", f"not measured: {', '.join(missing)}")
+        study.tell(trial, state=TrialState.FAIL)
+        raise BadInput(
+            f"the search names {', '.join(repr(m) for m in missing)}, which the runs of this model do not "
+            f"measure (measured: {', '.join(sorted(flat))})",
+            path=recipe_path,
+        )
+    values = {m: flat[m] for m in wanted}
+    cons = [violation(op, bound, flat[m]) for m, op, bound in constraints]
+    trial.set_user_attr("metrics", values)
+    trial.set_user_attr("constraint_values", cons)
+    study.tell(trial, [flat[metric_of(o)] for o in objectives])
+    return values, cons
+
+
+def _backend(
+    workspace: Any,
+    recipe_path: str | Path | None,
+    trust: bool,
+    parallel: int | None,
+    ray_address: str | None,
+    ray_cpus_per_trial: int | None,
+) -> Trials:
+    runner = TrialRunner(workspace.root, None if recipe_path is None else str(recipe_path), trust)
+    if ray_address is not None:
+        from studio.search_ray import RayTrials
+
+        return RayTrials(runner, ray_address, parallel=parallel, cpus_per_trial=ray_cpus_per_trial)
+    n = default_parallel() if parallel is None else parallel
+    if n < 1:
+        raise BadInput(f"--parallel must be at least 1, got {n}")
+    return LocalTrials(runner, n)
+
+
+def log_start(slots: int, ray_address: str | None, log: Log) -> None:
+    where = f"on the Ray cluster at {ray_address}" if ray_address else "on this machine"
+    if slots > 1:
+        log(f"search: up to {slots} trials at a time {where}; their timings one at a time")
 
 
 def run_search(
@@ -147,19 +185,22 @@ def run_search(
     trust: bool = False,
     log: Log = _stderr,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
-    runner: Callable[[Any], tuple[dict[str, Any] | None, str | None]] | None = None,
+    parallel: int | None = None,
+    ray_address: str | None = None,
+    ray_cpus_per_trial: int | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) the recipe's search until the study holds `trials` finished trials.
 
     Returns `{"study", "storage", "trials", "pareto", "best", "recipe", "new_trials", "seconds"}`; `best` is
     the feasible Pareto trial best on the first objective (None, with `closest`, when no trial is feasible).
-    Ctrl+C stops the running trial (its worker and folder removed), records it as failed and re-raises:
-    the study and the finished trials stay for the next run.
+    Ctrl+C stops the running trials (their workers and folders removed), records them as failed and
+    re-raises: the study and the finished trials stay for the next run. `parallel`: trials at a time on
+    this machine (None: `search_runner.default_parallel`); `ray_address`: run them as tasks of that Ray
+    cluster instead (studio/search_ray.py), `ray_cpus_per_trial` CPUs reserved for each.
     """
     import optuna
     from optuna.trial import FixedTrial, TrialState
 
-    from studio.compare import flat_metrics
     from studio.pipeline import plan
 
     spec = validate_search(recipe, recipe_path)
@@ -172,6 +213,7 @@ def run_search(
     constraints = [(name, *parse_constraint(text)) for name, text in spec.constraints.items()]
     wanted = [metric_of(o) for o in objectives] + [c[0] for c in constraints]
 
+    concurrent = ray_address is not None or (default_parallel() if parallel is None else parallel) > 1
     name = study_name(recipe, recipe_path)
     folder = workspace.root / "searches"
     try:
@@ -186,7 +228,7 @@ def run_search(
             study_name=name,
             storage=storage,
             directions=["maximize" if s < 0 else "minimize" for s in signs],
-            sampler=_sampler(spec.sampler, spec.seed),
+            sampler=_sampler(spec.sampler, spec.seed, concurrent),
             load_if_exists=True,
         )
     except Exception as exc:  # SQLAlchemy/Optuna errors: a damaged or foreign file where the study belongs
@@ -211,58 +253,65 @@ def run_search(
     done = sum(t.number not in stopped for t in study.get_trials(deepcopy=False, states=finished))
     if done:
         log(f"search: resuming {name} ({done} trials done, {max(0, total - done)} to go)")
-    run = runner or _Runner(workspace, None if recipe_path is None else str(recipe_path), trust)
+    backend = _backend(workspace, recipe_path, trust, parallel, ray_address, ray_cpus_per_trial)
+    log_start(backend.slots, ray_address, log)
     started = time.perf_counter()
     new = 0
-    while done < total:
-        trial = study.ask()
+    pending: dict[Future[Outcome], tuple[Any, float]] = {}
+
+    def record(trial: Any, variant: dict[str, Any] | None, error: str | None, t0: float) -> None:
+        nonlocal done, new
         label = f"trial {trial.number} ({done + 1}/{total})"
-        t0 = time.perf_counter()
-        try:
-            try:
-                concrete = trial_recipe(recipe, trial)
-                plan(concrete, planned.model, trust=trust)
-            except BadInput as exc:
-                error: str | None = f"invalid combination: {exc.problem}"
-                variant = None
-            else:
-                variant, error = run(concrete)
-        except BaseException:  # Ctrl+C (the runner has cancelled the worker) or a bug: keep the study sound
-            study.set_user_attr(STOPPED_KEY, sorted(stopped | {trial.number}))
-            study.tell(trial, state=TrialState.FAIL)
-            raise
+        told = _tell(study, trial, variant, error, objectives, constraints, wanted, recipe_path)
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
+        took = time.perf_counter() - t0
         if error is not None:
-            trial.set_user_attr("error", error)
-            study.tell(trial, state=TrialState.FAIL)
-            log(f"search: {label} failed in {time.perf_counter() - t0:.0f}s [{params}]: {error}")
+            log(f"search: {label} failed in {took:.0f}s [{params}]: {error}")
         else:
-            assert variant is not None
-            flat = flat_metrics(variant["metrics"])
-            missing = [m for m in wanted if m not in flat]
-            trial.set_user_attr("variant", variant["id"])
-            if missing:
-                trial.set_user_attr("error", f"not measured: {', '.join(missing)}")
-                study.tell(trial, state=TrialState.FAIL)
-                raise BadInput(
-                    f"the search names {', '.join(repr(m) for m in missing)}, which the runs of this model do not "
-                    f"measure (measured: {', '.join(sorted(flat))})",
-                    path=recipe_path,
-                )
-            values = {m: flat[m] for m in wanted}
-            cons = [violation(op, bound, flat[m]) for m, op, bound in constraints]
-            trial.set_user_attr("metrics", values)
-            trial.set_user_attr("constraint_values", cons)
-            study.tell(trial, [flat[metric_of(o)] for o in objectives])
+            assert variant is not None and told is not None
+            values, cons = told
             shown = ", ".join(f"{m} {v:.4g}" for m, v in values.items())
             mark = "" if all(c <= 0 for c in cons) else " (infeasible)"
-            log(
-                f"search: {label} -> {variant['id']} in {time.perf_counter() - t0:.0f}s [{params}]: {shown}{mark}"
-            )
+            log(f"search: {label} -> {variant['id']} in {took:.0f}s [{params}]: {shown}{mark}")
         done += 1
         new += 1
         if on_trial is not None:
             on_trial(_row(study.trials[trial.number], stopped))
+
+    try:
+        while done < total:
+            while done + len(pending) < total and len(pending) < backend.slots:
+                trial = study.ask()
+                t0 = time.perf_counter()
+                try:
+                    concrete = trial_recipe(recipe, trial)
+                    plan(concrete, planned.model, trust=trust)
+                except BadInput as exc:
+                    record(trial, None, f"invalid combination: {exc.problem}", t0)
+                    continue
+                pending[backend.submit(concrete.model_dump(mode="json"))] = (trial, t0)
+            if not pending:
+                continue
+            ready, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for future in ready:
+                trial, t0 = pending.pop(future)
+                variant, error = future.result()  # DiskFull (a full disk stops the search) raises here
+                record(trial, variant, error, t0)
+    except BaseException:
+        # Ctrl+C or a bug: stop the running trials (workers and folders go), keep the study sound
+        backend.cancel_all()
+        backend.close()
+        for future, (trial, t0) in pending.items():
+            ok = future.done() and not future.cancelled() and future.exception() is None
+            outcome = future.result() if ok else None
+            if outcome is not None and outcome[0] is not None:  # it finished before the stop: keep it
+                record(trial, outcome[0], None, t0)
+                continue
+            stopped.add(trial.number)
+            study.set_user_attr(STOPPED_KEY, sorted(stopped))
+            study.tell(trial, state=TrialState.FAIL)
+        raise
+    backend.close()
 
     rows = [_row(t, stopped) for t in study.get_trials(deepcopy=False, states=finished)]
     front = pareto_front(rows, objectives, signs)

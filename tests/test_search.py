@@ -119,7 +119,7 @@ def test_a_good_search_section_validates_and_run_ignores_it(tmp_path):
     assert main(["run", str(path), "--dry-run"]) == 0  # `run` takes the steps as written
 
 
-def test_cli_exits_2_on_a_bad_space_and_on_ray(tmp_path, capsys):
+def test_cli_exits_2_on_a_bad_space_and_a_bad_parallel(tmp_path, capsys):
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(_recipe({**SEARCH, "space": {7: {"optional": True}}})))
     assert main(["search", str(path), "--workspace", str(tmp_path / "ws")]) == 2
@@ -128,8 +128,8 @@ def test_cli_exits_2_on_a_bad_space_and_on_ray(tmp_path, capsys):
     assert not (tmp_path / "ws").exists()  # refused before the workspace is made
     good = tmp_path / "good.yaml"
     good.write_text(yaml.safe_dump(_recipe(SEARCH)))
-    assert main(["search", str(good), "--ray", "10.0.0.1:6379", "--workspace", str(tmp_path / "ws")]) == 2
-    assert "not yet" in capsys.readouterr().err
+    assert main(["search", str(good), "--parallel", "0", "--workspace", str(tmp_path / "ws")]) == 2
+    assert "--parallel must be at least 1" in capsys.readouterr().err
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump({"model": "builtin:minilm", "steps": STEPS}))
     assert main(["search", str(plain), "--workspace", str(tmp_path / "ws")]) == 2

@@ -103,15 +103,21 @@ def cmd_search(args: argparse.Namespace) -> int:
     from studio.search import run_search
     from studio.search_space import validate_search
 
-    if args.ray:
-        raise BadInput(
-            f"--ray {args.ray}: running trials on a Ray cluster is not yet supported; run without --ray"
-        )
+    for flag, value in (("--parallel", args.parallel), ("--ray-cpus-per-trial", args.ray_cpus_per_trial)):
+        if value is not None and value < 1:
+            raise BadInput(f"{flag} must be at least 1, got {value}")
     recipe = load_recipe(args.recipe)
     validate_search(recipe, args.recipe)  # before the workspace is touched
     try:
         result = run_search(
-            recipe, workspace_path(args), recipe_path=args.recipe, trials=args.trials, trust=args.trust
+            recipe,
+            workspace_path(args),
+            recipe_path=args.recipe,
+            trials=args.trials,
+            trust=args.trust,
+            parallel=args.parallel,
+            ray_address=args.ray,
+            ray_cpus_per_trial=args.ray_cpus_per_trial,
         )
     except KeyboardInterrupt:
         print(

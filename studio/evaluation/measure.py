@@ -30,6 +30,7 @@ from studio.evaluation.quality import (
     sliding_window_perplexity,
     spearman_on_pairs,
 )
+from studio.evaluation.timing_lock import timing_window
 from studio.events import Log, Progress
 from studio.families import Batch, family_for
 
@@ -456,19 +457,26 @@ def evaluate_variant(
     metrics["quality"] = var_q
     metrics["baseline_quality"] = base_q
     metrics["disagreements"] = acc.worst()
-    if recipe.evaluate.latency:
-        sink(Progress(step, 0.3, "peak memory of the variant"))
-        metrics.update(measure_memory(kind, target, model, examples, recipe.evaluate, sink, "variant", step))
-        timed = measure_interleaved(
-            {"variant": runner, "original": base_runner}, model, examples, recipe.evaluate, sink, step
-        )
-        metrics.update(timed["variant"])
-        metrics["baseline_latency_ms"] = timed["original"]["latency_ms"]  # the same minutes, in turns
-    if gen is not None:
-        module_or_file = module_of(runner) if kind == "torch" else target
-        metrics["generation"] = generation_metrics(
-            kind, module_or_file, model, recipe, examples, sink, "variant", step
-        )
+    if recipe.evaluate.latency or gen is not None:
+        # one run's timing at a time when the environment names a lock (timing_lock.py); the memory probe
+        # is inside too, since it loads the cores another run's timing would share
+        with timing_window() as window:
+            if recipe.evaluate.latency:
+                sink(Progress(step, 0.3, "peak memory of the variant"))
+                metrics.update(
+                    measure_memory(kind, target, model, examples, recipe.evaluate, sink, "variant", step)
+                )
+                timed = measure_interleaved(
+                    {"variant": runner, "original": base_runner}, model, examples, recipe.evaluate, sink, step
+                )
+                metrics.update(timed["variant"])
+                metrics["baseline_latency_ms"] = timed["original"]["latency_ms"]  # the same minutes, in turns
+            if gen is not None:
+                module_or_file = module_of(runner) if kind == "torch" else target
+                metrics["generation"] = generation_metrics(
+                    kind, module_or_file, model, recipe, examples, sink, "variant", step
+                )
+        metrics["timing_window"] = window
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 2)
     return metrics
 

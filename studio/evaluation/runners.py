@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from studio.errors import BadInput, Unavailable
+from studio.evaluation import ort_settings
 from studio.evaluation.onnx_cache import PAST_PREFIX, empty_past
 from studio.families import Batch, Family, Seq2Seq, family_for
 
@@ -162,9 +163,10 @@ ORT_TYPES = {
 }
 
 
-def session_options(threads: int | None = None) -> Any:
+def session_options(threads: int | None = None, settings: dict[str, Any] | None = None) -> Any:
     """ORT options for measuring: a set intra-op thread count, and no idle spinning, whose busy-waiting
-    threads would steal cores from whatever runs next (the next variant, torch, the GUI)."""
+    threads would steal cores from whatever runs next (the next variant, torch, the GUI). `settings`: the
+    ones a graph carries (ort_settings.py), which win over `threads`: they are part of the variant."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -173,7 +175,7 @@ def session_options(threads: int | None = None) -> Any:
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
     opts.log_severity_level = 3  # errors only: ORT's warnings about CPU fallbacks are not the user's business
-    return opts
+    return ort_settings.apply(opts, settings or {})
 
 
 def providers_for(device: str | None) -> list[str]:
@@ -187,13 +189,19 @@ def providers_for(device: str | None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def open_session(path: Path, threads: int | None = None, device: str | None = None) -> Any:
-    """An onnxruntime session with the measuring options; a graph it cannot load is BadInput."""
+def open_session(
+    path: Path, threads: int | None = None, device: str | None = None, metadata: dict[str, str] | None = None
+) -> Any:
+    """An onnxruntime session with the measuring options and the graph's own settings (from `metadata`,
+    read from the file when not given); a graph it cannot load is BadInput."""
     import onnxruntime as ort
 
+    from studio.checkpoints.onnx_graph import read_metadata
+
+    settings = ort_settings.recorded(read_metadata(path) if metadata is None else metadata)
     try:
         return ort.InferenceSession(
-            str(path), sess_options=session_options(threads), providers=providers_for(device)
+            str(path), sess_options=session_options(threads, settings), providers=providers_for(device)
         )
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         raise BadInput(f"onnxruntime cannot load the graph: {exc}", path=path) from exc
@@ -223,7 +231,7 @@ class OnnxRunner:
 
         self.path = Path(path)
         metadata = read_metadata(self.path)
-        self.session = open_session(self.path, threads, device)
+        self.session = open_session(self.path, threads, device, metadata)
         declared = self.session.get_inputs()
         # A cache graph (export.onnx with_cache) is fed a zero-length past: a plain forward pass.
         self.past = past_inputs(self.session)

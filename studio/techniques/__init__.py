@@ -21,4 +21,5 @@ from studio.techniques.onnx import (  # noqa: F401  (imported to register)
     optimize,
     quantize_dynamic,
     quantize_static,
+    runtime,
 )
