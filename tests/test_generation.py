@@ -437,3 +437,54 @@ def test_a_static_cache_where_the_config_cannot_give_one_is_refused():
 
     with pytest.raises(BadInput, match="cache 'static' is not possible"):
         static_cache(object(), 16)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def gen_row(vid, speed, kv, quality=None, kind="torch", parent=None, steps=(), created=0.0):
+    generation = {"1": {"decode_tokens_per_s": speed, "ttft_ms": {"p50": 2.0}, "tpot_ms": {"p50": 1.0}}}
+    return {
+        "id": vid,
+        "kind": kind,
+        "parent": parent,
+        "model": "builtin:tinylm",
+        "created": created,
+        "recipe": {"steps": list(steps)},
+        "metrics": {"generation": {**generation, "kv_cache_bytes": kv}, "quality": quality or {}},
+    }
+
+
+def test_generation_rows_read_speed_cache_bits_and_the_pareto_front():
+    from studio.variant_rows import (
+        generation_pareto,
+        generation_quality,
+        generation_quality_key,
+        kv_cache_bits,
+        kv_cache_bytes,
+        ttft_ms,
+    )
+
+    kv_step = {"technique": "kv_cache.quantize", "params": {"method": "quanto", "bits": 2}}
+    rows = [
+        gen_row("base", 100.0, 4096, kind="baseline"),
+        gen_row("fast", 150.0, 1024, {"perplexity": 30.0}, parent="base", steps=[kv_step], created=2.0),
+        gen_row("slow", 90.0, 4096, {"perplexity": 25.0}, parent="base", created=1.0),  # worse than base
+        gen_row("best", 120.0, 2048, {"perplexity": 21.0}, parent="base", created=0.5),
+    ]
+    rows[1]["metrics"]["baseline_quality"] = {"perplexity": 20.0}
+    rows[2]["metrics"]["baseline_quality"] = {"perplexity": 19.0}  # an older run's number of the original
+    assert generation_quality_key(rows) == "perplexity"
+    assert generation_quality(rows[0], rows, "perplexity") == 20.0  # the newest child's measure of it
+    assert (kv_cache_bits(rows[1]), kv_cache_bits(rows[2])) == (2.0, None)
+    assert kv_cache_bytes(rows[1]) == 1024 and ttft_ms(rows[1]) == 2.0
+    # lower perplexity is better: "slow" (slower and worse than the original) is dominated, and "best"
+    # (slower than "fast" but better) is not
+    (front,) = generation_pareto(rows, "perplexity").values()
+    assert [rows[i]["id"] for i in front] == ["fast", "best", "base"]
+    rows[3]["metrics"]["generation"] = {"unavailable": "why"}  # unmeasured rows drop out
+    assert kv_cache_bytes(rows[3]) is None
+    assert [rows[i]["id"] for i in next(iter(generation_pareto(rows, "perplexity").values()))] == [
+        "fast",
+        "base",
+    ]
