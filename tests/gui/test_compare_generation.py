@@ -146,3 +146,22 @@ def test_without_generation_metrics_the_generation_tabs_are_hidden(qtbot, tmp_pa
     )
     assert view.tabs.isTabVisible(tabs["Latency"])
     view.shutdown()
+
+
+def test_the_ab_histogram_legend_sits_outside_the_data(view, generating, qtbot):
+    """The A/B pane is narrow and the variants' names long: the legend goes under the plot, so it never
+    covers the histograms (inside, it hid their peaks)."""
+    _root, baseline, variant = generating
+    view.examples_spin.setValue(0)
+    view.set_ab(baseline, variant)
+    view.tabs.setCurrentWidget(view.ab_panel)
+    with qtbot.waitSignal(view.histogram_shown, timeout=180000):
+        view.compare_ab()
+    qtbot.waitUntil(lambda: view.hist_plot.isVisible(), timeout=10000)
+    names = [label.text for _sample, label in view.hist_legend.items]
+    assert names[0] == "A: original tinylm" and names[1].startswith("B: ")
+    box = view.hist_plot.getPlotItem().getViewBox().sceneBoundingRect()
+    legend = view.hist_legend.sceneBoundingRect()
+    assert legend.width() > 0 and legend.height() > 0
+    assert not legend.intersects(box) and legend.top() >= box.bottom()
+    assert legend.right() <= view.hist_plot.width() + 1  # and it is not cut off at the side
