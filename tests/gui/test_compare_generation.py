@@ -98,12 +98,13 @@ def test_the_generation_bar_charts_draw_each_variant(view, generating, qtbot):
     assert sorted(drawn) == sorted([baseline, variant])
     speeds = [rows[i]["metrics"]["generation"]["1"]["decode_tokens_per_s"] for i in drawn]
     assert list(gen.speed_bars.opts["height"]) == pytest.approx(speeds)
-    kv = [rows[i]["metrics"]["generation"]["kv_cache_bytes"] / 1e6 for i in drawn]
+    assert gen.kv_unit == "kB"  # a cache of 12 positions of a small model: kilobytes, not 0.02 MB
+    kv = [rows[i]["metrics"]["generation"]["kv_cache_bytes"] / 1e3 for i in drawn]
     assert list(gen.kv_bars.opts["height"]) == pytest.approx(kv)
     assert kv[drawn.index(variant)] < kv[drawn.index(baseline)]  # 4-bit codes hold less than float32
     ticks = [t for _x, t in gen.kv_plot.getPlotItem().getAxis("bottom")._tickLevels[0]]
     assert any(t.endswith("KV 4-bit") for t in ticks) and sum("KV" in t for t in ticks) == 1
-    for plot, unit in ((gen.speed_plot, "(tokens/s)"), (gen.kv_plot, "(MB")):
+    for plot, unit in ((gen.speed_plot, "(tokens/s)"), (gen.kv_plot, "(kB, 10³ bytes)")):
         assert unit in plot.getPlotItem().getAxis("left").labelText
     # the bars are on screen: the bar colour fills pixels of the decode-speed chart
     view.tabs.setCurrentIndex(tabs["Decode speed"])

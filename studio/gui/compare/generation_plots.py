@@ -45,6 +45,12 @@ def gen_tick(row: dict[str, Any], names: dict[str, str]) -> str:
     return f"{text}\nKV {bits:g}-bit" if bits is not None else text
 
 
+def kv_unit(values: list[float]) -> tuple[float, str]:
+    """The unit the KV-cache bars are drawn in: MB, or kB for caches under a megabyte (a small model's
+    cache of a short context is a few kilobytes, which in MB reads as 0.00922)."""
+    return (1e6, "MB") if max(values, default=0.0) >= 1e6 else (1e3, "kB")
+
+
 class GenerationPlots(QObject):
     """Decode speed bars, KV-cache memory bars, and the speed / quality scatter."""
 
@@ -60,6 +66,7 @@ class GenerationPlots(QObject):
         self.gen_pareto_plot = pg.PlotWidget()
         self.speed_bars = owner.bar_plot(self.speed_plot, "Decode speed", "decode tokens/s")
         self.kv_bars = owner.bar_plot(self.kv_plot, "KV-cache memory", "KV cache (MB)")
+        self.kv_unit = "MB"
         for plot in (self.speed_plot, self.kv_plot):  # ticks of three lines: id, steps, KV-cache bits
             plot.getPlotItem().getAxis("bottom").setHeight(3 * owner.host.fontMetrics().height() + 30)
         self.speed_legend = self._selection_legend(self.speed_plot)
@@ -156,18 +163,20 @@ class GenerationPlots(QObject):
         owner.value_texts(self.speed_plot, [(x, v, f"{v:.3g}") for x, v in zip(xs, speed, strict=True)])
 
         kv = [kv_cache_bytes(r) for r in self.rows]
-        kv_mb = np.array([b / 1e6 if b is not None else np.nan for b in kv], dtype=float)
-        ok = np.isfinite(kv_mb)
+        scale, unit = kv_unit([b for b in kv if b is not None])
+        self.kv_unit = unit
+        kv_scaled = np.array([b / scale if b is not None else np.nan for b in kv], dtype=float)
+        ok = np.isfinite(kv_scaled)
         self.kv_bars.setOpts(
-            x=xs[ok], height=kv_mb[ok], brushes=[b for b, k in zip(brushes, ok, strict=True) if k]
+            x=xs[ok], height=kv_scaled[ok], brushes=[b for b, k in zip(brushes, ok, strict=True) if k]
         )
         item = self.kv_plot.getPlotItem()
         item.setTitle("KV-cache memory after prompt + new tokens, batch 1 (lower is better)")
-        item.setLabel("left", "KV cache (MB, 10⁶ bytes)")
-        top = float(np.nanmax(kv_mb[ok])) if ok.any() else 0.0
+        item.setLabel("left", f"KV cache ({unit}, {'10⁶' if unit == 'MB' else '10³'} bytes)")
+        top = float(np.nanmax(kv_scaled[ok])) if ok.any() else 0.0
         owner.finish_bars(self.kv_plot, ticks, len(self.rows), 0.0, top * 1.15 if top > 0 else 1.0)
         owner.value_texts(
-            self.kv_plot, [(x, v, f"{v:.3g} MB") for x, v in zip(xs[ok], kv_mb[ok], strict=True)]
+            self.kv_plot, [(x, v, f"{v:.3g} {unit}") for x, v in zip(xs[ok], kv_scaled[ok], strict=True)]
         )
         self._update_pareto(every_row, names, selected)
 
