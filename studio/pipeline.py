@@ -322,7 +322,7 @@ def check_generation(spec: EvaluateSpec, model: LoadedModel) -> list[str]:
 def generation_option_problem(gen: GenerationSpec, model: LoadedModel) -> str | None:
     """Why this model cannot generate with the chosen attention or cache, or None: flash attention where
     the GPU or the flash-attn package is missing, a static cache for a model it cannot be built for."""
-    from studio.evaluation.generation import flash_unavailable, static_cache
+    from studio.evaluation.generation_options import flash_unavailable, static_cache
 
     if gen.attention == "flash":
         reason = flash_unavailable()

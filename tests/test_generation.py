@@ -402,7 +402,7 @@ def test_recipe_options_round_trip_and_defaults_dump_as_before():
 
 def test_flash_attention_where_unavailable_is_refused_with_exit_2(tmp_path, capsys):
     from studio.cli import main
-    from studio.evaluation.generation import flash_unavailable
+    from studio.evaluation.generation_options import flash_unavailable
 
     if flash_unavailable() is None:
         pytest.skip("FlashAttention 2 runs here; the refusal is for machines without it")
@@ -433,7 +433,7 @@ def test_a_static_cache_for_a_seq2seq_model_is_refused_naming_the_field(tmp_path
 
 
 def test_a_static_cache_where_the_config_cannot_give_one_is_refused():
-    from studio.evaluation.generation import static_cache
+    from studio.evaluation.generation_options import static_cache
 
     with pytest.raises(BadInput, match="cache 'static' is not possible"):
         static_cache(object(), 16)

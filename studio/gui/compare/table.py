@@ -69,6 +69,11 @@ class Column:
     numeric: bool = True
 
 
+def quality_of(rows: list[dict[str, Any]], key: str) -> Callable[[dict[str, Any]], float | None]:
+    """A row's generation quality `key` (an original's, from its variants among `rows`)."""
+    return lambda r: generation_quality(r, rows, key)
+
+
 def generation_columns(rows: list[dict[str, Any]], number: Callable[..., Callable[..., str]]) -> list[Column]:
     """The generation metrics of causal LMs (time to first token, time per token, decode tokens/s, KV
     cache, generation quality) at the smallest batch size they were timed at; none when no row has them."""
@@ -120,14 +125,8 @@ def generation_columns(rows: list[dict[str, Any]], number: Callable[..., Callabl
         ),
     ):
         if any(generation_quality(r, rows, key) is not None for r in rows):
-            cols.append(
-                Column(
-                    title,
-                    tip,
-                    number(lambda r, key=key: generation_quality(r, rows, key), ".5g"),
-                    lambda r, key=key: generation_quality(r, rows, key),
-                )
-            )
+            value = quality_of(rows, key)
+            cols.append(Column(title, tip, number(value, ".5g"), value))
     return cols
 
 
