@@ -112,9 +112,9 @@ def cache_bytes(cache: Any) -> int:
 class GreedyLoop:
     """Greedy decoding of one torch module with a KV cache: `prefill` then `step`, one token at a time.
 
-    `attention` (a key of generation_options.ATTENTION, None: the module's own) is set on the module until `restore()`;
-    `cache` is "dynamic", "static" (then `max_len`, the positions it is allocated for, is needed) or
-    "none" (each step runs the whole sequence again)."""
+    `attention` (a key of generation_options.ATTENTION, None: the module's own) is set on the module
+    until `restore()`; `cache` is "dynamic", "static" (then `max_len`, the positions it is allocated for,
+    is needed) or "none" (each step runs the whole sequence again)."""
 
     def __init__(
         self,
