@@ -35,8 +35,8 @@ def cmd_assist(args: argparse.Namespace) -> int:
     rate = result["acceptance_rate"]
     print(f"target {result['target']}, drafted by {result['draft']}")
     print(
-        f"{result['prompts']} prompts of {result['prompt_tokens']} tokens, {result['new_tokens']} new tokens, "
-        f"{result['draft_tokens']} draft tokens per round"
+        f"{result['prompts']} prompts of {result['prompt_tokens']} tokens, "
+        f"{result['new_tokens']} new tokens, {result['draft_tokens']} draft tokens per round"
     )
     print(
         f"acceptance rate   {format_number(rate * 100 if rate is not None else None, '.1f')}% "

@@ -62,8 +62,8 @@ def check_pair(target: LoadedModel, draft: LoadedModel, target_name: str, draft_
     sizes = [m.config.get_text_config().vocab_size for m in modules]
     if sizes[0] != sizes[1]:
         raise BadInput(
-            f"the draft {draft_name} has a vocabulary of {sizes[1]} tokens and the target {target_name} one of "
-            f"{sizes[0]}: a draft must share the target's tokenizer"
+            f"the draft {draft_name} has a vocabulary of {sizes[1]} tokens and the target {target_name} "
+            f"one of {sizes[0]}: a draft must share the target's tokenizer"
         )
     tokenizers = target.tokenizer, draft.tokenizer
     if None not in tokenizers and tokenizers[0].get_vocab() != tokenizers[1].get_vocab():
