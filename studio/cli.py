@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from studio.commands.generate import cmd_assist
 from studio.commands.graph import cmd_diagnose, cmd_diff, cmd_graph
 from studio.commands.inspect import cmd_inspect, cmd_techniques
 from studio.commands.measure import cmd_bench, cmd_screenshots, cmd_search, cmd_sensitivity
@@ -255,6 +256,23 @@ def add_graph_verbs(sub: Any, ws: argparse.ArgumentParser, trust: argparse.Argum
     p.add_argument("--threads", type=int, help="CPU threads for the profile (default: the library's)")
     data_flags(p, 4)
     p.set_defaults(handler=cmd_diagnose)
+
+    p = sub.add_parser(
+        "assist",
+        help="assisted generation: a draft variant proposes tokens, the target verifies (acceptance, tokens/s)",
+        parents=[ws, trust],
+    )
+    p.add_argument("target", help="the model that generates: " + ref)
+    p.add_argument("--draft", required=True, help="the model that drafts: " + ref + ", or 'self'")
+    p.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt (default 32)")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per prompt (default 32)")
+    p.add_argument("--draft-tokens", type=int, default=5, help="tokens drafted per round (default 5)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts from the data (default 4)")
+    p.add_argument(
+        "--data", default="builtin:sentences", help="prompt text: builtin:sentences or .txt/.jsonl/.csv"
+    )
+    p.add_argument("--json", action="store_true", help="print the documented JSON")
+    p.set_defaults(handler=cmd_assist)
 
 
 def open_path_argument(raw: list[str], parser: argparse.ArgumentParser) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 from studio.checkpoints.stage import stage_of
 from studio.errors import BadInput
 from studio.evaluation.latency import significant
-from studio.variant_rows import size_mb
+from studio.variant_rows import kv_cache_bytes, size_mb
 
 # Names the same weight gets in different artifacts: quantized packed params, ONNX initializers, pruning.
 _NAME_RULES = [
@@ -51,8 +51,10 @@ def flat_metrics(metrics: dict[str, Any]) -> dict[str, float]:
                     out[f"{k}.b{b}.p50"] = float(g[k]["p50"])
             if "decode_tokens_per_s" in g:
                 out[f"decode_tokens_per_s.b{b}"] = float(g["decode_tokens_per_s"])
-    if "kv_cache_bytes" in gen:
-        out["kv_cache_mb"] = gen["kv_cache_bytes"] / 1e6
+    kv = kv_cache_bytes({"metrics": metrics})
+    if kv is not None:
+        out["kv_cache_mb"] = kv / 1e6
+        out["kv_cache_bytes"] = kv
     for k, v in (metrics.get("quality") or {}).items():
         if isinstance(v, (int, float)):
             out[f"quality.{k}"] = float(v)
@@ -66,6 +68,7 @@ LOWER_IS_BETTER = (
     "ttft_ms",
     "tpot_ms",
     "kv_cache_mb",
+    "kv_cache_bytes",
     "quality.kl_divergence",
     "quality.perplexity",
     "quality.rmse",

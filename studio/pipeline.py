@@ -74,6 +74,27 @@ class GenerationSpec(_Strict):
     )
     new_tokens: int = Field(64, ge=1, le=65_536, description="tokens generated after each prompt (greedy)")
     batch_sizes: BatchSizes = Field(default_factory=lambda: [1], description="batch sizes timed")
+    attention: Literal["eager", "sdpa", "flash"] | None = Field(
+        None,
+        description="attention of torch models while generating: eager, sdpa (PyTorch's fused attention) or "
+        "flash (FlashAttention 2: a CUDA GPU and the flash-attn package); default: the model's own",
+    )
+    cache: Literal["dynamic", "static", "none"] = Field(
+        "dynamic",
+        description="KV cache of torch models: dynamic (grows per token), static (preallocated for prompt + "
+        "new tokens) or none (every token recomputes the whole sequence)",
+    )
+
+    @model_serializer(mode="wrap")
+    def _without_default_options(self, handler: Any) -> dict[str, Any]:
+        # Recipes that do not choose the attention or the cache dump exactly as before the options existed,
+        # so the recipes recorded in workspaces and saved by the editor keep their text.
+        data = handler(self)
+        if data.get("attention") is None:
+            data.pop("attention", None)
+        if data.get("cache") == "dynamic":
+            data.pop("cache", None)
+        return data
 
 
 class EvaluateSpec(_Strict):
@@ -277,6 +298,9 @@ def check_generation(spec: EvaluateSpec, model: LoadedModel) -> list[str]:
             f"field 'evaluate.generation': generation metrics need a causal-lm or seq2seq model, "
             f"but {model.family} models do not generate (remove the section)"
         ]
+    options = generation_option_problem(gen, model)
+    if options:
+        return [options]
     limit = context_length(model)
     if limit is None:
         return []
@@ -293,6 +317,30 @@ def check_generation(spec: EvaluateSpec, model: LoadedModel) -> list[str]:
             f"is beyond the model's context of {limit} positions"
         ]
     return []
+
+
+def generation_option_problem(gen: GenerationSpec, model: LoadedModel) -> str | None:
+    """Why this model cannot generate with the chosen attention or cache, or None: flash attention where
+    the GPU or the flash-attn package is missing, a static cache for a model it cannot be built for."""
+    from studio.evaluation.generation_options import flash_unavailable, static_cache
+
+    if gen.attention == "flash":
+        reason = flash_unavailable()
+        if reason:
+            return f"field 'evaluate.generation.attention': {reason}"
+    if gen.cache == "static":
+        if model.family != "causal-lm":
+            return (
+                f"field 'evaluate.generation.cache': a static cache is measured for causal-lm models only, "
+                f"not {model.family} ones"
+            )
+        if model.config is None:
+            return "field 'evaluate.generation.cache': a static cache needs a transformers model config"
+        try:
+            static_cache(model.config, gen.prompt_tokens + gen.new_tokens)
+        except BadInput as exc:
+            return f"field 'evaluate.generation.cache': {exc.problem}"
+    return None
 
 
 def check_generation_cache(recipe: Recipe, model: LoadedModel) -> list[tuple[int, str]]:

@@ -172,3 +172,101 @@ def pareto_fronts(
         front = pareto_front([p for i in kept if (p := points[i]) is not None])
         fronts[key] = [kept[j] for j in front]
     return fronts
+
+
+# ------------------------------------------------------------------------------------------------ generation
+# A causal LM's generation metrics (`metrics.generation`, keyed by batch size as strings): time to first
+# token, time per output token, decode tokens/s, and the KV cache's bytes after prompt + new tokens.
+
+KV_CACHE_TECHNIQUE = "kv_cache.quantize"
+# generation quality, in the order it is looked up; perplexity is the one where lower is better
+GENERATION_QUALITY_KEYS = ("generation_match", "perplexity")
+
+
+def generation(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's generation metrics, empty when generation was not measured (or was unavailable)."""
+    gen = row["metrics"].get("generation") or {}
+    return gen if "unavailable" not in gen else {}
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def ttft_ms(row: dict[str, Any], batch: str = "1", key: str = "p50") -> float | None:
+    """Time to the first token (prefill) of a batch of `batch` prompts, in milliseconds."""
+    return _number((generation(row).get(str(batch)) or {}).get("ttft_ms", {}).get(key))
+
+
+def tpot_ms(row: dict[str, Any], batch: str = "1", key: str = "p50") -> float | None:
+    """Time per output token (one decode step of the batch), in milliseconds."""
+    return _number((generation(row).get(str(batch)) or {}).get("tpot_ms", {}).get(key))
+
+
+def decode_tokens_per_s(row: dict[str, Any], batch: str = "1") -> float | None:
+    """New tokens per second while decoding (batch / TPOT p50)."""
+    return _number((generation(row).get(str(batch)) or {}).get("decode_tokens_per_s"))
+
+
+def kv_cache_bytes(row: dict[str, Any]) -> float | None:
+    """Bytes the KV cache holds after prompt + new tokens at batch 1 (0 when generating without one)."""
+    return _number(generation(row).get("kv_cache_bytes"))
+
+
+def kv_cache_bits(row: dict[str, Any]) -> float | None:
+    """Bits per cached key of a kv_cache.quantize variant (its step's `bits`); None for a float cache."""
+    for step in steps(row):
+        if step.get("technique") == KV_CACHE_TECHNIQUE:
+            return _number((step.get("params") or {}).get("bits"))
+    return None
+
+
+def generation_batch_sizes(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Every batch size any row's generation was timed at, smallest first."""
+    found = {b for r in rows for b, v in generation(r).items() if isinstance(v, dict) and b.isdigit()}
+    return sorted(found, key=int)
+
+
+def generation_quality_key(rows: Sequence[dict[str, Any]]) -> str | None:
+    """The generation quality the rows are compared on: generation_match when any variant has it (it
+    needs the generation section), else perplexity; None when no variant has either."""
+    for key in GENERATION_QUALITY_KEYS:
+        if any(key in (r["metrics"].get("quality") or {}) for r in rows if r["kind"] != "baseline"):
+            return key
+    return None
+
+
+def generation_quality(row: dict[str, Any], rows: Sequence[dict[str, Any]], key: str) -> float | None:
+    """The row's `key` (generation_match or perplexity). The original's is what its variants' runs
+    measured of it (`baseline_quality`): the newest such variant's."""
+    if row["kind"] != "baseline":
+        return _number((row["metrics"].get("quality") or {}).get(key))
+    children = [r for r in rows if r.get("parent") == row["id"]]
+    for child in sorted(children, key=lambda r: -float(r.get("created") or 0)):
+        value = _number((child["metrics"].get("baseline_quality") or {}).get(key))
+        if value is not None:
+            return value
+    return None
+
+
+def generation_pareto(
+    rows: Sequence[dict[str, Any]], key: str, batch: str = "1"
+) -> dict[tuple[str, str | None], list[int]]:
+    """One front per model of decode tokens/s (higher is better) against generation quality `key`
+    (higher generation_match, lower perplexity), as indices into `rows` sorted by tokens/s."""
+    sign = -1.0 if key == "perplexity" else 1.0
+    by_model: dict[str, list[int]] = {}
+    for i, row in enumerate(rows):
+        by_model.setdefault(model_of(row), []).append(i)
+    fronts: dict[tuple[str, str | None], list[int]] = {}
+    for source, members in by_model.items():
+        kept = [  # pareto_front wants lower x and higher y: speed negated, perplexity too
+            (i, -speed, sign * q)
+            for i in members
+            if (speed := decode_tokens_per_s(rows[i], batch)) is not None
+            and (q := generation_quality(rows[i], rows, key)) is not None
+        ]
+        if kept:
+            # pareto_front sorts by x, the negated speed: the fastest first
+            fronts[(source, key)] = [kept[j][0] for j in pareto_front([(x, y) for _i, x, y in kept])]
+    return fronts

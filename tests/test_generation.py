@@ -342,3 +342,149 @@ def test_run_json_has_generation_metrics_for_baseline_and_variant(tmp_path, llam
         assert rows[name]["a"] > 0 and rows[name]["b"] > 0
     assert rows["kv_cache_mb"]["better"] is None  # INT8 weights: the float cache is the same size
     assert rows["quality.generation_match"]["a"] == 1.0
+
+
+# ------------------------------------------------------------------------------------------------ options
+
+
+def test_sdpa_eager_and_every_cache_generate_the_same_greedy_tokens():
+    """The attention implementation and the cache change how fast tokens come, never which: the same
+    greedy tokens from eager and sdpa attention, and from a dynamic, a static and no cache."""
+    from studio.evaluation.generation import GreedyLoop, generation_prompts
+
+    model = opened("builtin:tinylm")
+    prompts = generation_prompts(model, examples(), 2, 8)
+    own = model.module.config._attn_implementation
+    seen = {}
+    for attention in ("eager", "sdpa"):
+        for cache in ("dynamic", "static", "none"):
+            loop = GreedyLoop(model.module, "causal-lm", attention=attention, cache=cache, max_len=8 + 6)
+            assert loop.attention == attention
+            seen[(attention, cache)] = loop.generate(prompts, 6)[0].tolist()
+            loop.restore()
+            assert model.module.config._attn_implementation == own
+    reference = recomputed_greedy(model.module, prompts, 6).tolist()
+    assert all(tokens == reference for tokens in seen.values()), seen
+
+
+def test_cache_options_are_recorded_and_no_cache_holds_no_bytes():
+    from studio.evaluation.generation import measure_generation
+
+    model = opened("builtin:tinylm")
+    plain = measure_generation("torch", model.module, model, examples(), spec(8, 4, [1]), policy=FAST)
+    assert "attention" not in plain and "cache" not in plain  # no option chosen: the metrics as before
+    results = {}
+    for attention, cache in (("eager", "none"), ("sdpa", "static"), ("sdpa", "dynamic")):
+        s = spec(8, 4, [1]).model_copy(update={"attention": attention, "cache": cache})
+        out = measure_generation("torch", model.module, model, examples(), s, policy=FAST)
+        check_metrics(out, s)
+        assert (out["attention"], out["cache"]) == (attention, cache)
+        results[cache] = out["kv_cache_bytes"]
+    assert results["none"] == 0
+    # the static cache is allocated for exactly prompt + new tokens, which the dynamic one ends up holding
+    assert results["static"] == results["dynamic"] == plain["kv_cache_bytes"] > 0
+
+
+def test_recipe_options_round_trip_and_defaults_dump_as_before():
+    from studio.pipeline import parse_recipe
+
+    base = {"model": "builtin:tinylm", "evaluate": {"generation": {"prompt_tokens": 8, "new_tokens": 4}}}
+    dumped = parse_recipe(base).model_dump(mode="json")["evaluate"]["generation"]
+    assert dumped == {"prompt_tokens": 8, "new_tokens": 4, "batch_sizes": [1]}
+    base["evaluate"]["generation"].update(attention="eager", cache="none")
+    recipe = parse_recipe(base)
+    assert parse_recipe(recipe.model_dump(mode="json")).evaluate.generation.cache == "none"
+    assert "attention: eager" in recipe.to_yaml()
+    base["evaluate"]["generation"]["cache"] = "paged"
+    with pytest.raises(BadInput, match=r"evaluate\.generation\.cache"):
+        parse_recipe(base)
+
+
+def test_flash_attention_where_unavailable_is_refused_with_exit_2(tmp_path, capsys):
+    from studio.cli import main
+    from studio.evaluation.generation_options import flash_unavailable
+
+    if flash_unavailable() is None:
+        pytest.skip("FlashAttention 2 runs here; the refusal is for machines without it")
+    path = tmp_path / "flash.yaml"
+    path.write_text(recipe_text("builtin:tinylm", "{prompt_tokens: 8, new_tokens: 4, attention: flash}"))
+    assert main(["run", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "field 'evaluate.generation.attention'" in err and "flash" in err
+
+
+def test_flash_attention_on_a_cpu_module_is_refused_when_measured():
+    from studio.evaluation.generation import measure_generation
+
+    model = opened("builtin:tinylm")
+    s = spec(8, 4, [1]).model_copy(update={"attention": "flash"})
+    out = measure_generation("torch", model.module, model, examples(), s, policy=FAST)
+    assert set(out) == {"prompt_tokens", "new_tokens", "unavailable"}
+    assert "flash" in out["unavailable"]
+
+
+def test_a_static_cache_for_a_seq2seq_model_is_refused_naming_the_field(tmp_path, marian):
+    from studio.pipeline import load_recipe, plan
+
+    path = tmp_path / "static.yaml"
+    path.write_text(recipe_text(str(marian), "{prompt_tokens: 6, new_tokens: 4, cache: static}"))
+    with pytest.raises(BadInput, match=r"evaluate\.generation\.cache.*causal-lm models only"):
+        plan(load_recipe(path), path=path)
+
+
+def test_a_static_cache_where_the_config_cannot_give_one_is_refused():
+    from studio.evaluation.generation_options import static_cache
+
+    with pytest.raises(BadInput, match="cache 'static' is not possible"):
+        static_cache(object(), 16)
+
+
+# ------------------------------------------------------------------------------------------------ rows
+
+
+def gen_row(vid, speed, kv, quality=None, kind="torch", parent=None, steps=(), created=0.0):
+    generation = {"1": {"decode_tokens_per_s": speed, "ttft_ms": {"p50": 2.0}, "tpot_ms": {"p50": 1.0}}}
+    return {
+        "id": vid,
+        "kind": kind,
+        "parent": parent,
+        "model": "builtin:tinylm",
+        "created": created,
+        "recipe": {"steps": list(steps)},
+        "metrics": {"generation": {**generation, "kv_cache_bytes": kv}, "quality": quality or {}},
+    }
+
+
+def test_generation_rows_read_speed_cache_bits_and_the_pareto_front():
+    from studio.variant_rows import (
+        generation_pareto,
+        generation_quality,
+        generation_quality_key,
+        kv_cache_bits,
+        kv_cache_bytes,
+        ttft_ms,
+    )
+
+    kv_step = {"technique": "kv_cache.quantize", "params": {"method": "quanto", "bits": 2}}
+    rows = [
+        gen_row("base", 100.0, 4096, kind="baseline"),
+        gen_row("fast", 150.0, 1024, {"perplexity": 30.0}, parent="base", steps=[kv_step], created=2.0),
+        gen_row("slow", 90.0, 4096, {"perplexity": 25.0}, parent="base", created=1.0),  # worse than base
+        gen_row("best", 120.0, 2048, {"perplexity": 21.0}, parent="base", created=0.5),
+    ]
+    rows[1]["metrics"]["baseline_quality"] = {"perplexity": 20.0}
+    rows[2]["metrics"]["baseline_quality"] = {"perplexity": 19.0}  # an older run's number of the original
+    assert generation_quality_key(rows) == "perplexity"
+    assert generation_quality(rows[0], rows, "perplexity") == 20.0  # the newest child's measure of it
+    assert (kv_cache_bits(rows[1]), kv_cache_bits(rows[2])) == (2.0, None)
+    assert kv_cache_bytes(rows[1]) == 1024 and ttft_ms(rows[1]) == 2.0
+    # lower perplexity is better: "slow" (slower and worse than the original) is dominated, and "best"
+    # (slower than "fast" but better) is not
+    (front,) = generation_pareto(rows, "perplexity").values()
+    assert [rows[i]["id"] for i in front] == ["fast", "best", "base"]
+    rows[3]["metrics"]["generation"] = {"unavailable": "why"}  # unmeasured rows drop out
+    assert kv_cache_bytes(rows[3]) is None
+    assert [rows[i]["id"] for i in next(iter(generation_pareto(rows, "perplexity").values()))] == [
+        "fast",
+        "base",
+    ]

@@ -16,6 +16,13 @@ timed too). The same prompts, built from the evaluation data, are used for the b
   resident-memory growth of this process during it (memory freed by earlier work and reused is not
   counted, so it is a lower bound; the number is comparable between variants of the same run).
 
+Two options of `evaluate.generation` say how a torch variant generates, so a user sees what the KV cache
+and fused attention buy: `attention` (eager, sdpa: PyTorch's scaled_dot_product_attention, flash:
+FlashAttention 2, which needs CUDA and the flash-attn package) and `cache` (dynamic: grows by one position
+per token; static: preallocated for prompt + new tokens, as torch.compile wants it; none: every new token
+recomputes the whole sequence, and nothing is cached: kv_cache_bytes 0). They are recorded in the
+metrics (`attention`: the implementation that ran, `cache`) when a recipe sets either.
+
 ONNX graphs are measured when they take past key/values (export.onnx with `with_cache`), by the same
 timing over `OnnxGreedyLoop` (studio/evaluation/onnx_generation.py), the cache bytes read from the
 `present.*` arrays ONNX Runtime returns; a graph without the cache says how to export one.
@@ -30,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from studio.errors import BadInput
 from studio.evaluation.data import Example, timing_examples
+from studio.evaluation.generation_options import CACHES, set_attention, static_cache
 from studio.evaluation.latency import TimingPolicy, summarise, time_calls
 
 if TYPE_CHECKING:
@@ -102,13 +110,27 @@ def cache_bytes(cache: Any) -> int:
 
 
 class GreedyLoop:
-    """Greedy decoding of one torch module with a KV cache: `prefill` then `step`, one token at a time."""
+    """Greedy decoding of one torch module with a KV cache: `prefill` then `step`, one token at a time.
 
-    def __init__(self, module: Any, family: str) -> None:
+    `attention` (a key of generation_options.ATTENTION, None: the module's own) is set on the module
+    until `restore()`; `cache` is "dynamic", "static" (then `max_len`, the positions it is allocated for,
+    is needed) or "none" (each step runs the whole sequence again)."""
+
+    def __init__(
+        self,
+        module: Any,
+        family: str,
+        *,
+        attention: str | None = None,
+        cache: str = "dynamic",
+        max_len: int | None = None,
+    ) -> None:
         import torch
 
         self.module = module
         self.seq2seq = family == "seq2seq"
+        self.cache_kind = cache
+        self.max_len = max_len
         config = getattr(module, "config", None)
         params: Mapping[str, inspect.Parameter]
         try:
@@ -125,12 +147,47 @@ class GreedyLoop:
         self.device = tensors[0].device if tensors else torch.device("cpu")
         start = getattr(config, "decoder_start_token_id", None)
         self.start = start if start is not None else getattr(config, "pad_token_id", 0) or 0
+        self._check_cache_option()
+        self.previous_attention = getattr(config, "_attn_implementation", None)
+        if attention is not None:
+            set_attention(module, attention, self.device)
+
+    @property
+    def attention(self) -> str | None:
+        """The attention implementation the module runs with now (transformers' name)."""
+        return getattr(self.config, "_attn_implementation", None)
+
+    def restore(self) -> None:
+        """Give the module back the attention implementation it had before this loop."""
+        if self.previous_attention is not None and self.attention != self.previous_attention:
+            self.module.set_attn_implementation(self.previous_attention)
+
+    def _check_cache_option(self) -> None:
+        from studio.evaluation.kv_quant import kv_spec_of
+
+        if self.cache_kind not in CACHES:
+            raise BadInput(f"unknown cache '{self.cache_kind}' (expected one of: {', '.join(CACHES)})")
+        if self.cache_kind != "dynamic" and kv_spec_of(self.module) is not None:
+            raise BadInput(
+                f"cache '{self.cache_kind}' does not apply to a kv_cache.quantize variant: it generates with "
+                "its own quantized cache"
+            )
+        if self.cache_kind == "static":
+            if self.seq2seq:
+                raise BadInput("cache 'static' is measured for causal-lm models only, not seq2seq ones")
+            if not self.max_len:
+                raise BadInput("cache 'static' needs the number of positions to allocate")
+            static_cache(self.config, self.max_len)
 
     def _cache(self) -> Any:
         from transformers import DynamicCache, EncoderDecoderCache
 
         from studio.evaluation.kv_quant import kv_spec_of, quantized_cache
 
+        if self.cache_kind == "none":
+            return None
+        if self.cache_kind == "static":
+            return static_cache(self.config, self.max_len or 0)
         spec = kv_spec_of(self.module)  # a kv_cache.quantize variant generates with its quantized cache
         if spec is not None and not self.seq2seq:
             return quantized_cache(self.config, spec)
@@ -148,27 +205,37 @@ class GreedyLoop:
         if self.seq2seq:
             state["encoder_outputs"] = self.module.get_encoder()(input_ids=ids)
             start = torch.full((len(ids), 1), self.start, dtype=torch.long, device=self.device)
-            out = self.module(
-                encoder_outputs=state["encoder_outputs"],
-                decoder_input_ids=start,
-                past_key_values=cache,
-                use_cache=True,
-            )
+            state["decoded"] = start
+            out = self._decoder(state, start)
         else:
-            out = self.module(input_ids=ids, past_key_values=cache, use_cache=True)
+            state["ids"] = ids
+            out = self.module(input_ids=ids, past_key_values=cache, use_cache=cache is not None)
         return out.logits[:, -1].argmax(-1), state
+
+    def _decoder(self, state: dict[str, Any], new: torch.Tensor) -> Any:
+        """One seq2seq decoder pass: the new positions with the cache, or every decoded one without it."""
+        cache = state["cache"]
+        return self.module(
+            encoder_outputs=state["encoder_outputs"],
+            decoder_input_ids=new if cache is not None else state["decoded"],
+            past_key_values=cache,
+            use_cache=cache is not None,
+        )
 
     def step(self, token: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """Feed one token per sequence; the next greedy token."""
+        import torch
+
+        cache = state["cache"]
         if self.seq2seq:
-            out = self.module(
-                encoder_outputs=state["encoder_outputs"],
-                decoder_input_ids=token[:, None],
-                past_key_values=state["cache"],
-                use_cache=True,
-            )
+            if cache is None:
+                state["decoded"] = torch.cat([state["decoded"], token[:, None]], dim=1)
+            out = self._decoder(state, token[:, None])
+        elif cache is None:  # no cache: the whole sequence so far, every time
+            state["ids"] = torch.cat([state["ids"], token[:, None]], dim=1)
+            out = self.module(input_ids=state["ids"], use_cache=False)
         else:
-            out = self.module(input_ids=token[:, None], past_key_values=state["cache"], use_cache=True)
+            out = self.module(input_ids=token[:, None], past_key_values=cache, use_cache=True)
         return out.logits[:, -1].argmax(-1)
 
     def sync(self) -> None:
@@ -211,11 +278,20 @@ def greedy_tokens(
     return greedy_loop(kind, module, family).generate(prompts, new_tokens)[0]
 
 
-def greedy_loop(kind: str, target: Any, family: str) -> GreedyLoop | OnnxGreedyLoop:
+def greedy_loop(kind: str, target: Any, family: str, spec: Any = None) -> GreedyLoop | OnnxGreedyLoop:
     """The greedy loop of a runnable: a torch module, or an ONNX graph with a KV cache (any other kind, or
-    a graph without the cache, raises BadInput saying why)."""
+    a graph without the cache, raises BadInput saying why). `spec` (GenerationSpec) gives a torch loop its
+    attention and cache options."""
     if kind == "torch":
-        return GreedyLoop(target, family)
+        if spec is None:
+            return GreedyLoop(target, family)
+        return GreedyLoop(
+            target,
+            family,
+            attention=getattr(spec, "attention", None),
+            cache=getattr(spec, "cache", "dynamic"),
+            max_len=spec.prompt_tokens + spec.new_tokens,
+        )
     if kind != "onnx":
         raise BadInput(f"generation metrics are measured for torch and ONNX variants only, not {kind}")
     reason = _onnx_reason(target, family)
@@ -297,18 +373,51 @@ def measure_generation(
     log: Callable[[str, str], None] | None = None,
 ) -> dict[str, Any]:
     """The `generation` metrics of one runnable (a torch module, or an ONNX file) for `spec`
-    (GenerationSpec: prompt_tokens, new_tokens, batch_sizes); `log(level, message)` reports progress."""
-    import torch
-
+    (GenerationSpec: prompt_tokens, new_tokens, batch_sizes, attention, cache); `log(level, message)`
+    reports progress."""
     log = log or (lambda level, message: None)
     out: dict[str, Any] = {"prompt_tokens": spec.prompt_tokens, "new_tokens": spec.new_tokens}
     policy = policy or TimingPolicy()
     try:
-        loop = greedy_loop(kind, target, model.family if model is not None else "causal-lm")
+        loop = greedy_loop(kind, target, model.family if model is not None else "causal-lm", spec)
     except BadInput as exc:  # the variant is built already: say why, rather than lose the whole run
         out["unavailable"] = exc.problem
         log("warning", out["unavailable"])
         return out
+    try:
+        out.update(_timed(loop, model, examples, spec, policy, log))
+        if options_set(spec):  # read before the module gets its own attention back
+            out.update(_options_used(loop, log))
+    finally:
+        if isinstance(loop, GreedyLoop):
+            loop.restore()
+    return out
+
+
+def options_set(spec: Any) -> bool:
+    """Whether a recipe chose the attention or the cache (then the metrics record what ran)."""
+    return getattr(spec, "attention", None) is not None or getattr(spec, "cache", "dynamic") != "dynamic"
+
+
+def _options_used(loop: GreedyLoop | OnnxGreedyLoop, log: Callable[[str, str], None]) -> dict[str, Any]:
+    if isinstance(loop, GreedyLoop):
+        return {"attention": loop.attention, "cache": loop.cache_kind}
+    log("warning", "the attention and cache options apply to torch variants; an ONNX graph runs its own")
+    return {"attention": "onnxruntime", "cache": "dynamic"}
+
+
+def _timed(
+    loop: GreedyLoop | OnnxGreedyLoop,
+    model: LoadedModel,
+    examples: Sequence[Example],
+    spec: Any,
+    policy: TimingPolicy,
+    log: Callable[[str, str], None],
+) -> dict[str, Any]:
+    """TTFT and TPOT per batch size, then the cache bytes and peak memory (the body of measure_generation)."""
+    import torch
+
+    out: dict[str, Any] = {}
     torch.manual_seed(0)  # greedy decoding is deterministic; the seed keeps anything random fixed too
     p, n = spec.prompt_tokens, spec.new_tokens
     for b in spec.batch_sizes:
@@ -332,7 +441,7 @@ def measure_generation(
             f"({out[str(b)]['decode_tokens_per_s']:.0f} tokens/s)",
         )
     _, state = loop.generate(generation_prompts(model, examples, 1, p), n)
-    out["kv_cache_bytes"] = cache_bytes(state["cache"])
+    out["kv_cache_bytes"] = cache_bytes(state["cache"]) if state["cache"] is not None else 0
     out["kv_cache_bytes_per_token"] = out["kv_cache_bytes"] / (p + n)
     largest = max(spec.batch_sizes)
     out["peak_memory_mb"] = _peak_memory_mb(loop, generation_prompts(model, examples, largest, p), n)

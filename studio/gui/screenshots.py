@@ -45,9 +45,15 @@ GENERATE_VARIANT = {
     "model": GENERATE_MODEL,
     "steps": [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
     "data": {"calibration_examples": 8, "evaluation_examples": 8},
-    "evaluate": {"batch_sizes": [1], "sequence_length": 32},
+    # generation metrics too, so the Compare tab's generation plots have the original and this variant
+    "evaluate": {
+        "batch_sizes": [1],
+        "sequence_length": 32,
+        "generation": {"prompt_tokens": 16, "new_tokens": 8, "batch_sizes": [1]},
+    },
 }
 GENERATE_TAB = "Generate"
+COMPARE_TAB = "Compare"
 
 # The Search tab: a small real search (four trials of MiniLM's ONNX INT8 pipeline with a small evaluation,
 # timed at batch 1), so the scatter shows latency against size, a front, and the trials table.
@@ -175,6 +181,20 @@ def run_search_demo(window: object, folder: Path) -> None:
         view.blockSignals(False)
 
 
+def grab_generation_plots(window: object, grab: Callable[[str], None]) -> None:
+    """The Compare tab once per generation plot (`grab("compare-<plot>.png")`), on TinyLM's variants, when
+    the workspace has variants with generation metrics (the demo's); nothing otherwise."""
+    compare = window.compare_view  # type: ignore[attr-defined]
+    compare.refresh()
+    compare.set_model_filter(GENERATE_MODEL)
+    _settle()
+    if not compare.generation.has_rows():
+        return
+    for plot, title in compare.generation.tabs():
+        compare.tabs.setCurrentWidget(plot)
+        grab(f"compare-{tab_file_name(title)}")
+
+
 def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool = True) -> list[Path]:
     """Render each tab of the main window to `<out_dir>/<tab>.png`; returns the files written. With `demo`,
     small real pipelines run first (into the workspace: a temporary one unless given), so the Run and
@@ -236,11 +256,11 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
             run_demo(window, document)
             run_search_demo(window, Path(scratch.name))
 
-        def grab(index: int) -> None:
+        def grab(index: int, name: str | None = None) -> None:
             window.tabs.setCurrentIndex(index)
             _settle()
             app.processEvents()
-            path = out_dir / tab_file_name(window.tabs.tabText(index))
+            path = out_dir / (name or tab_file_name(window.tabs.tabText(index)))
             if not window.grab().save(str(path)):
                 raise RuntimeError(f"screenshots: could not write {path}")
             written.append(path)
@@ -252,6 +272,8 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
         if GENERATE_TAB in titles:
             run_generation(window, document, demo=demo)
             grab(titles.index(GENERATE_TAB))
+        if COMPARE_TAB in titles:
+            grab_generation_plots(window, lambda name: grab(titles.index(COMPARE_TAB), name))
         window.tabs.setCurrentIndex(0)
     finally:
         window.close()

@@ -253,7 +253,10 @@ class ABPanel(QWidget):
         item.showGrid(x=True, y=True, alpha=0.15)
         for name in ("left", "bottom"):
             item.getAxis(name).enableAutoSIPrefix(False)
-        self.hist_legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt", colCount=2)
+        # below the plot, outside the data: the pane is narrow, and inside the plot the two variant names
+        # (each as long as its steps) covered the top of the histograms
+        self.hist_legend = pg.LegendItem(labelTextSize="9pt", colCount=1)
+        item.layout.addItem(self.hist_legend, 4, 1)  # the row under the bottom axis, the plot's column
         a_fill, b_fill = QColor(colors["bars"]), QColor(colors["mean"])
         a_fill.setAlpha(70)
         b_fill.setAlpha(70)
@@ -533,10 +536,9 @@ class ABPanel(QWidget):
         self.hist_b.setData(overlay.edges, overlay.counts_b.astype(float))
         item = self.hist_plot.getPlotItem()
         item.setTitle(overlay.name)
-        # headroom above the peak keeps the legend (top right) off the curves
         peak = float(max(overlay.counts_a.max(initial=0), overlay.counts_b.max(initial=0)) or 1)
         item.getViewBox().setRange(
-            xRange=(float(overlay.edges[0]), float(overlay.edges[-1])), yRange=(0, peak * 1.45), padding=0.02
+            xRange=(float(overlay.edges[0]), float(overlay.edges[-1])), yRange=(0, peak * 1.08), padding=0.02
         )
         layer = (
             next(

@@ -17,6 +17,7 @@ from PySide6.QtCore import QObject, Qt, Signal
 from PySide6.QtGui import QColor, QFont
 from PySide6.QtWidgets import QWidget
 
+from studio.gui.compare.generation_plots import GenerationPlots
 from studio.gui.widgets import add_plot_export_action, fmt, plot_colors, style_legend, style_plot
 from studio.variant_rows import (
     label,
@@ -74,6 +75,7 @@ class ComparePlots(QObject):
             (self.quality_plot, "quality"),
         ):
             add_plot_export_action(plot, plot, name)
+        self.generation = GenerationPlots(self)  # shown when variants have generation metrics
 
     def tabs(self) -> list[tuple[pg.PlotWidget, str]]:
         """The plots with their tab titles, in tab order."""
@@ -82,14 +84,15 @@ class ComparePlots(QObject):
             (self.latency_plot, "Latency"),
             (self.size_plot, "Size"),
             (self.quality_plot, "Quality"),
+            *self.generation.tabs(),
         ]
 
-    def _axis_font(self) -> QFont:
+    def axis_font(self) -> QFont:
         font = QFont(self.host.font())
         font.setPointSizeF(max(7.0, font.pointSizeF() * 0.9))
         return font
 
-    def _bar_plot(self, plot: pg.PlotWidget, title: str, ylabel: str) -> pg.BarGraphItem:
+    def bar_plot(self, plot: pg.PlotWidget, title: str, ylabel: str) -> pg.BarGraphItem:
         colors = plot_colors()
         item = plot.getPlotItem()
         item.setTitle(title)
@@ -100,7 +103,7 @@ class ComparePlots(QObject):
         item.showGrid(y=True, alpha=0.15)
         item.getAxis("left").enableAutoSIPrefix(False)
         bottom = item.getAxis("bottom")
-        bottom.setStyle(tickFont=self._axis_font(), tickTextOffset=4)
+        bottom.setStyle(tickFont=self.axis_font(), tickTextOffset=4)
         bottom.setHeight(2 * self.host.fontMetrics().height() + 30)
         bars = pg.BarGraphItem(
             x=[], height=[], width=0.6, brush=colors["bars_fill"], pen=pg.mkPen(colors["bars"])
@@ -110,7 +113,7 @@ class ComparePlots(QObject):
 
     def _setup_bars(self) -> None:
         colors = plot_colors()
-        self.latency_bars = self._bar_plot(self.latency_plot, "Latency", "latency per batch (ms)")
+        self.latency_bars = self.bar_plot(self.latency_plot, "Latency", "latency per batch (ms)")
         self.latency_whiskers = pg.ErrorBarItem(
             x=np.zeros(0),
             y=np.zeros(0),
@@ -123,8 +126,8 @@ class ComparePlots(QObject):
         self.latency_legend.addItem(self.latency_bars, "p50 (median)")
         self.latency_legend.addItem(self.latency_whiskers, "p95")
         style_legend(self.latency_legend)
-        self.size_bars = self._bar_plot(self.size_plot, "Size on disk", "size on disk (MB)")
-        self.quality_bars = self._bar_plot(
+        self.size_bars = self.bar_plot(self.size_plot, "Size on disk", "size on disk (MB)")
+        self.quality_bars = self.bar_plot(
             self.quality_plot,
             "Quality loss against the original (1 − quality; lower is better)",
             "1 − quality (0 = same as the original)",
@@ -257,8 +260,8 @@ class ComparePlots(QObject):
             "left", f"latency per batch of {batch} (ms)" if batch else "latency (ms)"
         )
         ymax = np.nanmax(np.concatenate([p95[ok], p50[ok]])) if ok.any() else 1.0
-        self._finish_bars(self.latency_plot, ticks, len(rows), 0.0, float(ymax) * 1.15 or 1.0)
-        self._value_texts(
+        self.finish_bars(self.latency_plot, ticks, len(rows), 0.0, float(ymax) * 1.15 or 1.0)
+        self.value_texts(
             self.latency_plot, [(x, v, f"{v:.3g}") for x, v in zip(xs[ok], p50[ok], strict=True)]
         )
 
@@ -269,8 +272,8 @@ class ComparePlots(QObject):
             x=xs[ok], height=size[ok], brushes=[b for b, k in zip(brushes, ok, strict=True) if k]
         )
         ymax = float(np.nanmax(size)) if ok.any() else 1.0
-        self._finish_bars(self.size_plot, ticks, len(rows), 0.0, ymax * 1.15 or 1.0)
-        self._value_texts(self.size_plot, [(x, v, f"{v:.3g}") for x, v in zip(xs[ok], size[ok], strict=True)])
+        self.finish_bars(self.size_plot, ticks, len(rows), 0.0, ymax * 1.15 or 1.0)
+        self.value_texts(self.size_plot, [(x, v, f"{v:.3g}") for x, v in zip(xs[ok], size[ok], strict=True)])
 
         # quality: the loss (1 - quality) from 0, the original's level. A zoomed quality axis (0.885 ..)
         # made a difference of 0.01 look like a collapse; from 0 the bars compare honestly.
@@ -288,8 +291,8 @@ class ComparePlots(QObject):
         )
         names = " / ".join(metric_name(k) for k in keys) or "quality"
         self.quality_plot.getPlotItem().setLabel("left", f"1 − {names} (0 = same as the original)")
-        self._finish_bars(self.quality_plot, ticks, len(rows), 0.0, top * 1.2 if top > 0 else 1e-3)
-        self._value_texts(
+        self.finish_bars(self.quality_plot, ticks, len(rows), 0.0, top * 1.2 if top > 0 else 1e-3)
+        self.value_texts(
             self.quality_plot,
             [
                 (x, d, f"{v:.6g}" if d > 0 else f"{v:.6g} (same)")
@@ -298,8 +301,9 @@ class ComparePlots(QObject):
         )
 
         self._update_pareto(rows, scored)
+        self.generation.redraw(rows, self.rows, self.names, selected)
 
-    def _finish_bars(
+    def finish_bars(
         self, plot: pg.PlotWidget, ticks: list[list[tuple[int, str]]], n: int, y0: float, y1: float
     ) -> None:
         item = plot.getPlotItem()
@@ -307,13 +311,13 @@ class ComparePlots(QObject):
         item.getAxis("bottom").setStyle(showValues=n > 0)
         item.getViewBox().setRange(xRange=(-0.6, max(n, 1) - 0.4), yRange=(y0, y1), padding=0)
 
-    def _value_texts(self, plot: pg.PlotWidget, values: list[tuple[float, float, str]]) -> None:
+    def value_texts(self, plot: pg.PlotWidget, values: list[tuple[float, float, str]]) -> None:
         """Numbers above the bars, from a pool of text items reused across updates."""
         pool = self._value_labels.setdefault(id(plot), [])
         color = plot_colors()["foreground"]
         while len(pool) < len(values):
             text = pg.TextItem("", anchor=(-0.08, 1.0))  # just right of the bar's centre (and whisker)
-            text.setFont(self._axis_font())
+            text.setFont(self.axis_font())
             plot.getPlotItem().addItem(text, ignoreBounds=True)
             pool.append(text)
         for i, text in enumerate(pool):
@@ -367,7 +371,7 @@ class ComparePlots(QObject):
         several_models = len({model_of(r) for r in kept}) > 1
         while len(self._point_labels) < len(kept):
             text = pg.TextItem("", anchor=(0.0, 0.5))
-            text.setFont(self._axis_font())
+            text.setFont(self.axis_font())
             item.addItem(text, ignoreBounds=True)
             self._point_labels.append(text)
         for i, text in enumerate(self._point_labels):

@@ -26,8 +26,14 @@ from PySide6.QtGui import QBrush, QColor
 from PySide6.QtWidgets import QAbstractItemView, QHeaderView, QTableView, QWidget
 
 from studio.gui.widgets import fmt
+from studio.units import human_bytes
 from studio.variant_rows import (
     batch_sizes,
+    decode_tokens_per_s,
+    generation_batch_sizes,
+    generation_quality,
+    kv_cache_bits,
+    kv_cache_bytes,
     latency,
     metric_name,
     model_names,
@@ -38,6 +44,8 @@ from studio.variant_rows import (
     size_mb,
     steps,
     throughput,
+    tpot_ms,
+    ttft_ms,
 )
 from studio.variant_rows import steps_text as joined_steps
 
@@ -59,6 +67,67 @@ class Column:
     text: Callable[[dict[str, Any]], str]
     value: Callable[[dict[str, Any]], Any]  # sort / CSV value: float, str or None
     numeric: bool = True
+
+
+def quality_of(rows: list[dict[str, Any]], key: str) -> Callable[[dict[str, Any]], float | None]:
+    """A row's generation quality `key` (an original's, from its variants among `rows`)."""
+    return lambda r: generation_quality(r, rows, key)
+
+
+def generation_columns(rows: list[dict[str, Any]], number: Callable[..., Callable[..., str]]) -> list[Column]:
+    """The generation metrics of causal LMs (time to first token, time per token, decode tokens/s, KV
+    cache, generation quality) at the smallest batch size they were timed at; none when no row has them."""
+    batches = generation_batch_sizes(rows)
+    if not batches:
+        return []
+    b = batches[0]
+    cols = [
+        Column(
+            f"TTFT b{b}\np50 (ms)",
+            f"Time to first token: prefill of a batch of {b} prompts and the first new token, median, ms",
+            number(lambda r: ttft_ms(r, b), ".4g"),
+            lambda r: ttft_ms(r, b),
+        ),
+        Column(
+            f"TPOT b{b}\np50 (ms)",
+            f"Time per output token: one decode step of a batch of {b} with the KV cache, median, ms",
+            number(lambda r: tpot_ms(r, b), ".4g"),
+            lambda r: tpot_ms(r, b),
+        ),
+        Column(
+            f"Decode b{b}\n(tokens/s)",
+            f"New tokens per second while decoding at batch size {b} (batch / TPOT p50)",
+            number(lambda r: decode_tokens_per_s(r, b), ".4g"),
+            lambda r: decode_tokens_per_s(r, b),
+        ),
+        Column(
+            "KV cache\n(bytes)",
+            "Bytes the KV cache holds after prompt + new tokens at batch 1 (0: generated without a cache)",
+            lambda r: human_bytes(v) if (v := kv_cache_bytes(r)) is not None else "—",
+            kv_cache_bytes,
+        ),
+    ]
+    if any(kv_cache_bits(r) is not None for r in rows):
+        cols.append(
+            Column(
+                "KV bits",
+                "Bits per cached key of a kv_cache.quantize variant (empty: the model's float cache)",
+                number(kv_cache_bits, "g"),
+                kv_cache_bits,
+            )
+        )
+    for key, title, tip in (
+        ("perplexity", "Perplexity", "Perplexity on the evaluation text (lower is better)"),
+        (
+            "generation_match",
+            "Generation\nmatch",
+            "Share of greedy new tokens equal to the original's, up to the first difference (1 = same)",
+        ),
+    ):
+        if any(generation_quality(r, rows, key) is not None for r in rows):
+            value = quality_of(rows, key)
+            cols.append(Column(title, tip, number(value, ".5g"), value))
+    return cols
 
 
 class VariantTableModel(QAbstractTableModel):
@@ -158,6 +227,7 @@ class VariantTableModel(QAbstractTableModel):
                     lambda r, b=b: throughput(r, b),
                 ),
             ]
+        cols += generation_columns(rows, number)
         cols += [
             Column(
                 "Peak memory\n(MB)",

@@ -57,6 +57,7 @@ PLOT_NAMES = (
     "front_lines",
     "pareto_legend",
     "highlighted_ids",
+    "generation",
 )
 AB_NAMES = (
     "a_combo",
@@ -362,6 +363,9 @@ class CompareView(QWidget):
     def _update_plots(self) -> None:
         selected = set(self.selected_ids())
         self.plots.show_rows(self.plotted_rows(), self.rows, self.table_model.names, selected, self.batch())
+        shown = self.plots.generation.has_rows()  # the generation tabs only for variants that generate
+        for plot, _title in self.plots.generation.tabs():
+            self.tabs.setTabVisible(self.tabs.indexOf(plot), shown)
 
     def _on_point_clicked(self, vid: str, add: bool) -> None:
         """A click on a point selects its row; with Ctrl it is added to the selection (two: A/B)."""
