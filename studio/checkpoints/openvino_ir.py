@@ -39,8 +39,16 @@ def read_ir(path: Path) -> Any:
     try:
         return ov.Core().read_model(str(path))
     except RuntimeError as exc:
-        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"OpenVINO cannot read the IR: {first}", path=path) from exc
+        raise BadInput(f"OpenVINO cannot read the IR: {openvino_message(exc)}", path=path) from exc
+
+
+def openvino_message(exc: BaseException, limit: int = 400) -> str:
+    """What an OpenVINO error says, without the C++ source location and frame lines it starts with
+    ("Check 'false' failed at src/...cpp:151:", "FrontEnd API failed with ...:")."""
+    noise = ("Check '", "FrontEnd API failed", "Summary:", "Exception from src/")
+    lines = [line.strip().lstrip("-").strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and not line.startswith(noise)]
+    return " ".join(kept)[:limit] or type(exc).__name__
 
 
 def ir_metadata(model: Any) -> dict[str, str]:

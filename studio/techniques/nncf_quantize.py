@@ -16,13 +16,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from studio.checkpoints.openvino_ir import import_openvino, ir_metadata, read_ir
+from studio.checkpoints.openvino_ir import import_openvino, ir_metadata, openvino_message, read_ir
 from studio.errors import BadInput, Unavailable
 from studio.evaluation.openvino_runner import declared_inputs, openvino_availability
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
 from studio.techniques.openvino_export import (
     QUANTIZED_OPS,
-    first_line,
     op_counts,
     save_ir,
     set_metadata,
@@ -152,7 +151,7 @@ class QuantizeNncf(Technique[NncfParams]):
         try:
             quantized = nncf.quantize(ov_model, nncf.Dataset(items), **options)
         except nncf.ValidationError as exc:  # an ignored scope naming what the IR does not have
-            raise BadInput(f"quantize.nncf: {first_line(exc)}") from exc
+            raise BadInput(f"quantize.nncf: {openvino_message(exc)}") from exc
         seconds = time.perf_counter() - started
         set_metadata(quantized, metadata)  # NNCF's copy need not keep the studio's runtime info
         ctx.progress(0.7, "writing the INT8 IR")

@@ -21,7 +21,7 @@ from typing import Any
 
 from pydantic import Field
 
-from studio.checkpoints.openvino_ir import METADATA_KEYS, RT_SECTION, import_openvino
+from studio.checkpoints.openvino_ir import METADATA_KEYS, RT_SECTION, import_openvino, openvino_message
 from studio.errors import BadInput
 from studio.evaluation.openvino_runner import openvino_availability
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
@@ -69,11 +69,6 @@ def op_counts(ov_model: Any) -> Counter[str]:
     return Counter(op.get_type_name() for op in ov_model.get_ops())
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0][:300] if text else type(exc).__name__
-
-
 @register
 class ExportOpenVino(Technique[ExportOpenVinoParams]):
     id = "export.openvino"
@@ -103,7 +98,7 @@ class ExportOpenVino(Technique[ExportOpenVinoParams]):
             ov_model = ov.convert_model(str(onnx_path))
         except Exception as exc:  # the frontend raises its own OpConversionFailure / GeneralFailure types
             raise BadInput(
-                f"OpenVINO cannot convert the ONNX graph: {first_line(exc)}", path=onnx_path
+                f"OpenVINO cannot convert the ONNX graph: {openvino_message(exc)}", path=onnx_path
             ) from exc
         set_metadata(ov_model, read_metadata(onnx_path))
         out_dir = ctx.step_dir("openvino")
