@@ -192,6 +192,15 @@ def test_bench_recipes_parse_and_plan(minilm):
     assert stage_of_source("models/bert/model.xml") == "openvino"
 
 
+def _python(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """The studio's Python in a fresh process; a failure shows its stderr's end."""
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
 def test_missing_openvino_or_nncf_says_so(tmp_path):
     """In processes where openvino (or only nncf) cannot be imported (a None sys.modules entry makes every
     import of it fail, as for an absent package)."""
@@ -204,28 +213,12 @@ def test_missing_openvino_or_nncf_says_so(tmp_path):
         """
     out = {}
     for missing in ("openvino", "nncf"):
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code), missing],
-            capture_output=True,
-            text=True,
-            env=ENV,
-            cwd=ROOT,
-            timeout=300,
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        done = _python("-c", textwrap.dedent(code), missing)
         out[missing] = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["openvino"] == {"export.openvino": [False, NO_OPENVINO], "quantize.nncf": [False, NO_OPENVINO]}
     assert out["nncf"] == {"export.openvino": [True, None], "quantize.nncf": [False, NO_NNCF]}
 
-    listed = subprocess.run(
-        [sys.executable, "-m", "studio", "techniques", "--json"],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=ROOT,
-        timeout=300,
-    )
-    assert listed.returncode == 0, listed.stderr[-2000:]
+    listed = _python("-m", "studio", "techniques", "--json")
     ids = {t["id"]: t for t in json.loads(listed.stdout)}
     assert ids["export.openvino"]["output_kind"] == ids["quantize.nncf"]["input_kind"] == "openvino"
 
@@ -248,15 +241,7 @@ def test_model_studio_run_exports_quantizes_measures_and_reloads(minilm, tmp_pat
         )
     )
     ws = tmp_path / "ws"
-    done = subprocess.run(
-        [sys.executable, "-m", "studio", "run", str(recipe), "--json", "--workspace", str(ws)],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        cwd=ROOT,
-        timeout=1500,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = _python("-m", "studio", "run", str(recipe), "--json", "--workspace", str(ws), timeout=1500)
     result = json.loads(done.stdout)
     (variant,) = result["variants"]
     assert variant["kind"] == "openvino" and Path(variant["artifact"]).name == "model.xml"

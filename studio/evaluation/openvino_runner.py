@@ -26,13 +26,17 @@ if TYPE_CHECKING:
     from studio.checkpoints.base import LoadedModel
 
 
+def installed(package: str) -> bool:
+    """Whether `package` can be imported, found without importing it (openvino and nncf take seconds)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):  # ValueError: a module entry without a spec (None in sys.modules)
+        return False
+
+
 def openvino_availability() -> tuple[bool, str | None]:
     """(True, None), or (False, why not) when the openvino package is missing."""
-    try:
-        found = importlib.util.find_spec("openvino") is not None
-    except (ImportError, ValueError):
-        found = False
-    return (True, None) if found else (False, NO_OPENVINO)
+    return (True, None) if installed("openvino") else (False, NO_OPENVINO)
 
 
 @lru_cache(maxsize=1)

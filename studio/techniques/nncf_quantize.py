@@ -10,7 +10,6 @@ chooses for every text family unless told otherwise.
 
 from __future__ import annotations
 
-import importlib.util
 import time
 from typing import Any, Literal
 
@@ -18,7 +17,7 @@ from pydantic import Field
 
 from studio.checkpoints.openvino_ir import import_openvino, ir_metadata, openvino_message, read_ir
 from studio.errors import BadInput, Unavailable
-from studio.evaluation.openvino_runner import declared_inputs, openvino_availability
+from studio.evaluation.openvino_runner import declared_inputs, installed, openvino_availability
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
 from studio.techniques.openvino_export import (
     QUANTIZED_OPS,
@@ -71,11 +70,7 @@ def nncf_availability() -> tuple[bool, str | None]:
     ok, reason = openvino_availability()
     if not ok:
         return ok, reason
-    try:
-        found = importlib.util.find_spec("nncf") is not None
-    except (ImportError, ValueError):
-        found = False
-    return (True, None) if found else (False, NO_NNCF)
+    return (True, None) if installed("nncf") else (False, NO_NNCF)
 
 
 def require_nncf() -> Any:
