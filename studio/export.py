@@ -19,8 +19,14 @@ from typing import Any
 from studio.errors import BadInput, StudioError, disk_full_error
 from studio.safe_files import make_parent_folder
 
-FORMATS = ("onnx", "tensorrt", "executorch", "hf")
-_KIND_FOR_FORMAT = {"onnx": "onnx", "tensorrt": "tensorrt", "executorch": "executorch", "hf": "torch"}
+FORMATS = ("onnx", "tensorrt", "executorch", "openvino", "hf")
+_KIND_FOR_FORMAT = {
+    "onnx": "onnx",
+    "tensorrt": "tensorrt",
+    "executorch": "executorch",
+    "openvino": "openvino",
+    "hf": "torch",
+}
 
 
 def export_variant(workspace: Any, vid: str, fmt: str, out: str | Path) -> dict[str, Any]:
@@ -43,6 +49,7 @@ def export_variant(workspace: Any, vid: str, fmt: str, out: str | Path) -> dict[
             "onnx": "add export.onnx to the pipeline to get an ONNX variant",
             "tensorrt": "add export.onnx and export.tensorrt to the pipeline",
             "executorch": "add export.executorch to the pipeline",
+            "openvino": "add export.onnx and export.openvino to the pipeline",
             "hf": "only torch-stage variants can be saved as a transformers folder",
         }[fmt]
         raise BadInput(f"variant {row['id']} is a {kind} variant, not {want}: {hint}")

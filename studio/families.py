@@ -36,7 +36,7 @@ def accepted_inputs(model: LoadedModel) -> tuple[str, ...]:
     """The text inputs the model's forward takes (Marian and GPT-2 take no token_type_ids)."""
     import inspect
 
-    if model.format == "onnx":  # the graph's inputs, recorded when it was opened
+    if model.format in ("onnx", "openvino"):  # the graph's (the IR's) inputs, recorded when it was opened
         return tuple(k for k in TEXT_INPUTS if k in (model.input_names or ()))
     try:
         params = inspect.signature(model.module.forward).parameters

@@ -45,7 +45,7 @@ RECOVER = (
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS variants (
     id TEXT PRIMARY KEY,
-    kind TEXT NOT NULL,            -- torch | onnx | tensorrt | executorch | baseline
+    kind TEXT NOT NULL,            -- torch | onnx | tensorrt | executorch | openvino | baseline
     parent TEXT,
     model TEXT NOT NULL,
     name TEXT NOT NULL DEFAULT '',
@@ -88,7 +88,17 @@ def environment() -> dict[str, Any]:
     from importlib import metadata
 
     versions = {}
-    libraries = ("torch", "transformers", "onnx", "onnxruntime", "torchao", "tensorrt", "executorch")
+    libraries = (
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "torchao",
+        "tensorrt",
+        "executorch",
+        "openvino",
+        "nncf",
+    )
     for dist in (*libraries, "model-studio"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[dist] = metadata.version(dist)
@@ -580,7 +590,7 @@ def _read_manifest(folder: Path) -> dict[str, Any] | None:
 
 def _main_artifact(folder: Path, kind: str, files: list[Path]) -> str:
     """The file a user means by 'the artifact': model.onnx, the engine, or the folder for torch."""
-    suffix = {"onnx": ".onnx", "tensorrt": ".engine", "executorch": ".pte"}.get(kind)
+    suffix = {"onnx": ".onnx", "tensorrt": ".engine", "executorch": ".pte", "openvino": ".xml"}.get(kind)
     if suffix:
         main = [p for p in files if p.suffix == suffix]
         if main:

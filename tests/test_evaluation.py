@@ -167,7 +167,7 @@ def test_techniques_verb_lists_every_block_with_its_schema(capsys):
     }  # fmt: skip
     assert documented <= set(blocks)
     for block in blocks.values():
-        assert block["input_kind"] in ("torch", "onnx", "tensorrt") and block["description"]
+        assert block["input_kind"] in ("torch", "onnx", "tensorrt", "openvino") and block["description"]
         for name, field in block["params"]["properties"].items():
             assert field.get("description"), f"{block['id']}.{name} has no description"
     trt = blocks["export.tensorrt"]

@@ -63,6 +63,10 @@ def open_checkpoint(source: str | Path, *, trust: bool = False) -> LoadedModel:
         from studio.checkpoints.onnx_file import open_onnx
 
         return open_onnx(path, source=text)
+    if suffix == ".xml":
+        from studio.checkpoints.openvino_ir import open_openvino
+
+        return open_openvino(path, source=text)
     if suffix in (".pt", ".pth", ".bin", ".pt2", ".ckpt"):
         from studio.checkpoints.torch_files import open_torch_file
 
@@ -73,7 +77,7 @@ def open_checkpoint(source: str | Path, *, trust: bool = False) -> LoadedModel:
         return open_torch_file(path, source=text, trust=trust)
     raise BadInput(
         f"unsupported checkpoint type '{suffix or '(no extension)'}' "
-        "(expected a Hugging Face folder, .safetensors, .pt/.pth/.bin, .pt2 or .onnx)",
+        "(expected a Hugging Face folder, .safetensors, .pt/.pth/.bin, .pt2, .onnx or an OpenVINO .xml)",
         path=path,
     )
 
@@ -101,6 +105,11 @@ def _open_folder(path: Path, source: str) -> LoadedModel:
         from studio.checkpoints.onnx_file import open_onnx
 
         return open_onnx(onnx_files[0], source=source)
+    irs = sorted(p for p in entries if p.suffix == ".xml" and p.with_suffix(".bin").is_file())
+    if len(irs) == 1:  # an OpenVINO variant's folder
+        from studio.checkpoints.openvino_ir import open_openvino
+
+        return open_openvino(irs[0], source=source)
     raise BadInput(
         "the folder has no config.json (not a Hugging Face model folder) and no .safetensors or .onnx file",
         path=path,

@@ -28,6 +28,7 @@ FORMATS = (
     "torchscript",
     "exported-program",
     "onnx",
+    "openvino",
 )
 
 

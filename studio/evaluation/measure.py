@@ -46,7 +46,8 @@ WIDE_CI = 0.10
 
 
 def runner_for(kind: str, target: Any, model: LoadedModel, threads: int | None = None) -> Runner:
-    """A callable batch -> compared output, for a torch module or an ONNX / TensorRT file."""
+    """A callable batch -> compared output, for a torch module or an ONNX / TensorRT / ExecuTorch /
+    OpenVINO file."""
     from studio.evaluation.runners import make_runner
 
     return make_runner(kind, model, artifact=target, threads=threads)
@@ -244,7 +245,8 @@ def weights_size(model: LoadedModel) -> int:
 
     path = model.path
     if path.is_file():
-        return path.stat().st_size
+        weights = path.with_suffix(".bin") if model.format == "openvino" else None  # an IR's other half
+        return path.stat().st_size + (weights.stat().st_size if weights and weights.is_file() else 0)
     suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".pte")
     return sum(
         p.stat().st_size for p in path.rglob("*") if p.is_file() and p.suffix in suffixes
@@ -430,7 +432,7 @@ def evaluate_variant(
         "threads": threads,
     }
     base_kind = stage_of(model)
-    base_runner = runner_for(base_kind, model.path if base_kind == "onnx" else model.module, model, threads)
+    base_runner = runner_for(base_kind, model.module if base_kind == "torch" else model.path, model, threads)
     seq = recipe.evaluate.sequence_length
     acc = QualityAccumulator(model.family, list(examples))
     batches = quality_batches(model, examples, seq)
@@ -495,8 +497,9 @@ def pair_spearman(runner: Runner, model: LoadedModel, pairs: Sequence[Example], 
 
 
 def folder_weights_size(folder: Path) -> int:
-    """Bytes of the model files in a variant folder (weights, graphs, engines; not tokenizer files)."""
-    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".plan", ".pte")
+    """Bytes of the model files in a variant folder (weights, graphs, engines, an OpenVINO IR's .xml and
+    .bin; not tokenizer files)."""
+    suffixes = (".safetensors", ".bin", ".pt", ".pt2", ".onnx", ".engine", ".data", ".plan", ".pte", ".xml")
     return sum(
         p.stat().st_size
         for p in folder.rglob("*")

@@ -78,6 +78,9 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers  # noqa: F401
 
+    if job["kind"] == "openvino":
+        import openvino  # noqa: F401  (its import is a fixed cost too, not the IR's)
+
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples, timing_examples
     from studio.evaluation.runners import make_runner

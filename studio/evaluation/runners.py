@@ -1,4 +1,5 @@
-"""Run a torch module, an ONNX graph, a TensorRT engine or an ExecuTorch program on a `Batch`, returning the family's compared output.
+"""Run a torch module, an ONNX graph, a TensorRT engine, an ExecuTorch program or an OpenVINO IR on a
+`Batch`, returning the family's compared output.
 
 Latency, quality and export verification all go through these runners, so every stage kind is fed the
 same inputs and judged by the same output (pooled embeddings for encoders, logits otherwise): torch through
@@ -7,7 +8,8 @@ same inputs and judged by the same output (pooled embeddings for encoders, logit
 A runner is any callable `runner(batch) -> torch.Tensor`. `make_runner` picks the class by stage kind;
 TensorRT's class (studio/evaluation/tensorrt_runner.py, `TensorRTRunner(engine_path, family, model)`) is
 imported only when asked for, so nothing here needs TensorRT installed; so is ExecuTorch's
-(studio/evaluation/executorch_runner.py, `ExecuTorchRunner(pte_path, model)`).
+(studio/evaluation/executorch_runner.py, `ExecuTorchRunner(pte_path, model)`), and OpenVINO's
+(studio/evaluation/openvino_runner.py, `OpenVinoRunner(xml_path, model, threads=...)`).
 """
 
 from __future__ import annotations
@@ -44,8 +46,8 @@ def make_runner(
     threads: int | None = None,
     device: str | None = None,
 ) -> Runner:
-    """A runner for a pipeline state, or for `kind` ("torch", "onnx", "tensorrt", "executorch") and a
-    checkpoint.
+    """A runner for a pipeline state, or for `kind` ("torch", "onnx", "tensorrt", "executorch",
+    "openvino") and a checkpoint.
 
     With a `StageState` the artifact is its module (torch) or its file; with a kind it is `artifact`, or
     else the checkpoint's own module (torch) or file (onnx). `threads` sets the intra-op thread count
@@ -73,7 +75,11 @@ def make_runner(
         from studio.evaluation.executorch_runner import ExecuTorchRunner  # needs executorch: only here
 
         return ExecuTorchRunner(Path(artifact), model)  # threads: XNNPACK sizes its own pool
-    raise BadInput(f"no runner for stage kind '{kind}' (known: torch, onnx, tensorrt, executorch)")
+    if kind == "openvino":
+        from studio.evaluation.openvino_runner import OpenVinoRunner  # needs openvino: imported only here
+
+        return OpenVinoRunner(Path(artifact), model, threads=threads)
+    raise BadInput(f"no runner for stage kind '{kind}' (known: torch, onnx, tensorrt, executorch, openvino)")
 
 
 @contextlib.contextmanager

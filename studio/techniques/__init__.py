@@ -8,6 +8,8 @@ from studio.techniques import (  # noqa: F401  (imported to register)
     gptq,
     kv_cache,
     lora,
+    nncf_quantize,
+    openvino_export,
     precision,
     prune,
     qat,

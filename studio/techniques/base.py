@@ -25,7 +25,7 @@ from studio.checkpoints.variant_folder import register_restorer
 from studio.errors import BadInput
 from studio.events import Event, Log, Metric, Progress
 
-STAGES = ("torch", "onnx", "tensorrt", "executorch")
+STAGES = ("torch", "onnx", "tensorrt", "executorch", "openvino")
 CATEGORIES = ("precision", "quantization", "pruning", "distillation", "export", "graph", "compile")
 
 
@@ -48,7 +48,8 @@ class StageState:
     """What flows from step to step.
 
     `model` describes the original checkpoint (family, tokenizer, config, pooling); `module` is the current
-    torch module (torch stage) and `path` the current file (onnx: the .onnx file; tensorrt: the engine).
+    torch module (torch stage) and `path` the current file (onnx: the .onnx file; tensorrt: the engine;
+    openvino: the IR's model.xml, its model.bin beside it).
     """
 
     kind: str
@@ -154,11 +155,13 @@ class Technique(Generic[P]):
 
 def initial_state(model: LoadedModel) -> StageState:
     """The state a pipeline starts from: a private copy of the torch module (the original stays the teacher
-    and the fidelity reference), or the ONNX file itself."""
+    and the fidelity reference), or the ONNX file (the OpenVINO IR) itself."""
     import copy
 
-    if model.format == "onnx":
-        return StageState("onnx", model, path=model.path)
+    from studio.checkpoints.stage import stage_of
+
+    if stage_of(model) != "torch":
+        return StageState(stage_of(model), model, path=model.path)
     # A reopened studio variant keeps its structure records, so saving it again still rebuilds it.
     done = getattr(model.config, "studio_transforms", None) or []
     return StageState(
