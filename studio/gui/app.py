@@ -89,8 +89,8 @@ def load_starter_pipeline(document) -> None:
 
 
 def build_main_window(document):
-    """The main window with every tab: Model and Heads come with MainWindow; Pipeline, Run, Compare and
-    Generate are plugged in here and answer the window's menu requests."""
+    """The main window with every tab: Model and Heads come with MainWindow; Pipeline, Run, Compare,
+    Generate and Graph are plugged in here and answer the window's menu requests."""
     from PySide6.QtWidgets import QApplication
 
     from studio.gui.main_window import MainWindow
@@ -112,6 +112,10 @@ def build_main_window(document):
 
     window.generate_view = GenerateView(document)
     window.add_tab(window.generate_view, "Generate")
+    from studio.gui.graph_view import GraphView
+
+    window.graph_view = GraphView(document)
+    window.add_tab(window.graph_view, "Graph")
     panel.compare_requested.connect(lambda: window.tabs.setCurrentWidget(compare))  # offered, not forced
     window.run_requested.connect(lambda: (window.tabs.setCurrentWidget(panel), panel.run()))
     window.cancel_requested.connect(panel.cancel)
