@@ -25,7 +25,7 @@ MIN_WIDTH = 72.0
 MAX_LABEL = 40  # characters of a label shown; the rest is elided (the side panel has the full name)
 GAP = 60.0  # between the layouts of separate components, side by side
 ORDER_ROUNDS = 4  # grandalf's ordering rounds: more untangles a little more and costs time
-# A box read by more boxes than this (the attention mask every layer reads) is laid out with its first
+# A box read in more blocks than this (the attention mask every layer reads) is laid out with its first
 # reader only and its other edges run down a bus on the left: as layout edges they would pull each layer
 # sideways in turn, a zigzag instead of a column.
 FAN_OUT = 3
@@ -196,13 +196,13 @@ def _place(boxes: dict[str, Box], pairs: list[tuple[str, str]]) -> list[EdgeLine
     vertices = {box_id: Vertex(box_id) for box_id in boxes}
     for box_id, v in vertices.items():
         v.view = _View(boxes[box_id].w, boxes[box_id].h)
-    readers: dict[str, int] = {}
-    for a, _ in pairs:
-        readers[a] = readers.get(a, 0) + 1
+    reader_blocks: dict[str, set[str]] = {}
+    for a, b in pairs:
+        reader_blocks.setdefault(a, set()).add(boxes[b].block or b)
     first: dict[str, str] = {}
     laid, bus = [], []
     for a, b in pairs:
-        if readers[a] > FAN_OUT and first.setdefault(a, b) != b:
+        if len(reader_blocks[a]) > FAN_OUT and first.setdefault(a, b) != b:
             bus.append((a, b))
         else:
             laid.append((a, b))
@@ -217,7 +217,7 @@ def _place(boxes: dict[str, Box], pairs: list[tuple[str, str]]) -> list[EdgeLine
         sug = SugiyamaLayout(component)
         sug.xspace, sug.yspace = 24, 36
         roots = [v for v in component.sV if len(v.e_in()) == 0]
-        sug.init_all(roots=roots or None)
+        sug.init_all(roots=roots or None, optimize=True)  # optimize: a Constant sits just above its reader
         sug.draw(ORDER_ROUNDS)
         left = min(v.view.xy[0] - v.view.w / 2 for v in component.sV)
         right = max(v.view.xy[0] + v.view.w / 2 for v in component.sV)
