@@ -50,6 +50,7 @@ from studio.inspection.graph_export import (
     NODE_COLUMNS,
     diff_rows,
     node_rows,
+    onto_graph,
     read_node_values,
     write_table,
 )
@@ -111,6 +112,7 @@ class GraphView(QWidget):
     graph_shown = Signal(str)  # the choice key whose graph is on screen
     overlay_shown = Signal(str)  # an overlay's colours are on the boxes
     diff_shown = Signal()
+    laid_out = Signal()  # the boxes were laid out anew (a block expanded or collapsed, a graph shown)
     failed = Signal(str)
     node_shown = Signal(str)  # a box's details are in the side panel
     histogram_shown = Signal(str)  # the weight whose histogram is drawn
@@ -132,6 +134,7 @@ class GraphView(QWidget):
         self.structure: dict[str, Any] | None = None
         self.node_values: dict[str, float] = {}  # the overlay's numbers per node
         self.shares: dict[str, float] = {}
+        self.unplaced_share = 0.0  # time in kernels no node of the graph names
         self.errors: dict[str, float] = {}
         self.overlay = "none"
         self.values_file: Path | None = None
@@ -260,7 +263,9 @@ class GraphView(QWidget):
         self.export_table_action.triggered.connect(self._export_table_dialog)
         for scene in (self.scene, self.other_scene):
             scene.box_clicked.connect(self.show_box)
-            scene.box_double_clicked.connect(self.toggle)
+            # queued: the relayout deletes the item whose double-click is being handled, and a scene whose
+            # mouse grabber is deleted inside its own event swallows the next click
+            scene.box_double_clicked.connect(self.toggle, Qt.ConnectionType.QueuedConnection)
         self.canvas.navigated.connect(lambda: self._sync(self.canvas, self.other_canvas))
         self.other_canvas.navigated.connect(lambda: self._sync(self.other_canvas, self.canvas))
 
@@ -426,6 +431,7 @@ class GraphView(QWidget):
             self.fit()
         if self.selected and self.selected in self.scene.boxes:
             self.scene.highlight(self.selected)
+        self.laid_out.emit()
 
     def toggle(self, box_id: str) -> None:
         """Expand a collapsed block, or collapse the block a node of an expanded one belongs to."""
@@ -642,8 +648,13 @@ class GraphView(QWidget):
         if name == "time share":
 
             def shown_shares(shares: dict[str, float]) -> None:
-                self.shares = shares
-                self._values_ready("time share", shares)
+                self.shares, self.unplaced_share = onto_graph(shares, graph)
+                self._values_ready("time share", self.shares)
+                if self.unplaced_share > 0:
+                    self.summary.setText(
+                        f"{100 * self.unplaced_share:.1f} % of the run time is in kernels ONNX Runtime fused "
+                        "on load that no node of this graph names"
+                    )
 
             self._start(
                 "overlay", lambda: time_shares(model), shown_shares, "profiling the run time per node…"

@@ -55,6 +55,25 @@ def node_rows(
     return rows
 
 
+def onto_graph(values: Mapping[str, float], graph: Graph) -> tuple[dict[str, float], float]:
+    """Per-node values with the names the graph does not have put on the node they were made from:
+    ONNX Runtime fuses some nodes when it loads a graph and profiles the fused kernel under the old node's
+    name plus a suffix (`.../self/MatMul/MatMulScaleFusion/`), so it is given to `.../self/MatMul`. The
+    values that match no node (`BiasGelu_token_7`) are summed into the second result."""
+    names = {n.name for n in graph.nodes}
+    placed: dict[str, float] = {}
+    unplaced = 0.0
+    for name, value in values.items():
+        target = name
+        while target and target not in names:
+            target = target.rstrip("/").rpartition("/")[0] if "/" in target.rstrip("/") else ""
+        if target:
+            placed[target] = placed.get(target, 0.0) + value
+        else:
+            unplaced += value
+    return placed, unplaced
+
+
 def diff_marks(structure: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
     """Node name -> "removed" / "changed" in A, and -> "added" / "changed" in B, from `graph_diff`."""
     a = {name: "removed" for name in structure["removed"]}
