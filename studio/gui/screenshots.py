@@ -1,5 +1,6 @@
-"""Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM, and the Generate
-tab on the builtin TinyLM (`model-studio screenshots DIR`, and the README's pictures).
+"""Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM (the Graph tab
+twice: time overlay, and the diff of the ONNX variant against the original), and the Generate tab on the
+builtin TinyLM (`model-studio screenshots DIR`, and the README's pictures).
 
 The window is put in a state a user would reach in a minute: a real layer selected so its histogram
 shows, head importance computed and the least important heads switched off, so every tab shows real
@@ -47,6 +48,11 @@ GENERATE_VARIANT = {
     "evaluate": {"batch_sizes": [1], "sequence_length": 32},
 }
 GENERATE_TAB = "Generate"
+# The Graph tab (with the demo only, the variants being what it shows): the ONNX INT8 variant coloured by its share of run
+# time, its first layer expanded and its slowest node selected; with the demo, also its diff against the
+# original torch model coloured by precision (graph-diff.png).
+GRAPH_TAB = "Graph"
+GRAPH_EXPANDED = "encoder.layer.0"
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
@@ -135,6 +141,37 @@ def run_generation(window: object, document: object, *, demo: bool) -> None:
         raise RuntimeError(f"screenshots: generation failed: {outcome[0]}")
 
 
+def show_graph(window: object, document: object, *, diff: bool) -> str | None:
+    """Put the Graph tab in its screenshot state (see GRAPH_TAB); with `diff`, the diff against the original
+    is shown instead. Returns the key of the graph shown."""
+    view = window.graph_view  # type: ignore[attr-defined]
+    window.tabs.setCurrentWidget(view)  # type: ignore[attr-defined]
+    _wait(lambda: view.key is not None and not view.busy_now(), "the graph of the open model")
+    rows = [r for r in document.workspace.list() if r["kind"] == "onnx" and not r.get("missing")]  # type: ignore[attr-defined]
+    if rows:
+        key = f"row:{rows[-1]['id']}"
+        if view.key != key:
+            view.set_variant(key)
+            _wait(lambda: view.key == key and not view.busy_now(), "the graph of the ONNX variant")
+    if diff:
+        view.set_overlay("precision")
+        view.set_diff(f"source:{document.source}")  # type: ignore[attr-defined]
+        _wait(lambda: view.structure is not None and not view.busy_now(), "the graph diff")
+    else:
+        view.set_overlay("time share")
+        _wait(lambda: bool(view.node_values) and not view.busy_now(), "the time share per node")
+    view.expand(GRAPH_EXPANDED)
+    view.fit()
+    if not diff and view.node_values:
+        members = [n for n in view.graph.groups().get(GRAPH_EXPANDED, []) if n in view.node_values]
+        if members:
+            slowest = max(members, key=lambda n: view.node_values[n])
+            view.show_box(slowest)
+            view.canvas.centre_on_box(slowest)
+            _wait(lambda: not view.busy_now(), "the weight histogram")
+    return view.key
+
+
 def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool = True) -> list[Path]:
     """Render each tab of the main window to `<out_dir>/<tab>.png`; returns the files written. With `demo`,
     small real pipelines run first (into the workspace: a temporary one unless given), so the Run and
@@ -195,19 +232,25 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
         if demo:
             run_demo(window, document)
 
-        def grab(index: int) -> None:
+        def grab(index: int, name: str | None = None) -> None:
             window.tabs.setCurrentIndex(index)
             _settle()
             app.processEvents()
-            path = out_dir / tab_file_name(window.tabs.tabText(index))
+            path = out_dir / (name or tab_file_name(window.tabs.tabText(index)))
             if not window.grab().save(str(path)):
                 raise RuntimeError(f"screenshots: could not write {path}")
             written.append(path)
 
         titles = [window.tabs.tabText(i) for i in range(window.tabs.count())]
+        later = (GENERATE_TAB, GRAPH_TAB)  # MiniLM does not generate: that tab is shown on TinyLM below
         for index, title in enumerate(titles):
-            if title != GENERATE_TAB:  # MiniLM does not generate: that tab is shown on TinyLM below
+            if title not in later:
                 grab(index)
+        if demo and GRAPH_TAB in titles:
+            show_graph(window, document, diff=False)
+            grab(titles.index(GRAPH_TAB))
+            show_graph(window, document, diff=True)
+            grab(titles.index(GRAPH_TAB), "graph-diff.png")
         if GENERATE_TAB in titles:
             run_generation(window, document, demo=demo)
             grab(titles.index(GENERATE_TAB))
