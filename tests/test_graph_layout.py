@@ -19,6 +19,7 @@ from studio.inspection.graph_export import (
     diff_marks,
     diff_rows,
     node_rows,
+    onto_graph,
     read_node_values,
     write_table,
 )
@@ -164,6 +165,17 @@ def test_tables_are_written_as_csv_or_json_and_nothing_else_is_left(tmp_path):
     assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["nodes.csv", "nodes.json"]
     with pytest.raises(BadInput, match="folder"):
         write_table(csv_path / "below-a-file.csv", rows, NODE_COLUMNS)
+
+
+def test_profiled_names_of_fused_kernels_land_on_the_node_they_came_from():
+    graph = synthetic_graph(1, ops_per_layer=2)
+    shares = {
+        "/model/layers.0/op_0/MatMul/MatMulScaleFusion/": 0.5,  # ONNX Runtime's name for a fused kernel
+        "/model/layers.0/op_0/MatMul": 0.25,
+        "BiasGelu_token_7": 0.25,  # made on load from several nodes: no node of the graph names it
+    }
+    placed, unplaced = onto_graph(shares, graph)
+    assert placed == {"/model/layers.0/op_0/MatMul": 0.75} and unplaced == 0.25
 
 
 def test_node_values_file_is_read_and_bad_values_are_refused(tmp_path):

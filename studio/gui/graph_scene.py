@@ -8,7 +8,9 @@ Nothing here knows about models: the view hands over a layout, a colour per box 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import os
+import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,24 +440,39 @@ def render_canvases(
             x += rect.width() + gap
 
     size = QSize(math.ceil(width), math.ceil(height))
-    if path.suffix.lower() == ".svg":
-        from PySide6.QtCore import QRect
-        from PySide6.QtSvg import QSvgGenerator
+    # written beside the target and renamed over it: a viewer watching the file never sees half an image
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        if path.suffix.lower() == ".svg":
+            _write_svg(tmp, size, path.stem, paint)
+        else:
+            _write_png(tmp, size, paint)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
-        generator = QSvgGenerator()
-        generator.setFileName(str(path))
-        generator.setSize(size)
-        generator.setViewBox(QRect(0, 0, size.width(), size.height()))
-        generator.setTitle(path.stem)
-        generator.setDescription("exported from Model Studio")
-        painter = QPainter(generator)
-        try:
-            paint(painter)
-        finally:
-            painter.end()
-        if not path.exists():
-            raise OSError(f"could not write {path}")
-        return path
+
+def _write_svg(tmp: Path, size: QSize, title: str, paint: Callable[[QPainter], None]) -> None:
+    from PySide6.QtCore import QRect
+    from PySide6.QtSvg import QSvgGenerator
+
+    generator = QSvgGenerator()
+    generator.setFileName(str(tmp))
+    generator.setSize(size)
+    generator.setViewBox(QRect(0, 0, size.width(), size.height()))
+    generator.setTitle(title)
+    generator.setDescription("exported from Model Studio")
+    painter = QPainter(generator)
+    try:
+        paint(painter)
+    finally:
+        painter.end()
+    if not tmp.exists():
+        raise OSError(f"could not write {tmp.parent}")
+
+
+def _write_png(tmp: Path, size: QSize, paint: Callable[[QPainter], None]) -> None:
     scale = 2.0 if size.width() * size.height() < 4_000_000 else 1.0  # sharp, but bounded in memory
     image = QImage(round(size.width() * scale), round(size.height() * scale), QImage.Format.Format_ARGB32)
     image.fill(QColor(250, 250, 252))
@@ -465,6 +482,5 @@ def render_canvases(
         paint(painter)
     finally:
         painter.end()
-    if not image.save(str(path)):
-        raise OSError(f"could not write {path}")
-    return path
+    if not image.save(str(tmp), "PNG"):
+        raise OSError(f"could not write {tmp.parent}")
