@@ -99,7 +99,8 @@ class Legend:
 
     def color(self, value: float) -> QColor:
         span = self.high - self.low
-        return ramp_color((value - self.low) / span if span > 0 else 1.0)
+        # all values equal (a model against itself: every error 0) is the quiet end, not an alarm
+        return ramp_color((value - self.low) / span if span > 0 else 0.0)
 
 
 LEGEND_PAD = 8.0
