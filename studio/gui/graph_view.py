@@ -154,10 +154,14 @@ class GraphView(QWidget):
     def _build(self) -> None:
         self.banner = Banner("error")
         self.variant_combo = QComboBox()
-        self.variant_combo.setMinimumContentsLength(22)
+        self.variant_combo.setMinimumContentsLength(18)
+        self.variant_combo.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
         self.variant_combo.setToolTip("Whose graph: the open model or one of its variants in the workspace")
         self.diff_combo = QComboBox()
-        self.diff_combo.setMinimumContentsLength(22)
+        self.diff_combo.setMinimumContentsLength(16)
+        self.diff_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
         self.diff_combo.setToolTip(
             "Diff: a second variant (A) drawn on the left; boxes are marked added, removed or changed"
         )
@@ -170,6 +174,7 @@ class GraphView(QWidget):
         self.search_edit = QLineEdit()
         self.search_edit.setPlaceholderText("Find a node by name…")
         self.search_edit.setClearButtonEnabled(True)
+        self.search_edit.setMinimumWidth(180)
         self.fit_button = QPushButton("Fit")
         self.fit_button.setToolTip("Show the whole graph (a tall one fitted to its width)")
         self.collapse_button = QPushButton("Collapse all")
@@ -598,7 +603,9 @@ class GraphView(QWidget):
             return
         s = result.stats
         self.hist_curve.setData(np.asarray(s.edges), np.asarray(s.counts, dtype=float))
-        self.hist.getPlotItem().setTitle(f"{s.name}: {s.params:,} values")
+        short = ".".join(s.name.split(".")[-3:])  # the panel is narrow: the tail names the weight
+        self.hist.getPlotItem().setTitle(f"{short}: {s.params:,} values", size="9pt")
+        self.hist.setToolTip(s.name)
         self.hist.show()
         self.histogram_shown.emit(s.name)
 
