@@ -165,3 +165,19 @@ def test_export_png_and_svg_of_the_view_with_its_legend(view, tmp_path):
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
     nodes = view.export_table(tmp_path / "nodes.json")
     assert {r["name"] for r in json.loads(nodes.read_text())} == {n.name for n in view.graph.nodes}
+
+
+def test_error_overlay_compares_each_layer_with_the_diff_variant(view, qtbot):
+    # A: the torch original the graph was exported from; the overlay's error is B's against it
+    with qtbot.waitSignal(view.diff_shown, timeout=120000):
+        view.set_diff("source:builtin:minilm")
+    assert view.other.kind == "torch" and view.graph.kind == "onnx"
+    with qtbot.waitSignal(view.overlay_shown, timeout=120000):
+        view.set_overlay("error")
+    legend = view.canvas.legend.legend
+    assert legend.title == "relative error vs reference (max per box)"
+    assert QUERY in view.node_values
+    assert all(0 <= v < 1e-3 for v in view.node_values.values())  # the export computes what torch did
+    assert legend.high == max(box_values(view.layout_, view.node_values, "max").values())
+    rows, _ = view.table_rows()
+    assert {r["mark"] for r in rows} >= {"changed"}  # with a diff shown, its table is what is exported
