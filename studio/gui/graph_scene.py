@@ -415,28 +415,28 @@ class GraphCanvas(QGraphicsView):
 
 
 def render_canvases(
-    scenes: Sequence[GraphScene], legend: Legend | None, path: str | Path, font: QFont
+    scenes: Sequence[GraphScene], legends: Sequence[Legend], path: str | Path, font: QFont
 ) -> Path:
-    """The scenes side by side (a diff: A then B) at 100 % with the legend above them, to SVG or PNG by
-    the suffix."""
+    """The scenes side by side (a diff: A then B) at 100 % with the legends in a row above them, to SVG or
+    PNG by the suffix."""
     path = Path(path)
     gap = 30.0
-    top = 0.0
-    if legend is not None:
-        top = legend_size(legend, font).height() + 12
+    sizes = [legend_size(legend, font) for legend in legends]
+    top = max([s.height() + 12 for s in sizes] + [0.0])
     rects = [s.sceneRect() for s in scenes]
     width = max(sum(r.width() for r in rects) + gap * (len(rects) - 1), 1.0)
-    if legend is not None:
-        width = max(width, legend_size(legend, font).width() + 16)
+    width = max(width, sum(s.width() + 16 for s in sizes))
     height = max([r.height() for r in rects] + [1.0]) + top
 
     def paint(painter: QPainter) -> None:
         painter.setRenderHint(QPainter.RenderHint.Antialiasing)
         painter.fillRect(QRectF(0, 0, width, height), QColor(250, 250, 252))
-        if legend is not None:
-            paint_legend(painter, QPointF(8, 6), legend, font)
+        x = 8.0
+        for legend, size in zip(legends, sizes, strict=True):
+            paint_legend(painter, QPointF(x, 6), legend, font)
+            x += size.width() + 16
         x = 0.0
-        for scene, rect in zip(scenes, rects, strict=False):
+        for scene, rect in zip(scenes, rects, strict=True):
             scene.render(painter, QRectF(x, top, rect.width(), rect.height()), rect)
             x += rect.width() + gap
 

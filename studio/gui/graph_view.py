@@ -775,10 +775,12 @@ class GraphView(QWidget):
     # ---------------------------------------------------------------------------- export
 
     def export_image(self, path: str | Path) -> Path:
-        """The canvases (A and B side by side in a diff) with the legend, as SVG or PNG by the suffix."""
+        """The canvases (A and B side by side in a diff) with their legends, as SVG or PNG by the suffix."""
         scenes = [self.other_scene, self.scene] if self.other is not None else [self.scene]
-        legend = self.legend or (self._diff_legend() if self.structure is not None else None)
-        return render_canvases(scenes, legend, path, self.font())
+        legends = [self.legend] if self.legend is not None else []
+        if self.structure is not None:
+            legends.append(self._diff_legend())
+        return render_canvases(scenes, legends, path, self.font())
 
     def table_rows(self) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
         """What "Export table" writes: the diff's rows when there is one, else one row per node with the

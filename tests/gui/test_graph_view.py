@@ -145,8 +145,10 @@ def test_diff_against_the_fused_graph_marks_removed_and_changed_nodes(view, qtbo
     assert {"removed", "changed"} <= {r["mark"] for r in rows}
     assert any(r["name"] == "Attention_0" and r["change"] == "fused" for r in rows)
 
-    svg = view.export_image(tmp_path / "diff.svg")
-    assert svg.read_text(encoding="utf-8").lstrip().startswith("<?xml") and "<svg" in svg.read_text()
+    view.set_overlay("precision")
+    svg = view.export_image(tmp_path / "diff.svg").read_text(encoding="utf-8")
+    assert svg.lstrip().startswith("<?xml") and "<svg" in svg
+    assert ">precision<" in svg and "removed from A" in svg  # both legends: the overlay's and the diff's
     png = view.export_image(tmp_path / "diff.png")
     image = QImage(str(png))
     assert not image.isNull() and image.width() > image.height() / 4
