@@ -315,10 +315,10 @@ class GraphScene(QGraphicsScene):
         self.layout = layout
         edge_pen = QPen(QColor(130, 135, 150), 1.2)
         for e in layout.edges:
-            item = QGraphicsPathItem(arrow_path(e.points))
-            item.setPen(edge_pen)
-            item.setZValue(-1)
-            self.addItem(item)
+            line = QGraphicsPathItem(arrow_path(e.points))
+            line.setPen(edge_pen)
+            line.setZValue(-1)
+            self.addItem(line)
         for box in layout.boxes:
             item = BoxItem(box)
             self.addItem(item)
@@ -442,7 +442,8 @@ def render_canvases(
 
     size = QSize(math.ceil(width), math.ceil(height))
     # written beside the target and renamed over it: a viewer watching the file never sees half an image
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    # (the temporary name keeps the suffix: Qt picks the image format by it)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
     try:
         if path.suffix.lower() == ".svg":
             _write_svg(tmp, size, path.stem, paint)
@@ -483,5 +484,5 @@ def _write_png(tmp: Path, size: QSize, paint: Callable[[QPainter], None]) -> Non
         paint(painter)
     finally:
         painter.end()
-    if not image.save(str(tmp), "PNG"):
+    if not image.save(str(tmp)):
         raise OSError(f"could not write {tmp.parent}")

@@ -802,6 +802,8 @@ class GraphView(QWidget):
         name = "graph-diff" if self.other is not None else "graph"
         kind = "SVG image (*.svg)" if suffix == "svg" else "PNG image (*.png)"
         path, _ = QFileDialog.getSaveFileName(self, "Export the graph", f"{name}.{suffix}", kind)
+        if path and Path(path).suffix.lower() not in (".svg", ".png"):
+            path += f".{suffix}"  # the format goes by the suffix
         if path:
             try:
                 self.export_image(path)
