@@ -11,12 +11,9 @@ laying out and drawing are fast enough for the GUI thread.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import pyqtgraph as pg
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
@@ -28,13 +25,13 @@ from PySide6.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSplitter,
-    QTextBrowser,
     QToolButton,
     QVBoxLayout,
     QWidget,
 )
 
 from studio.gui.document import StudioDocument
+from studio.gui.graph_details import NodeDetails
 from studio.gui.graph_scene import (
     MARK_COLORS,
     PRECISION_COLORS,
@@ -43,7 +40,7 @@ from studio.gui.graph_scene import (
     Legend,
     render_canvases,
 )
-from studio.gui.widgets import Banner, plot_colors, run_task, style_plot, work_pool
+from studio.gui.widgets import Banner, run_task, work_pool
 from studio.inspection.graph import Graph, graph_diff
 from studio.inspection.graph_export import (
     DIFF_COLUMNS,
@@ -214,34 +211,11 @@ class GraphView(QWidget):
         self.canvas_split.addWidget(self.other_canvas)
         self.canvas_split.addWidget(self.canvas)
 
-        self.details = QTextBrowser()
-        self.details.setOpenLinks(False)
-        self.details.setPlaceholderText("Click a box to see its op, attributes, tensors and weights.")
-        self.hist = pg.PlotWidget()
-        style_plot(self.hist)
-        item = self.hist.getPlotItem()
-        item.setLabel("bottom", "weight value")
-        item.setLabel("left", "count")
-        item.getAxis("bottom").enableAutoSIPrefix(False)
-        item.getAxis("left").enableAutoSIPrefix(False)
-        colors = plot_colors()
-        self.hist_curve = pg.PlotDataItem(
-            [0.0, 1.0],
-            [0],
-            stepMode="center",
-            fillLevel=0,
-            pen=pg.mkPen(colors["bars"]),
-            brush=colors["bars_fill"],
-        )
-        item.addItem(self.hist_curve)
-        self.hist.hide()
-        side = QSplitter(Qt.Orientation.Vertical)
-        side.addWidget(self.details)
-        side.addWidget(self.hist)
-        side.setSizes([420, 220])
+        self.panel = NodeDetails()
+        self.details, self.hist = self.panel.text, self.panel.hist
         self.main_split = QSplitter(Qt.Orientation.Horizontal)
         self.main_split.addWidget(self.canvas_split)
-        self.main_split.addWidget(side)
+        self.main_split.addWidget(self.panel)
         self.main_split.setStretchFactor(0, 1)
         self.main_split.setSizes([900, 340])
 
@@ -409,8 +383,7 @@ class GraphView(QWidget):
         self.expanded.clear()
         self.shares, self.errors = {}, {}
         self.selected = None
-        self.details.clear()
-        self.hist.hide()
+        self.panel.clear()
         self._relayout(fit=True)
         self.graph_shown.emit(key)
         if self.overlay != "none":
@@ -519,51 +492,16 @@ class GraphView(QWidget):
         if box is None:
             return
         value = self._box_value(box_id)
-        lines = [f"<h3>{_esc(box_id)}</h3>"]
         if box.collapsed:
             ops: dict[str, int] = {}
             for name in layout.members(box_id):
                 op = graph.node(name).op
                 ops[op] = ops.get(op, 0) + 1
-            lines.append(f"<p>block of <b>{box.members}</b> nodes — double-click to expand</p>")
-            if value:
-                lines.append(f"<p>{_esc(value)}</p>")
-            lines.append(
-                "<p>"
-                + ", ".join(f"{_esc(op)} ×{n}" for op, n in sorted(ops.items(), key=lambda x: -x[1]))
-                + "</p>"
-            )
-            self.hist.hide()
-            self.details.setHtml("".join(lines))
+            self.panel.show_block(box_id, box.members, ops, value)
             self.node_shown.emit(box_id)
             return
         node = graph.node(box_id)
-        lines.append(
-            f"<p>op <b>{_esc(node.op)}</b> · precision {_esc(node.precision or '–')}"
-            f" · block {_esc(self.blocks.get(node.name) or '–')}</p>"
-        )
-        if value:
-            lines.append(f"<p>{_esc(value)}</p>")
-        if node.attributes:
-            lines.append(
-                "<p><b>attributes</b><br>"
-                + "<br>".join(f"{_esc(k)} = {_esc(json.dumps(v)[:120])}" for k, v in node.attributes.items())
-                + "</p>"
-            )
-        for title, tensors in (("inputs", node.inputs), ("outputs", node.outputs)):
-            rows = [f"{_esc(t)} <i>{_esc(_shape(graph.shapes.get(t)))}</i>" for t in tensors]
-            lines.append(f"<p><b>{title}</b><br>" + ("<br>".join(rows) or "–") + "</p>")
-        if node.weights:
-            lines.append(
-                "<p><b>weights</b><br>"
-                + "<br>".join(
-                    f"{_esc(w['name'])} {_esc(_shape(w['shape']))} {_esc(w['dtype'])}"
-                    + (f" = {_esc(', '.join(w['torch']))}" if w.get("torch") else "")
-                    for w in node.weights
-                )
-                + "</p>"
-            )
-        self.details.setHtml("".join(lines))
+        self.panel.show_node(graph, node, self.blocks.get(node.name), value)
         self.node_shown.emit(box_id)
         self._request_histogram(node, graph is self.graph)
 
@@ -598,16 +536,8 @@ class GraphView(QWidget):
         self._start("histogram", work, self._show_histogram, f"reading {weight['name']}…")
 
     def _show_histogram(self, result: Any) -> None:
-        if result is None or not result.stats.counts:
-            self.hist.hide()
-            return
-        s = result.stats
-        self.hist_curve.setData(np.asarray(s.edges), np.asarray(s.counts, dtype=float))
-        short = ".".join(s.name.split(".")[-3:])  # the panel is narrow: the tail names the weight
-        self.hist.getPlotItem().setTitle(f"{short}: {s.params:,} values", size="9pt")
-        self.hist.setToolTip(s.name)
-        self.hist.show()
-        self.histogram_shown.emit(s.name)
+        if self.panel.show_histogram(result):
+            self.histogram_shown.emit(result.stats.name)
 
     # ---------------------------------------------------------------------------- overlays
 
@@ -824,13 +754,3 @@ class GraphView(QWidget):
         for task in self._tasks.values():
             task.cancel()
         self._tasks.clear()
-
-
-def _esc(text: Any) -> str:
-    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-def _shape(shape: Any) -> str:
-    if shape is None:
-        return "shape unknown"
-    return "[" + ", ".join(str(d) for d in shape) + "]"
