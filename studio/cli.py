@@ -226,6 +226,10 @@ def add_graph_verbs(sub: Any, ws: argparse.ArgumentParser, trust: argparse.Argum
         p.add_argument("--examples", type=int, default=examples, help=f"examples run (default {examples})")
         p.add_argument("--sequence-length", type=int, default=32, help="tokens per example (default 32)")
 
+    def table_flags(p: argparse.ArgumentParser, what: str) -> None:
+        p.add_argument("--csv", metavar="FILE", help=f"also write {what} as a CSV file")
+        p.add_argument("--json-file", metavar="FILE", help=f"also write {what} as a JSON file")
+
     p = sub.add_parser(
         "graph",
         help="the computation graph of a variant: time share and precision per node",
@@ -236,6 +240,7 @@ def add_graph_verbs(sub: Any, ws: argparse.ArgumentParser, trust: argparse.Argum
     p.add_argument("--no-profile", action="store_true", help="skip the run-time profile")
     p.add_argument("--top", type=int, default=25, help="nodes listed without --json (default 25)")
     data_flags(p, 4)
+    table_flags(p, "one row per node (name, op, group, precision, time_share, error)")
     p.set_defaults(handler=cmd_graph)
 
     p = sub.add_parser(
@@ -244,6 +249,7 @@ def add_graph_verbs(sub: Any, ws: argparse.ArgumentParser, trust: argparse.Argum
     p.add_argument("a", help="the reference: " + ref)
     p.add_argument("b", help="the model compared with it: " + ref)
     data_flags(p, 4)
+    table_flags(p, "one row per layer compared and per node added, removed or changed")
     p.set_defaults(handler=cmd_diff)
 
     p = sub.add_parser(

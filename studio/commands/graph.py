@@ -29,8 +29,18 @@ def examples_of(args: argparse.Namespace) -> list[Any]:
     return load_examples(args.data, args.examples)
 
 
+def save_tables(args: argparse.Namespace, rows: list[dict[str, Any]], columns: tuple[str, ...]) -> None:
+    """--csv FILE / --json-file FILE: the rows as a table file as well as what is printed."""
+    from studio.inspection.graph_export import write_table
+
+    for path in (args.csv, args.json_file):
+        if path:
+            write_table(path, rows, columns)
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from studio.inspection.graph import graph_of
+    from studio.inspection.graph_export import NODE_COLUMNS, node_rows
 
     label, model = open_model(args, args.variant)
     graph = graph_of(model)
@@ -48,14 +58,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
         diff = layer_diff(reference, model, examples=examples_of(args), sequence_length=args.sequence_length)
         errors = {x["name"]: x["relative_error"] for x in diff["layers"]}
         first_jump = diff["first_jump"]
-    nodes = []
-    for n in graph.nodes:
-        own = [errors[m] for m in n.modules() if m in errors] or (
-            [errors[n.name]] if n.name in errors else []
-        )
-        row = n.to_dict()
-        row.update(time_share=shares.get(n.name, 0.0 if shares else None), error=max(own) if own else None)
-        nodes.append(row)
+    nodes = node_rows(graph, shares, errors)
+    save_tables(args, nodes, NODE_COLUMNS)
     if args.json:
         print_json(
             {
@@ -90,6 +94,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         from studio.inspection.graph import graph_diff, onnx_graph
 
         out["structure"] = graph_diff(onnx_graph(a.path), onnx_graph(b.path))
+    if args.csv or args.json_file:
+        from studio.inspection.graph_export import DIFF_COLUMNS, diff_rows
+
+        save_tables(args, diff_rows(out.get("structure"), result["layers"]), DIFF_COLUMNS)
     if args.json:
         print_json(out)
         return 0

@@ -90,7 +90,7 @@ def load_starter_pipeline(document) -> None:
 
 def build_main_window(document):
     """The main window with every tab: Model and Heads come with MainWindow; Pipeline, Run, Compare,
-    Generate and Search are plugged in here and answer the window's menu requests."""
+    Generate, Search and Graph are plugged in here and answer the window's menu requests."""
     from PySide6.QtWidgets import QApplication
 
     from studio.gui.main_window import MainWindow
@@ -120,6 +120,10 @@ def build_main_window(document):
     window.search_view.variant_selected.connect(
         lambda vid: compare.select_variant(vid) or (compare.refresh(), compare.select_variant(vid))
     )
+    from studio.gui.graph_view import GraphView
+
+    window.graph_view = GraphView(document)
+    window.add_tab(window.graph_view, "Graph")
     panel.compare_requested.connect(lambda: window.tabs.setCurrentWidget(compare))  # offered, not forced
     window.run_requested.connect(lambda: (window.tabs.setCurrentWidget(panel), panel.run()))
     window.cancel_requested.connect(panel.cancel)

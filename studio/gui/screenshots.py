@@ -1,6 +1,7 @@
 """Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM (the Search tab
-after a small real search), and the Generate tab on the builtin TinyLM (`model-studio screenshots DIR`,
-and the README's pictures).
+after a small real search; the Graph tab twice: time overlay, and the diff of the ONNX variant against the
+original), and the Generate tab on the builtin TinyLM (`model-studio screenshots DIR`, and the README's
+pictures).
 
 The window is put in a state a user would reach in a minute: a real layer selected so its histogram
 shows, head importance computed and the least important heads switched off, so every tab shows real
@@ -74,6 +75,12 @@ SEARCH_DEMO = {
         "space": {2: {"optional": True}, 3: {"per_channel": [True, False], "reduce_range": [True, False]}},
     },
 }
+
+# The Graph tab (with the demo only, the variants being what it shows): the ONNX INT8 variant coloured by its share of run
+# time, its first layer expanded and its slowest node selected; with the demo, also its diff against the
+# original torch model coloured by precision (graph-diff.png).
+GRAPH_TAB = "Graph"
+GRAPH_EXPANDED = "encoder.layer.0"
 
 
 def _wait(condition: Callable[[], bool], what: str, timeout: float = 300.0) -> None:
@@ -195,6 +202,37 @@ def grab_generation_plots(window: object, grab: Callable[[str], None]) -> None:
         grab(f"compare-{tab_file_name(title)}")
 
 
+def show_graph(window: object, document: object, *, diff: bool) -> str | None:
+    """Put the Graph tab in its screenshot state (see GRAPH_TAB); with `diff`, the diff against the original
+    is shown instead. Returns the key of the graph shown."""
+    view = window.graph_view  # type: ignore[attr-defined]
+    window.tabs.setCurrentWidget(view)  # type: ignore[attr-defined]
+    _wait(lambda: view.key is not None and not view.busy_now(), "the graph of the open model")
+    rows = [r for r in document.workspace.list() if r["kind"] == "onnx" and not r.get("missing")]  # type: ignore[attr-defined]
+    if rows:
+        key = f"row:{rows[-1]['id']}"
+        if view.key != key:
+            view.set_variant(key)
+            _wait(lambda: view.key == key and not view.busy_now(), "the graph of the ONNX variant")
+    if diff:
+        view.set_overlay("precision")
+        view.set_diff(f"source:{document.source}")  # type: ignore[attr-defined]
+        _wait(lambda: view.structure is not None and not view.busy_now(), "the graph diff")
+    else:
+        view.set_overlay("time share")
+        _wait(lambda: bool(view.node_values) and not view.busy_now(), "the time share per node")
+    view.expand(GRAPH_EXPANDED)
+    view.fit()
+    if not diff and view.node_values:
+        members = [n for n in view.graph.groups().get(GRAPH_EXPANDED, []) if n in view.node_values]
+        if members:
+            slowest = max(members, key=lambda n: view.node_values[n])
+            view.show_box(slowest)
+            view.canvas.centre_on_box(slowest)
+            _wait(lambda: not view.busy_now(), "the weight histogram")
+    return view.key
+
+
 def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool = True) -> list[Path]:
     """Render each tab of the main window to `<out_dir>/<tab>.png`; returns the files written. With `demo`,
     small real pipelines run first (into the workspace: a temporary one unless given), so the Run and
@@ -266,9 +304,15 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
             written.append(path)
 
         titles = [window.tabs.tabText(i) for i in range(window.tabs.count())]
+        later = (GENERATE_TAB, GRAPH_TAB)  # MiniLM does not generate: that tab is shown on TinyLM below
         for index, title in enumerate(titles):
-            if title != GENERATE_TAB:  # MiniLM does not generate: that tab is shown on TinyLM below
+            if title not in later:
                 grab(index)
+        if demo and GRAPH_TAB in titles:
+            show_graph(window, document, diff=False)
+            grab(titles.index(GRAPH_TAB))
+            show_graph(window, document, diff=True)
+            grab(titles.index(GRAPH_TAB), "graph-diff.png")
         if GENERATE_TAB in titles:
             run_generation(window, document, demo=demo)
             grab(titles.index(GENERATE_TAB))
