@@ -307,6 +307,28 @@ class WeightOnlyLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A variant written for transformers holds the weight as torchao's flattened
+        # IntxUnpackedToInt8Tensor (signed codes, int8 zero points); read it back into this layout.
+        qdata = state_dict.pop(prefix + "_weight_qdata", None)
+        if qdata is not None:
+            scale = state_dict.pop(prefix + "_weight_scale")
+            zero = state_dict.pop(prefix + "_weight_zero_point").to(torch.int16)
+            offset = 2 ** (self.bits - 1)
+            codes = qdata.to(torch.int16) + (offset if self.bits == 4 or not self.symmetric else 0)
+            if self.bits == 4:
+                nibbles = codes.to(torch.uint8)
+                codes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+            state_dict[prefix + "qweight"] = codes.to(self.qweight.dtype)
+            state_dict[prefix + "scales"] = scale
+            if not self.symmetric:
+                state_dict[prefix + "zeros"] = (zero + offset).to(torch.uint8)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The integer codes [out, in] (unpacked, offsets not yet removed); only `rows` when given."""
         q = self.qweight if rows is None else self.qweight[rows]
