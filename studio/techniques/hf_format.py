@@ -6,7 +6,8 @@ that would be silently wrong: transformers skips a `quantization_config` it does
 warning), finds no `weight` for the quantized layers and initialises them at random. So every variant with
 quantized layers is written in one of two ways:
 
-- **torchao** (8-bit weight-only layers: quantize.weight_only, quantize.gptq and quantize.awq with bits 8):
+- **torchao** (a causal LM whose quantized layers are all 8-bit weight-only: quantize.weight_only,
+  quantize.gptq and quantize.awq with bits 8):
   each layer's codes, scales and zero points become a torchao `IntxUnpackedToInt8Tensor` (one int8 code
   per weight, as the studio stores 8-bit codes, so the file keeps its size), saved with torchao's
   safetensors metadata, and config.json carries a `TorchAoConfig`. transformers 5 with torchao installed
@@ -14,7 +15,8 @@ quantized layers is written in one of two ways:
   same `linear`); the studio reads the same tensors back into its own layers (`WeightOnlyLinear`).
 - **refused**: 4-bit layers (the studio packs two codes per byte; torchao's CPU format keeps one per byte,
   twice the size), W8A8 and dynamic-INT8 layers (activation quantization transformers has no CPU format
-  for with the same rounding), int8 embedding tables and custom KV caches. config.json carries a
+  for with the same rounding), int8 embedding tables, custom KV caches, and quantized encoders (whose
+  saved layout the studio's weight tools read as it is). config.json carries a
   `quantization_config` whose torchao type does not exist, so `from_pretrained` raises (`Failed to find
   class ModelStudioQuantizedLayers...`) instead of loading a float model with random weights; the studio's
   own loader rebuilds it from `studio_transforms` as before. `model-studio export --format hf` converts
@@ -54,9 +56,10 @@ def quantized_layers(module: Any) -> list[tuple[str, Any]]:
     return [(n, m) for n, m in module.named_modules() if isinstance(m, kinds)]
 
 
-def form_of(module: Any, transforms: list[dict[str, Any]], *, allow_int4: bool = False) -> Form:
-    """Which form a variant takes; `allow_int4` (an export) accepts 4-bit weight-only layers, which the
-    torchao format stores at twice the size of the studio's packed codes."""
+def form_of(module: Any, transforms: list[dict[str, Any]], *, export: bool = False) -> Form:
+    """Which form a variant takes. A saved variant takes the torchao form only for a causal LM with 8-bit
+    layers; an export (`export`) also converts 4-bit layers, stored at twice the size of the studio's packed
+    codes, and other architectures."""
     from studio.techniques.quantized_layers import WeightOnlyEmbedding, WeightOnlyLinear
 
     for record in transforms:
@@ -72,8 +75,11 @@ def form_of(module: Any, transforms: list[dict[str, Any]], *, allow_int4: bool =
                 "refused",
                 f"layer '{name}' is a {type(layer).__name__}, which no transformers format on CPU computes alike",
             )
-        if layer.bits == 4 and not allow_int4:
+        if layer.bits == 4 and not export:
             return Form("refused", f"layer '{name}' holds 4-bit codes packed two per byte")
+    if not export and not type(module).__name__.endswith("ForCausalLM"):
+        # encoders keep the studio's layout, which its weight inspection and tools read
+        return Form("refused", f"a {type(module).__name__} keeps the studio's own quantized layout")
     return Form("torchao")
 
 
@@ -182,7 +188,7 @@ def export_folder(folder: Path, studio_module: Any, transforms: list[dict[str, A
     the studio's logits."""
     config_file = folder / "config.json"
     data = json.loads(config_file.read_text())
-    form = form_of(studio_module, transforms, allow_int4=True)
+    form = form_of(studio_module, transforms, export=True)
     if form.kind == "refused":
         raise BadInput(
             f"variant {vid} cannot be loaded by plain transformers: {form.reason}; it reopens in "
