@@ -133,7 +133,7 @@ def committed(ws, state, tinylm):
         )
 
 
-def test_export_hf_converts_int4_to_a_loadable_folder_and_refuses_w8a8(tinylm, calibration, ids, tmp_path):
+def test_export_hf_converts_int4_passes_int8_on_and_refuses_w8a8(tinylm, calibration, ids, tmp_path):
     import torch
 
     ws = Workspace(tmp_path / "ws")
@@ -143,6 +143,12 @@ def test_export_hf_converts_int4_to_a_loadable_folder_and_refuses_w8a8(tinylm, c
     config = json.loads((tmp_path / "int4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "torchao" and "studio_transforms" not in config
     ours = logits_of(int4.module, ids)
+    theirs = logits_of(transformers_load(out["out"]), ids)
+    assert torch.allclose(theirs, ours, rtol=0, atol=1e-5 * float(ours.abs().max()))
+
+    int8, _ = apply(tinylm, "quantize.weight_only", {"bits": 8}, calibration, tmp_path)
+    out = export_variant(ws, committed(ws, int8, tinylm)["id"], "hf", tmp_path / "int8")
+    ours = logits_of(int8.module, ids)
     theirs = logits_of(transformers_load(out["out"]), ids)
     assert torch.allclose(theirs, ours, rtol=0, atol=1e-5 * float(ours.abs().max()))
 
