@@ -16,6 +16,7 @@ from studio.checkpoints import open_checkpoint
 from studio.errors import BadInput
 from studio.evaluation.data import Example
 from studio.techniques import layerwise, smoothquant
+from studio.techniques.base import RunContext, get_technique, initial_state
 from studio.techniques.torch_io import save_torch_variant
 from tests.test_tech_gptq import CALIBRATION_MODULES, apply, docstrings, perplexity
 
@@ -221,7 +222,10 @@ def test_gpt2_conv1d_layers_smooth_without_changing_outputs(gpt2, calibration, t
     import torch
 
     model = open_checkpoint(str(gpt2))
-    state, _ = apply(model, "quantize.smoothquant", {"smooth_only": True}, calibration, tmp_path)
+    technique = get_technique("quantize.smoothquant")()
+    p = technique.Params(smooth_only=True)
+    ctx = RunContext(original=model, workdir=tmp_path, calibration=calibration, sequence_length=64)
+    state = technique.run(initial_state(model), p, ctx)  # windows within the model's 128 positions
     assert "transformer.h.0.ln_1" in state.transforms[-1]["smoothed"]
     ids = torch.arange(1, 33).reshape(1, -1) % model.config.vocab_size
     before, after = logits(model.module, ids), logits(state.module, ids)
