@@ -160,11 +160,16 @@ def _check_transformers_loads(folder: Path, row: dict[str, Any]) -> None:
     from studio.checkpoints import open_checkpoint
     from studio.checkpoints.hf import load_pretrained, model_class, read_config
     from studio.checkpoints.variant_folder import TRANSFORMS_KEY
+    from studio.techniques import hf_format
 
     config_file = folder / "config.json"
     data = json.loads(config_file.read_text())
     records = data.get(TRANSFORMS_KEY) or []
-    blocking = [r["technique"] for r in records if r.get("technique") not in ("precision.half",)]
+    studio = open_checkpoint(Path(row["artifact"])).module
+    if hf_format.form_of(studio, records).kind != "plain":  # quantized layers: converted or refused
+        hf_format.export_folder(folder, studio, records, row["id"])
+        return
+    blocking = [r["technique"] for r in records if not _plain_record(r)]
     if blocking:
         raise BadInput(
             f"variant {row['id']} has a structure plain transformers cannot rebuild ({', '.join(blocking)}: per-layer "
@@ -174,10 +179,19 @@ def _check_transformers_loads(folder: Path, row: dict[str, Any]) -> None:
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True))
     config = read_config(folder)
     plain = load_pretrained(model_class(config, folder), folder)
-    ours = open_checkpoint(Path(row["artifact"])).module.state_dict()
+    ours = studio.state_dict()
     theirs = plain.state_dict()
     with torch.no_grad():
         for name, a in ours.items():
             b = theirs.get(name)
             if b is None or a.shape != b.shape or not torch.equal(a.to(b.dtype), b):
                 raise BadInput(f"transformers loads the exported folder differently at '{name}'")
+
+
+def _plain_record(record: dict[str, Any]) -> bool:
+    """A record transformers reproduces from config.json and the weights alone: a dtype, or smoothing
+    without quantized layers (its scales live in the saved norm and Linear weights)."""
+    technique = record.get("technique")
+    return technique == "precision.half" or (
+        technique == "quantize.smoothquant" and not record.get("modules")
+    )

@@ -48,6 +48,10 @@ def build_variant_module(cls: Any, path: Path, config: Any) -> Any:
     from studio.checkpoints.torch_files import load_weights_only
 
     records = list(getattr(config, TRANSFORMS_KEY, None) or [])
+    # The quantization_config is for plain transformers (torchao's, or one that refuses the folder): the
+    # records rebuild the quantized layers here, and a model built from a config carrying it would look
+    # quantized to transformers.
+    config.__dict__.pop("quantization_config", None)
     module = cls._from_config(config)  # cls: a transformers model class
     for record in records:
         module = restorer(record["technique"])(module, record)

@@ -14,6 +14,7 @@ from studio.techniques import (  # noqa: F401  (imported to register)
     prune,
     qat,
     quantize,
+    smoothquant,
     tensorrt,
 )
 from studio.techniques.onnx import (  # noqa: F401  (imported to register)

@@ -18,6 +18,9 @@ inspection like any other checkpoint. Each layer's `__init__` builds it from sha
   dequantized in `forward` and multiplied in the activations' precision: smaller on disk and in memory,
   not faster on CPU.
 - `WeightOnlyEmbedding`: an embedding table in the same format, dequantized row by row on lookup.
+- `W8A8Linear`: int8 weights (one scale per output channel) times int8 activations (one scale per token,
+  computed at run time, or one fixed scale per tensor measured on calibration data), accumulated in int32
+  by `torch._int_mm`: what quantize.smoothquant stores.
 """
 
 from __future__ import annotations
@@ -171,6 +174,15 @@ class DynamicInt8Linear(nn.Module):
         )
 
 
+def int8_rows(weight: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes, scales in `dtype`) of a matrix with one symmetric scale per row, max |row| -> 127."""
+    w = weight.detach().to(torch.float32)
+    scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(dtype).tiny)
+    scales = scales.to(dtype)  # codes are rounded against the stored scale
+    codes = torch.round(w / scales.to(torch.float32).unsqueeze(1)).clamp(-127, 127)
+    return codes.to(torch.int8), scales
+
+
 class Int8Embedding(nn.Module):
     """An embedding table stored as int8 rows with one scale per row (symmetric), dequantized on lookup."""
 
@@ -188,11 +200,8 @@ class Int8Embedding(nn.Module):
     def from_float(cls, weight: torch.Tensor) -> Int8Embedding:
         w = weight.detach()
         layer = cls(w.shape[0], w.shape[1], w.dtype)
-        w = w.to(torch.float32)
-        scales = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(layer.weight_scale.dtype).tiny)
-        scales = scales.to(layer.weight_scale.dtype)  # codes are rounded against the stored scale
-        codes = torch.round(w / scales.to(torch.float32).unsqueeze(1)).clamp(-127, 127)
-        layer.weight_int8.copy_(codes.to(torch.int8))
+        codes, scales = int8_rows(w, layer.weight_scale.dtype)
+        layer.weight_int8.copy_(codes)
         layer.weight_scale.copy_(scales)
         return layer
 
@@ -298,6 +307,28 @@ class WeightOnlyLinear(nn.Module):
             layer.bias.data.copy_(bias.detach().to(dtype))
         return layer
 
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
+        # A variant written for transformers holds the weight as torchao's flattened
+        # IntxUnpackedToInt8Tensor (signed codes, int8 zero points); read it back into this layout.
+        qdata = state_dict.pop(prefix + "_weight_qdata", None)
+        if qdata is not None:
+            scale = state_dict.pop(prefix + "_weight_scale")
+            zero = state_dict.pop(prefix + "_weight_zero_point").to(torch.int16)
+            offset = 2 ** (self.bits - 1)
+            codes = qdata.to(torch.int16) + (offset if self.bits == 4 or not self.symmetric else 0)
+            if self.bits == 4:
+                nibbles = codes.to(torch.uint8)
+                codes = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+            state_dict[prefix + "qweight"] = codes.to(self.qweight.dtype)
+            state_dict[prefix + "scales"] = scale
+            if not self.symmetric:
+                state_dict[prefix + "zeros"] = (zero + offset).to(torch.uint8)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
     def codes(self, rows: torch.Tensor | None = None) -> torch.Tensor:
         """The integer codes [out, in] (unpacked, offsets not yet removed); only `rows` when given."""
         q = self.qweight if rows is None else self.qweight[rows]
@@ -357,3 +388,68 @@ class WeightOnlyEmbedding(WeightOnlyLinear):
     def extra_repr(self) -> str:
         kind = "symmetric" if self.symmetric else "asymmetric"
         return f"{self.out_features}, {self.in_features}, int{self.bits} {kind}, group_size={self.group_size}"
+
+
+class W8A8Linear(nn.Module):
+    """A Linear layer computed in integers: int8 weights with one symmetric scale per output channel, int8
+    activations, int32 accumulation (`torch._int_mm`), rescaled to float afterwards.
+
+    Activations are quantized symmetrically either per token at run time (`input_scale` is 0: each row of
+    the input gets max |row| / 127, which follows the large spread between tokens of a language model) or
+    with one fixed scale per tensor measured on calibration data (`input_scale` > 0: no reduction at run
+    time; values beyond the calibrated range saturate). SmoothQuant makes the per-channel spread small
+    enough for either to work; without it a few outlier channels set the scale of every other channel.
+    """
+
+    weight_int8: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor
+    bias: nn.Parameter | None
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32))
+        self.register_buffer("input_scale", torch.zeros((), dtype=torch.float32))
+        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_float(
+        cls, weight: torch.Tensor, bias: torch.Tensor | None, input_max: float | None = None
+    ) -> W8A8Linear:
+        """Quantize a float weight [out, in]; `input_max` (the largest |input| seen on calibration data)
+        makes the activation scale static, None keeps it per token."""
+        layer = cls(int(weight.shape[1]), int(weight.shape[0]), bias is not None)
+        codes, scales = int8_rows(weight, torch.float32)
+        layer.weight_int8.copy_(codes)
+        layer.weight_scale.copy_(scales)
+        if input_max is not None:
+            layer.input_scale.fill_(max(float(input_max), torch.finfo(torch.float32).tiny) / 127)
+        if bias is not None and layer.bias is not None:
+            layer.bias.data.copy_(bias.detach().to(torch.float32))
+        return layer
+
+    @property
+    def static(self) -> bool:
+        return bool(self.input_scale > 0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features).to(torch.float32)
+        if self.static:
+            scale = self.input_scale.reshape(1, 1)
+        else:
+            scale = (rows.abs().amax(dim=1, keepdim=True) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        codes = torch.round(rows / scale).clamp(-127, 127).to(torch.int8)
+        y = torch._int_mm(codes, self.weight_int8.t()).to(torch.float32) * (scale * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        activations = "static per-tensor" if self.static else "dynamic per-token"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"int8 weights per channel, int8 activations {activations}"
+        )

@@ -92,17 +92,22 @@ def save_torch_variant(
 
     folder.mkdir(parents=True, exist_ok=True)
     if hasattr(module, "config") and hasattr(module, "save_pretrained"):
+        from studio.techniques.hf_format import save_weights
+
         config = module.config.to_dict()
         config[TRANSFORMS_KEY] = transforms
         config.pop("_name_or_path", None)
-        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
-        state = module.state_dict()
-        if all(_plain(v) for v in state.values()):  # tuples (packed params) or quantized tensors -> model.pt
-            from safetensors.torch import save_model
+        # quantized layers: torchao's format where transformers computes them alike, else a config that
+        # makes a plain from_pretrained refuse the folder (see studio.techniques.hf_format)
+        if not save_weights(module, transforms, folder, config):
+            state = module.state_dict()
+            if all(_plain(v) for v in state.values()):  # packed params or quantized tensors -> model.pt
+                from safetensors.torch import save_model
 
-            save_model(module, str(folder / "model.safetensors"))
-        else:
-            torch.save(state, folder / "model.pt")
+                save_model(module, str(folder / "model.safetensors"))
+            else:
+                torch.save(state, folder / "model.pt")
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         copy_side_files(source, folder)
     else:
         if example_inputs is None:
