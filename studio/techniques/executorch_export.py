@@ -43,7 +43,13 @@ class ExportExecuTorchParams(Params):
     quantize: Literal["none", "int8"] = Field(
         "none",
         description="none: float32 program; int8: PT2E quantization with the XNNPACK quantizer "
-        "(per-channel symmetric INT8 weights, INT8 activations calibrated on the calibration data)",
+        "(per-channel symmetric INT8 weights, INT8 activations as `activations` says)",
+    )
+    activations: Literal["dynamic", "static"] = Field(
+        "dynamic",
+        description="int8: dynamic: each Linear's input quantized per call from its own range (XNNPACK's "
+        "dynamically quantized linear; MiniLM cosine 0.999); static: one range per tensor observed on the "
+        "calibration data, which also quantizes convolutions and the ops between (MiniLM cosine ~0.87)",
     )
     batch_size: int = Field(
         1,
@@ -146,9 +152,10 @@ class ExportExecuTorch(Technique[ExportExecuTorchParams]):
                 tuple(b.inputs[n] for n in names)
                 for b in calibration_batches(ctx, model, family, rows, seq, params.calibration_batches)
             ]
-            program = quantize_int8(program, args, calibration)
+            program = quantize_int8(program, args, calibration, dynamic=params.activations == "dynamic")
             ctx.log(
-                f"INT8 (XNNPACK quantizer, per-channel weights): calibrated on {len(calibration)} batches"
+                f"INT8 (XNNPACK quantizer, per-channel weights, {params.activations} activations): "
+                f"calibrated on {len(calibration)} batches"
             )
         ctx.progress(0.5, "lowering to XNNPACK")
         buffer, delegation = lower(program)
@@ -168,6 +175,7 @@ class ExportExecuTorch(Technique[ExportExecuTorchParams]):
             "batch_size": rows,
             "sequence_length": seq if family.takes_text else None,
             "quantize": params.quantize,
+            "activations": params.activations if params.quantize == "int8" else None,
             "carried_int8_layers": carried,
             "family": model.family,
             "pad_token_id": model.tokenizer.pad_token_id if family.takes_text else None,
@@ -301,8 +309,11 @@ def capture_failure(exc: BaseException) -> str:
     return f"torch.export cannot capture the model{where}: {summary[:300]} ({hint})"
 
 
-def quantize_int8(program: Any, args: tuple[Any, ...], calibration: list[tuple[Any, ...]]) -> Any:
-    """PT2E: annotate with the XNNPACK quantizer, observe the calibration batches, convert, re-export."""
+def quantize_int8(
+    program: Any, args: tuple[Any, ...], calibration: list[tuple[Any, ...]], *, dynamic: bool = False
+) -> Any:
+    """PT2E: annotate with the XNNPACK quantizer, observe the calibration batches, convert, re-export.
+    `dynamic`: activations quantized per call (the observers then only settle the weights' scales)."""
     import torch
     from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
         XNNPACKQuantizer,
@@ -310,7 +321,8 @@ def quantize_int8(program: Any, args: tuple[Any, ...], calibration: list[tuple[A
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    config = get_symmetric_quantization_config(is_per_channel=True, is_dynamic=dynamic)
+    quantizer = XNNPACKQuantizer().set_global(config)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         prepared = prepare_pt2e(keep_integer_arithmetic(program.module()), quantizer)
