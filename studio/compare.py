@@ -3,6 +3,7 @@ latency significance, per-layer weight differences, and the examples where the t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -131,7 +132,23 @@ def open_row(row: dict[str, Any], *, trust: bool = False) -> Any:
         raise BadInput(f"variant {row['id']}: its files are gone from the workspace ({row['artifact']})")
     if row["kind"] == "baseline":
         return open_checkpoint(row["model"], trust=trust)
+    if row["kind"] == "executorch":
+        # A .pte keeps no named weights and is no checkpoint: the model it was made from says how to feed it
+        # (tokenizer, family), the program itself is what runs (`row_runner`), and no weights are compared.
+        source = open_checkpoint(row["model"], trust=trust)
+        note = f"an ExecuTorch program ({artifact_path(row).name}): its weights are not listed by name"
+        return dataclasses.replace(source, tensor_source=lambda: iter(()), notes=[*source.notes, note])
     return open_checkpoint(artifact_path(row))
+
+
+def row_runner(row: dict[str, Any], model: Any) -> Any:
+    """A runner of a workspace row's artifact, `model` being what `open_row` opened for it."""
+    from studio.evaluation.measure import runner_for
+
+    if row["kind"] == "executorch":
+        return runner_for("executorch", artifact_path(row), model)
+    kind = "tensorrt" if row["kind"] == "tensorrt" and stage_of(model) == "torch" else stage_of(model)
+    return runner_for(kind, model.module if kind == "torch" else model.path, model)
 
 
 def tensor_refs(model: Any) -> dict[str, Any]:
@@ -212,15 +229,11 @@ def disagreements(
     """Run A and B (rows and their opened checkpoints) on the same examples in lockstep and return the k
     where they differ most."""
     from studio.evaluation.data import load_examples
-    from studio.evaluation.measure import quality_batches, runner_for
+    from studio.evaluation.measure import quality_batches
     from studio.evaluation.quality import QualityAccumulator
 
     examples = load_examples(data, n)
-    runners = []
-    for row, model in zip(rows, models, strict=True):
-        kind = "tensorrt" if row["kind"] == "tensorrt" and stage_of(model) == "torch" else stage_of(model)
-        target = model.module if kind == "torch" else model.path
-        runners.append(runner_for(kind, target, model))
+    runners = [row_runner(row, model) for row, model in zip(rows, models, strict=True)]
     ref_model = models[0] if models[0].format != "onnx" or models[1].format == "onnx" else models[1]
     acc = QualityAccumulator(ref_model.family, examples)
     for batch in quality_batches(ref_model, examples, seq_len):
