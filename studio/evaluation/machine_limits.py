@@ -134,16 +134,23 @@ def gemm_peak(
         torch.set_num_threads(threads)
     threads = torch.get_num_threads()
     rng = np.random.default_rng(0)
-    rows = []
+    rows: list[dict[str, Any]] = []
     for label, m, k, n in shapes:
         ops = 2.0 * m * k * n
         x = torch.randn(m, k)
         w = torch.randn(k, n)
-        with torch.inference_mode():
-            fp32 = best_seconds(lambda x=x, w=w: torch.matmul(x, w), repeats)
         session = _matmul_integer_session(k, n, threads)
         feed = {"A": rng.integers(0, 256, size=(m, k), dtype=np.uint8)}
-        int8 = best_seconds(lambda s=session, f=feed: s.run(None, f), repeats)
+
+        def float_call(x: Any = x, w: Any = w) -> Any:
+            return torch.matmul(x, w)
+
+        def int8_call(session: Any = session, feed: Any = feed) -> Any:
+            return session.run(None, feed)
+
+        with torch.inference_mode():
+            fp32 = best_seconds(float_call, repeats)
+        int8 = best_seconds(int8_call, repeats)
         rows.append(
             {
                 "shape": label,
@@ -156,8 +163,8 @@ def gemm_peak(
         )
     return {
         "shapes": rows,
-        "fp32_peak_gops": max(r["fp32_gops"] for r in rows),
-        "int8_peak_gops": max(r["int8_gops"] for r in rows),
+        "fp32_peak_gops": max(float(r["fp32_gops"]) for r in rows),
+        "int8_peak_gops": max(float(r["int8_gops"]) for r in rows),
         "threads": threads,
         "fp32_kernel": "torch.matmul",
         "int8_kernel": "onnxruntime MatMulInteger (uint8 x int8 -> int32, constant weight), the kernel of the "
