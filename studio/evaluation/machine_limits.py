@@ -82,7 +82,7 @@ def memory_bandwidth(
     b = torch.ones(n, dtype=torch.float32)
     c = torch.full((n,), 2.0, dtype=torch.float32)
     a = torch.empty(n, dtype=torch.float32)
-    seconds = best_seconds(lambda: torch.add(b, c, alpha=3.0, out=a), repeats, min_seconds=0.0)
+    seconds = best_seconds(lambda: torch.add(b, c, alpha=3.0, out=a), repeats)
     moved = 3 * n * 4
     return {
         "triad_gb_per_s": moved / seconds / 1e9,
