@@ -136,17 +136,10 @@ class OrtGenaiLoop:
         """The generator's calls return when their work is done: nothing to wait for."""
 
     def generate(self, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Greedy new tokens [batch, new_tokens]; the last one is fed too, as the studio's loops do, so the
-        state's cache covers prompt + new tokens."""
-        import torch
+        """Greedy new tokens [batch, new_tokens]; the state's cache covers prompt + new tokens."""
+        from studio.evaluation.generation import greedy_run
 
-        token, state = self.prefill(prompts)
-        out = [token]
-        for _ in range(new_tokens - 1):
-            token = self.step(token, state)
-            out.append(token)
-        self.step(token, state)
-        return torch.stack(out, dim=1), state
+        return greedy_run(self, prompts, new_tokens)
 
     def cache_bytes(self, state: dict[str, Any]) -> int:
         """Bytes of the key/value cache at the state's context length (the generator shares one buffer
