@@ -6,6 +6,12 @@ resources/recipes/ (the targets of the performance work). Each is built with the
 uses, then all are timed *interleaved*: round after round, every variant runs a few batches in turn
 (rotating the order), so a slow phase of the machine hits all of them alike. Speedups are ratios of medians
 measured in this one run. Nothing here asserts a time: it prints numbers.
+
+Beside them, the machine's limits (studio/evaluation/machine_limits.py: STREAM triad bandwidth, FP32 and
+INT8 GEMM peaks at MiniLM's shapes, CPU flags) and, per variant and batch size, the share of the GEMM peak
+its linear layers reach: their multiply-adds per batch (from the model's Linear shapes) over the p50 time,
+against the INT8 peak for a variant that computes in INT8 and the FP32 peak otherwise. The time includes
+attention, normalisation and the runtime's overhead, so the share is a lower bound on the GEMMs' own.
 """
 
 from __future__ import annotations
@@ -23,6 +29,20 @@ from studio.resources import resource
 
 REFERENCE = "01-torch-fp32"
 USUAL_INT8 = "06-onnx-optimized-int8"
+
+# Steps after which the linear layers multiply in INT8 (dynamic / static activation quantization, MatMulNBits
+# at accuracy level 4, QAT); weight-only storage alone dequantizes to float and multiplies in FP32.
+INT8_COMPUTE = ("quantize.dynamic_int8", "onnx.quantize_dynamic", "onnx.quantize_static", "quantize.qat")
+
+# Issue 18's encoder targets, over every variant of the run: the studio's own (resources/recipes/*.yaml)
+# against the peers (every recipe in resources/recipes/bench/).
+ISSUE18 = {
+    "speedup_vs_fastest_peer": 1.3,
+    "speed_min_cosine": 0.995,
+    "max_size_share_of_fp32": 0.15,
+    "size_min_cosine": 0.99,
+    "min_int8_peak_share": 0.60,
+}
 
 # Targets of the performance issue, checked for the studio's own recipes (resources/recipes/*.yaml).
 TARGETS = {
@@ -43,6 +63,29 @@ class Entry:
     samples: dict[int, list[float]] = field(default_factory=dict)
     build_seconds: float = 0.0
     error: str | None = None
+    precision: str = "fp32"
+
+    @property
+    def peer(self) -> bool:
+        """A recipe of resources/recipes/bench/ (the usual ways), not one of the studio's own."""
+        return self.recipe_path.parent.name == "bench"
+
+
+def compute_precision(recipe: Any) -> str:
+    """int8 when the recipe's linear layers multiply in INT8, else fp32 (the peak a variant is held to)."""
+    for step in recipe.steps:
+        if step.technique in INT8_COMPUTE or "nncf" in step.technique or "int8" in step.technique:
+            return "int8"
+        if step.technique == "onnx.quantize_blockwise" and (step.params or {}).get("accuracy_level", 4) == 4:
+            return "int8"
+    return "fp32"
+
+
+def linear_macs_per_token(module: Any) -> int:
+    """Multiply-adds of the model's Linear layers for one token (in x out each): what its GEMMs compute."""
+    import torch
+
+    return sum(m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear))
 
 
 def recipe_files(include_studio: bool = True) -> list[Path]:
@@ -62,6 +105,7 @@ def build(entry: Entry, workdir: Path, evaluation: list[Any], base: Any, seq_len
     recipe = recipe.model_copy(
         update={"evaluate": recipe.evaluate.model_copy(update={"sequence_length": seq_len})}
     )
+    entry.precision = compute_precision(recipe)
     planned = plan(recipe, base["model"])
     started = time.perf_counter()
     from studio.evaluation.data import load_examples
@@ -93,15 +137,20 @@ def run_bench(
     examples: int = 64,
     only: list[str] | None = None,
     progress: Any = None,
+    toy: bool = False,
 ) -> dict[str, Any]:
+    """`toy`: the machine limits at toy sizes (for tests; the numbers are then no limits)."""
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples, timing_examples
+    from studio.evaluation.machine_limits import machine_limits, toy_machine_limits
     from studio.evaluation.measure import runner_for, set_threads
     from studio.families import family_for
     from studio.variants import environment
 
     report = progress or (lambda _f, _m: None)
     threads = set_threads(threads)
+    report(0.0, "machine limits")
+    limits = toy_machine_limits(threads) if toy else machine_limits(threads)
     calls_per_round = calls_per_round or {b: (8 if b == 1 else 1) for b in batch_sizes}
     model = open_checkpoint("builtin:minilm")
     evaluation = load_examples("builtin:sentences", examples)
@@ -135,7 +184,10 @@ def run_bench(
                         t0 = time.perf_counter()
                         e.runner(batches[b])
                         e.samples[b].append((time.perf_counter() - t0) * 1000.0)
-    return summarise_bench(entries, batch_sizes, sequence_length, threads, rounds, environment())
+    macs = linear_macs_per_token(model.module)
+    return summarise_bench(
+        entries, batch_sizes, sequence_length, threads, rounds, environment(), limits=limits, linear_macs=macs
+    )
 
 
 def summarise_bench(
@@ -145,11 +197,16 @@ def summarise_bench(
     threads: int,
     rounds: int,
     env: dict[str, Any],
+    *,
+    limits: dict[str, Any] | None = None,
+    linear_macs: int = 0,
 ) -> dict[str, Any]:
     rows: dict[str, dict[str, Any]] = {}
     for e in entries:
         row: dict[str, Any] = {
             "recipe": str(e.recipe_path.name),
+            "peer": e.peer,
+            "precision": e.precision,
             "kind": e.kind,
             "size_bytes": e.size_bytes,
             "quality": e.quality,
@@ -174,6 +231,13 @@ def summarise_bench(
         for ref_name, key in ((REFERENCE, "speedup_vs_fp32"), (USUAL_INT8, "speedup_vs_usual_int8")):
             row[key] = {str(b): ratio(p50(ref_name, b), p50(name, b)) for b in batch_sizes}
         row["targets"] = check_targets(name, row, rows.get(REFERENCE, {}))
+        if limits:
+            row["linear_gops"] = {
+                str(b): 2.0 * linear_macs * seq_len * b / (p50(name, b) or float("inf")) * 1000.0 / 1e9
+                for b in batch_sizes
+            }
+            peak = limits["gemm"]["int8_peak_gops" if row["precision"] == "int8" else "fp32_peak_gops"]
+            row["gemm_peak_share"] = {b: g / peak if peak else None for b, g in row["linear_gops"].items()}
     return {
         "model": "builtin:minilm",
         "sequence_length": seq_len,
@@ -183,8 +247,100 @@ def summarise_bench(
         "method": "interleaved rounds in one process; p50 of per-call times; speedups are ratios of p50s",
         "environment": env,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine_limits": limits,
+        "linear_macs_per_token": linear_macs,
         "variants": rows,
+        "issue18_targets": issue18_targets(rows, batch_sizes, limits),
     }
+
+
+def issue18_targets(
+    rows: dict[str, dict[str, Any]], batch_sizes: tuple[int, ...], limits: dict[str, Any] | None
+) -> list[dict[str, Any]]:
+    """Issue 18's encoder targets: the studio's best variant against the fastest peer at the smallest and
+    largest batch (at cosine >= 0.995), its smallest against FP32's size (at cosine >= 0.99), and the
+    fastest at the largest batch against the INT8 GEMM peak. Each: `need`, `got` (with the ratio), `met`."""
+    t = ISSUE18
+    timed = {n: r for n, r in rows.items() if "latency_ms" in r}
+    peers = {n: r for n, r in timed.items() if r["peer"]}
+    own = {n: r for n, r in timed.items() if not r["peer"]}
+
+    def cos(r: dict[str, Any]) -> float:
+        return float(r["quality"].get("fidelity_cosine", 0.0))
+
+    def p50(r: dict[str, Any], b: int) -> float:
+        return float(r["latency_ms"][str(b)]["p50"])
+
+    out: list[dict[str, Any]] = []
+    for b in dict.fromkeys((min(batch_sizes), max(batch_sizes))):
+        good = {n: r for n, r in own.items() if cos(r) >= t["speed_min_cosine"]}
+        need = (
+            f"b{b} >= {t['speedup_vs_fastest_peer']}x the fastest peer at cosine >= {t['speed_min_cosine']}"
+        )
+        if not good or not peers:
+            why = "no studio variant at that cosine" if peers else "no peer timed"
+            out.append({"target": f"speed b{b}", "need": need, "got": why, "ratio": None, "met": False})
+            continue
+        mine = min(good, key=lambda n: p50(good[n], b))
+        fastest = min(peers, key=lambda n: p50(peers[n], b))
+        ratio = p50(peers[fastest], b) / p50(good[mine], b)
+        out.append(
+            {
+                "target": f"speed b{b}",
+                "need": need,
+                "got": f"{mine} {ratio:.2f}x {fastest}",
+                "ratio": ratio,
+                "met": ratio >= t["speedup_vs_fastest_peer"],
+            }
+        )
+    ref = rows.get(REFERENCE, {}).get("size_bytes")
+    small = {n: r for n, r in own.items() if cos(r) >= t["size_min_cosine"] and r["size_bytes"]}
+    need = f"size <= {t['max_size_share_of_fp32'] * 100:.0f}% of FP32 at cosine >= {t['size_min_cosine']}"
+    if small and ref:
+        name = min(small, key=lambda n: small[n]["size_bytes"])
+        share = small[name]["size_bytes"] / ref
+        got = f"{name} {share * 100:.1f}%"
+        out.append(
+            {
+                "target": "size",
+                "need": need,
+                "got": got,
+                "ratio": share,
+                "met": share <= t["max_size_share_of_fp32"],
+            }
+        )
+    else:
+        out.append(
+            {
+                "target": "size",
+                "need": need,
+                "got": "FP32 or a studio variant missing",
+                "ratio": None,
+                "met": False,
+            }
+        )
+    b = max(batch_sizes)
+    need = f"fastest b{b} variant >= {t['min_int8_peak_share'] * 100:.0f}% of the INT8 GEMM peak"
+    int8_peak = (limits or {}).get("gemm", {}).get("int8_peak_gops")
+    if own and int8_peak:
+        name = min(own, key=lambda n: p50(own[n], b))
+        share = (
+            own[name]["linear_gops"][str(b)] / int8_peak
+        )  # the INT8 peak, whatever the variant computes in
+        got = f"{name} {share * 100:.1f}%"
+        ok = share >= t["min_int8_peak_share"]
+        out.append({"target": "GEMM peak", "need": need, "got": got, "ratio": share, "met": ok})
+    else:
+        out.append(
+            {
+                "target": "GEMM peak",
+                "need": need,
+                "got": "machine limits not measured",
+                "ratio": None,
+                "met": False,
+            }
+        )
+    return out
 
 
 def check_targets(name: str, row: dict[str, Any], ref: dict[str, Any]) -> dict[str, Any]:
@@ -243,8 +399,19 @@ def format_table(result: dict[str, Any]) -> str:
         + " ".join(f"{'x fp32 b' + b:>10}" for b in shown)
         + " "
         + " ".join(f"{'x int8 b' + b:>10}" for b in shown)
+        + f" {'peak b' + shown[-1]:>9}"
         + "  target",
     ]
+    limits = result.get("machine_limits")
+    if limits:
+        gemm = limits["gemm"]
+        lines.insert(
+            1,
+            f"machine limits: memory {limits['memory_bandwidth']['triad_gb_per_s']:.1f} GB/s (STREAM triad), "
+            f"GEMM peak FP32 {gemm['fp32_peak_gops']:.0f} GOPS (torch.matmul), INT8 {gemm['int8_peak_gops']:.0f} "
+            f"GOPS (ORT MatMulInteger), CPU flags: {', '.join(limits['cpu_flags']) or 'none of AVX2/AVX-512/AMX'}"
+            "; peak = the linear layers' share of the GEMM peak of the variant's precision",
+        )
 
     def cell(v: float | None, spec: str) -> str:
         return "-" if v is None else format(v, spec)
@@ -263,9 +430,19 @@ def format_table(result: dict[str, Any]) -> str:
             + " ".join(f"{cell(sp.get(b), '.2f'):>10}" for b in shown)
             + " "
             + " ".join(f"{cell(si.get(b), '.2f'):>10}" for b in shown)
+            + f" {cell(_percent((row.get('gemm_peak_share') or {}).get(shown[-1])), '.1f'):>8}%"
             + f"  {mark}"
         )
+    if result.get("issue18_targets"):
+        lines += ["", "issue 18 targets:"]
+        for t in result["issue18_targets"]:
+            mark = "MET" if t["met"] else "MISSED"
+            lines.append(f"  {t['target']}: {mark} (need {t['need']}; got {t['got']})")
     return "\n".join(lines)
+
+
+def _percent(v: float | None) -> float | None:
+    return None if v is None else v * 100.0
 
 
 def write_result(result: dict[str, Any], out: Path | None, workspace_root: Path) -> Path:

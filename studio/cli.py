@@ -130,17 +130,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "bench",
-        help="time the usual recipes and the studio's own on builtin:minilm, side by side",
+        help="time the usual recipes and the studio's own on builtin:minilm (or causal LMs), side by side",
         parents=[ws],
     )
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 32])
+    p.add_argument(
+        "--family",
+        choices=["encoder", "causal-lm"],
+        default="encoder",
+        help="encoder: builtin:minilm (default); causal-lm: builtin:tinylm and a 0.5B-class Llama, decoding",
+    )
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 32 (encoder), 1 8 (causal-lm)")
     p.add_argument("--sequence-length", type=int, default=128)
-    p.add_argument("--rounds", type=int, default=12, help="interleaved timing rounds (default 12)")
+    p.add_argument("--prompt-tokens", type=int, default=64, help="causal-lm: prompt length (default 64)")
+    p.add_argument("--new-tokens", type=int, default=32, help="causal-lm: tokens generated (default 32)")
+    p.add_argument("--rounds", type=int, help="interleaved timing rounds (default 12; causal-lm: 3)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--examples", type=int, default=64, help="sentences for fidelity (default 64)")
     p.add_argument("--only", nargs="+", help="recipe name fragments to include (default: all)")
+    p.add_argument(
+        "--toy",
+        action="store_true",
+        help="tiny sizes for tests: machine limits on small arrays; causal-lm: a tiny synthetic Llama, "
+        "4 new tokens, 1 round",
+    )
     p.add_argument("--out", help="JSON results file (default: <workspace>/bench/bench-<time>.json)")
-    p.add_argument("--json", action="store_true")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const=True,
+        metavar="FILE",
+        help="alone: print the results as JSON instead of the table; with FILE: write them there",
+    )
     p.set_defaults(handler=cmd_bench)
 
     p = sub.add_parser(

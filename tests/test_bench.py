@@ -1,5 +1,6 @@
 """`model-studio bench` at toy sizes: the usual ONNX INT8 recipe and one of the studio's, timed interleaved
-against torch FP32 in one process, with speedups as ratios of p50s and the targets marked."""
+against torch FP32 in one process, with speedups as ratios of p50s, shares of the GEMM peak and the targets
+marked."""
 
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ def test_bench_table_and_json(tmp_path, capsys):
             str(out),
             "--workspace",
             str(tmp_path / "ws"),
+            "--toy",
         ]
     )
     assert code == 0
@@ -62,3 +64,50 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert small["met"] == (small["cosine_ok"] and share <= 0.2)
     assert target_mark(small) in table and f"size {share * 100:.1f}%" in table
     assert rows["01-torch-fp32"]["targets"] == {}  # the usual recipes have no target
+
+
+def test_bench_machine_limits_peak_shares_and_issue18_targets(tmp_path, capsys):
+    from studio.cli import main
+
+    out = tmp_path / "bench.json"
+    args = ["bench", "--only", "01-torch-fp32", "06-onnx-optimized-int8", "minilm-small", "--rounds", "2"]
+    args += ["--examples", "4", "--batch-sizes", "1", "2", "--sequence-length", "16", "--toy"]
+    assert main([*args, "--json", str(out), "--workspace", str(tmp_path / "ws")]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    limits = result["machine_limits"]
+    assert limits["memory_bandwidth"]["triad_gb_per_s"] > 0 and limits["gemm"]["int8_peak_gops"] > 0
+    assert "machine limits: memory" in table and "issue 18 targets:" in table
+    # MiniLM: 6 layers of q, k, v, attention output (384 x 384) and the FFN (384 x 1536 twice), a pooler
+    per_layer = 4 * 384 * 384 + 2 * 384 * 1536
+    assert 6 * per_layer <= result["linear_macs_per_token"] <= 6 * per_layer + 384 * 384
+    rows = result["variants"]
+    assert [rows[n]["peer"] for n in rows] == [True, True, False]
+    assert [rows[n]["precision"] for n in rows] == ["fp32", "int8", "int8"]
+    for row in rows.values():
+        peak = limits["gemm"][f"{row['precision']}_peak_gops"]
+        for b in ("1", "2"):
+            ops = 2.0 * result["linear_macs_per_token"] * 16 * int(b)
+            gops = ops / (row["latency_ms"][b]["p50"] / 1000.0) / 1e9
+            assert row["linear_gops"][b] == pytest.approx(gops)
+            assert row["gemm_peak_share"][b] == pytest.approx(gops / peak)
+    targets = {t["target"]: t for t in result["issue18_targets"]}
+    assert list(targets) == ["speed b1", "speed b2", "size", "GEMM peak"]
+    small, fp32 = rows["minilm-small"], rows["01-torch-fp32"]
+    cosine = small["quality"]["fidelity_cosine"]
+    for b in ("1", "2"):
+        t = targets[f"speed b{b}"]
+        if cosine >= 0.995:  # the one studio variant against the faster of the two peers
+            fastest = min(
+                fp32["latency_ms"][b]["p50"], rows["06-onnx-optimized-int8"]["latency_ms"][b]["p50"]
+            )
+            assert t["ratio"] == pytest.approx(fastest / small["latency_ms"][b]["p50"])
+            assert t["met"] == (t["ratio"] >= 1.3)
+        else:
+            assert t["ratio"] is None and t["met"] is False
+    if cosine >= 0.99:
+        assert targets["size"]["ratio"] == pytest.approx(small["size_bytes"] / fp32["size_bytes"])
+    gemm = targets["GEMM peak"]
+    assert gemm["ratio"] == pytest.approx(small["linear_gops"]["2"] / limits["gemm"]["int8_peak_gops"])
+    for t in targets.values():
+        assert f"  {t['target']}: {'MET' if t['met'] else 'MISSED'} (need {t['need']}" in table

@@ -13,24 +13,46 @@ from studio.errors import BadInput, Cancelled
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from studio.bench import format_table, run_bench, write_result
+    from studio.bench import write_result
 
     bar = ProgressLine("bench")
-    result = run_bench(
-        batch_sizes=tuple(args.batch_sizes),
-        sequence_length=args.sequence_length,
-        rounds=args.rounds,
-        threads=args.threads,
-        examples=args.examples,
-        only=args.only,
-        progress=bar,
-    )
+    if args.family == "causal-lm":
+        from studio.bench_llm import format_table as llm_table
+        from studio.bench_llm import run_llm_bench
+
+        render = llm_table
+        result = run_llm_bench(
+            toy=args.toy,
+            batch_sizes=tuple(args.batch_sizes or (1, 8)),
+            prompt_tokens=8 if args.toy else args.prompt_tokens,
+            new_tokens=4 if args.toy else args.new_tokens,
+            rounds=args.rounds or (1 if args.toy else 3),
+            threads=args.threads,
+            examples=min(args.examples, 8) if args.toy else args.examples,
+            only=args.only,
+            progress=bar,
+        )
+    else:
+        from studio.bench import format_table, run_bench
+
+        render = format_table
+        result = run_bench(
+            batch_sizes=tuple(args.batch_sizes or (1, 32)),
+            sequence_length=args.sequence_length,
+            rounds=args.rounds or 12,
+            threads=args.threads,
+            examples=args.examples,
+            only=args.only,
+            progress=bar,
+            toy=args.toy,
+        )
     bar.done()
-    path = write_result(result, Path(args.out) if args.out else None, workspace_path(args).root)
-    if args.json:
+    out = args.out or (args.json if isinstance(args.json, str) else None)
+    path = write_result(result, Path(out) if out else None, workspace_path(args).root)
+    if args.json is True:
         print_json(result, default=str)
     else:
-        print(format_table(result))
+        print(render(result))
         print(f"\nresults: {path}")
     return 0
 

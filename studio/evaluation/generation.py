@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
     from studio.checkpoints.base import LoadedModel
     from studio.evaluation.onnx_generation import OnnxGreedyLoop
+    from studio.evaluation.ortgenai_runner import OrtGenaiLoop
 
 NO_CACHE_EXPORT = (
     "generation metrics need a graph exported with past key/values inputs (a cache-enabled export: "
@@ -255,7 +256,7 @@ class GreedyLoop:
 
 
 def greedy_run(
-    loop: GreedyLoop | OnnxGreedyLoop, prompts: torch.Tensor, new_tokens: int
+    loop: GreedyLoop | OnnxGreedyLoop | OrtGenaiLoop, prompts: torch.Tensor, new_tokens: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Prefill, then steps until `new_tokens` tokens; the last token is fed too, so the state's cache
     covers prompt + new tokens. Shared by the torch and the ONNX Runtime loop."""

@@ -1,0 +1,165 @@
+"""onnxruntime-genai as a peer: its own builder makes the model, its own Generator decodes it.
+
+The LLM bench compares the studio's variants with what a person gets from onnxruntime-genai out of the
+box: `python -m onnxruntime_genai.models.builder -i <hf folder> -o <out> -p int4 -e cpu` (run as a
+subprocess, so a builder crash or its memory stays out of the bench), then greedy decoding with
+`onnxruntime_genai.Model` / `Generator`. Time is taken here around the generator's calls, the same way the
+studio's loops are timed, rather than read from the library:
+
+- prefill (TTFT): `append_tokens(prompts)` runs the prompt through the model, and the first
+  `generate_next_token()` picks the first token from the logits it left (no model run);
+- every later `generate_next_token()` is one decode step (the previous token through the model, then the
+  greedy pick).
+
+`OrtGenaiLoop` has the studio loops' interface (`prefill`, `step`, `sync`, `generate`, `device`), so the
+bench times all of them with one function.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+BUILDER = "onnxruntime_genai.models.builder"
+
+
+class BuilderFailed(Exception):
+    """The builder refused or crashed on a model; the message says why (the end of its output)."""
+
+
+def build_model(hf_folder: Path, out: Path, *, precision: str = "int4", timeout_s: float = 1800.0) -> Path:
+    """Run onnxruntime-genai's builder on a Hugging Face folder (offline: it reads only that folder) and
+    return the folder it wrote (model.onnx, its data, genai_config.json, the tokenizer files)."""
+    out = Path(out)
+    cache = out.parent / f"{out.name}-builder-cache"
+    command = [
+        sys.executable,
+        "-m",
+        BUILDER,
+        "-i",
+        str(hf_folder),
+        "-o",
+        str(out),
+        "-p",
+        precision,
+        "-e",
+        "cpu",
+        "-c",
+        str(cache),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as exc:
+        raise BuilderFailed(f"the onnxruntime-genai builder ran past {timeout_s:.0f} s") from exc
+    if done.returncode != 0 or not (out / "genai_config.json").is_file():
+        lines = [ln for ln in (done.stderr or done.stdout or "").splitlines() if ln.strip()]
+        tail = lines[-1] if lines else "no output"
+        raise BuilderFailed(f"the onnxruntime-genai builder failed (exit {done.returncode}): {tail[:300]}")
+    return out
+
+
+def set_threads(folder: Path, threads: int) -> None:
+    """Pin the session's intra-op threads in genai_config.json (the library reads them only from there),
+    so the peer runs on the same threads as every other variant."""
+    path = Path(folder) / "genai_config.json"
+    config = json.loads(path.read_text())
+    options = config["model"]["decoder"].setdefault("session_options", {})
+    options["intra_op_num_threads"] = int(threads)
+    options["inter_op_num_threads"] = 1
+    path.write_text(json.dumps(config, indent=4))
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the model's graph and weights as written (the tokenizer files not counted)."""
+    return sum(p.stat().st_size for p in Path(folder).iterdir() if p.suffix in (".onnx", ".data"))
+
+
+class OrtGenaiLoop:
+    """Greedy decoding with an onnxruntime-genai model: `prefill` then `step`, one token at a time.
+
+    The generator's buffers are sized at prefill for `max_new_tokens` (plus the last token fed, as the
+    studio's loops feed it), so one loop serves every run of up to that many tokens.
+    """
+
+    def __init__(self, folder: Path, *, threads: int, max_new_tokens: int) -> None:
+        import onnxruntime_genai as og
+        import torch
+
+        self.folder = Path(folder)
+        set_threads(self.folder, threads)
+        self.og = og
+        self.model = og.Model(str(self.folder))
+        self.max_new_tokens = max_new_tokens
+        self.device = torch.device("cpu")
+        decoder = json.loads((self.folder / "genai_config.json").read_text())["model"]["decoder"]
+        self.layers = int(decoder["num_hidden_layers"])
+        self.kv_heads = int(decoder["num_key_value_heads"])
+        self.head_size = int(decoder["head_size"])
+
+    def _generator(self, batch: int, length: int) -> Any:
+        params = self.og.GeneratorParams(self.model)
+        params.set_search_options(
+            max_length=length, min_length=length, do_sample=False, batch_size=batch, num_beams=1
+        )
+        return self.og.Generator(self.model, params)
+
+    def prefill(self, prompts: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        import numpy as np
+        import torch
+
+        ids = prompts.cpu().numpy().astype(np.int32)
+        generator = self._generator(len(ids), ids.shape[1] + self.max_new_tokens + 1)
+        generator.append_tokens(ids)
+        generator.generate_next_token()  # the greedy pick from the prompt's logits: the first token
+        token = torch.from_numpy(np.asarray(generator.get_next_tokens(), dtype=np.int64).copy())
+        return token, {"generator": generator, "length": ids.shape[1], "batch": len(ids)}
+
+    def step(self, token: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
+        """One decode step: the generator feeds the token it picked last (the same greedy token)."""
+        import numpy as np
+        import torch
+
+        generator = state["generator"]
+        generator.generate_next_token()
+        state["length"] += 1
+        return torch.from_numpy(np.asarray(generator.get_next_tokens(), dtype=np.int64).copy())
+
+    def sync(self) -> None:
+        """The generator's calls return when their work is done: nothing to wait for."""
+
+    def generate(self, prompts: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Greedy new tokens [batch, new_tokens]; the state's cache covers prompt + new tokens."""
+        from studio.evaluation.generation import greedy_run
+
+        return greedy_run(self, prompts, new_tokens)
+
+    def cache_bytes(self, state: dict[str, Any]) -> int:
+        """Bytes of the key/value cache at the state's context length (the generator shares one buffer
+        sized for the longest run, so this counts the positions filled, at the cache's element size)."""
+        element = self._cache_element_size(state["generator"])
+        return 2 * self.layers * self.kv_heads * self.head_size * state["length"] * state["batch"] * element
+
+    @staticmethod
+    def _cache_element_size(generator: Any) -> int:
+        try:
+            return int(generator.get_output("present.0.key").itemsize)
+        except Exception:  # an output name another builder version spells differently: float32
+            return 4
+
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """Logits of every position of `ids` [1, L] (for perplexity): one prompt pass, all positions."""
+        import numpy as np
+        import torch
+
+        arr = ids.cpu().numpy().astype(np.int32)
+        generator = self._generator(len(arr), arr.shape[1] + 1)
+        generator.append_tokens(arr)
+        return torch.from_numpy(np.asarray(generator.get_output("logits"), dtype=np.float32).copy())

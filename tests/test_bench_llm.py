@@ -1,0 +1,134 @@
+"""`model-studio bench --family causal-lm` at toy sizes, the machine limits it is read against, and the
+onnxruntime-genai peer's runner on a tiny model its own builder made (offline)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from studio.bench_llm import PEER, REFERENCE, TOY_CONFIG, TOY_NAME, TOY_SKIP, recipe_files, synthetic_llama
+
+
+def test_machine_limits_at_toy_sizes():
+    from studio.evaluation.machine_limits import TOY_SHAPES, toy_machine_limits
+
+    limits = toy_machine_limits(1)
+    bw = limits["memory_bandwidth"]
+    assert bw["triad_gb_per_s"] > 0 and bw["array_bytes"] == 8 * 1024**2 and bw["threads"] == 1
+    gemm = limits["gemm"]
+    assert [r["shape"] for r in gemm["shapes"]] == [s[0] for s in TOY_SHAPES]
+    assert all(r["fp32_gops"] > 0 and r["int8_gops"] > 0 for r in gemm["shapes"])
+    assert gemm["fp32_peak_gops"] == max(r["fp32_gops"] for r in gemm["shapes"])
+    assert gemm["int8_peak_gops"] == max(r["int8_gops"] for r in gemm["shapes"])
+    assert "MatMulInteger" in gemm["int8_kernel"]
+    # the flags are the machine's: each one reported is in /proc/cpuinfo, and AVX2 is reported when present
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    line = next((ln for ln in cpuinfo.splitlines() if ln.startswith("flags")), "flags :")
+    present = set(line.split(":", 1)[1].split())
+    assert set(limits["cpu_flags"]) <= present
+    assert ("avx2" in limits["cpu_flags"]) == ("avx2" in present)
+
+
+def test_ortgenai_runner_on_a_tiny_model_its_builder_made(tmp_path):
+    import torch
+
+    from studio.evaluation.ortgenai_runner import BuilderFailed, OrtGenaiLoop, build_model, weight_bytes
+
+    hf = synthetic_llama(tmp_path / "hf", TOY_CONFIG)
+    try:
+        out = build_model(hf, tmp_path / "int4", precision="int4")
+    except BuilderFailed as exc:
+        pytest.skip(f"the onnxruntime-genai builder does not build a tiny Llama here: {exc}")
+    loop = OrtGenaiLoop(out, threads=1, max_new_tokens=4)
+    assert (
+        json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
+            "intra_op_num_threads"
+        ]
+        == 1
+    )
+    prompts = torch.tensor([[5, 17, 300, 42, 9, 11, 250, 7]] * 2)
+    tokens, state = loop.generate(prompts, 4)
+    assert tokens.shape == (2, 4) and torch.equal(tokens[0], tokens[1])  # the same prompt, the same tokens
+    # the first token is the greedy pick from the prompt's last logits (EOS held back, as min_length does)
+    logits = loop.logits(prompts[:1])
+    assert logits.shape == (1, 8, TOY_CONFIG["vocab_size"])
+    last = logits[0, -1].clone()
+    last[1] = float("-inf")  # tinylm's tokenizer: EOS is id 1
+    assert int(tokens[0, 0]) == int(last.argmax())
+    head = TOY_CONFIG["hidden_size"] // TOY_CONFIG["num_attention_heads"]
+    per_position = 2 * TOY_CONFIG["num_hidden_layers"] * TOY_CONFIG["num_key_value_heads"] * head * 4
+    assert loop.cache_bytes(state) == per_position * (8 + 4) * 2
+    assert 0 < weight_bytes(out) < (hf / "model.safetensors").stat().st_size  # 4-bit, smaller than float
+
+
+def test_bench_causal_lm_toy_prints_the_table_and_writes_every_field(tmp_path, capsys):
+    from studio.cli import main
+
+    out = tmp_path / "llm.json"
+    code = main(["bench", "--family", "causal-lm", "--toy", "--json", str(out), "--workspace", str(tmp_path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["family"] == "causal-lm" and result["toy"] is True
+    assert result["new_tokens"] == 4 and result["rounds"] == 1 and result["batch_sizes"] == [1, 8]
+    assert result["machine_limits"]["memory_bandwidth"]["triad_gb_per_s"] > 0
+    assert "memory bandwidth" in table
+    models = {m["model"]: m for m in result["models"]}
+    assert "05-torch-int4-gptq" in models[TOY_NAME]["variants"]  # GPTQ runs on the tiny model
+    assert list(models) == ["builtin:tinylm", TOY_NAME]
+    toy = models[TOY_NAME]
+    assert toy["config"]["hidden_size"] == TOY_CONFIG["hidden_size"]
+    assert toy["parameters"] < 2_000_000
+    p, n = result["prompt_tokens"], result["new_tokens"]
+    bandwidth = result["machine_limits"]["memory_bandwidth"]["triad_gb_per_s"]
+    for label, m in models.items():
+        assert f"{label} (" in table
+        rows = m["variants"]
+        recipes = [p.stem for p in recipe_files() if p.stem not in TOY_SKIP.get(label, ())]
+        assert list(rows) == [*recipes, PEER]
+        assert PEER in rows and rows[PEER]["peer"] is True
+        for name, row in rows.items():
+            if name == PEER and "tpot_ms" not in row:
+                assert row["error"]  # the builder failed on this model: the row says why
+                continue
+            assert "error" not in row, (label, name, row.get("error"))
+            for b in ("1", "8"):
+                assert row["ttft_ms"][b]["runs"] == 1 and row["tpot_ms"][b]["runs"] == n - 1
+                assert row["decode_tokens_per_s"][b] == pytest.approx(
+                    int(b) * 1000.0 / row["tpot_ms"][b]["p50"]
+                )
+                limit = bandwidth * 1e9 / row["weight_bytes_per_token"]
+                assert row["bandwidth_share"][b] == pytest.approx(
+                    row["decode_tokens_per_s"][b] / int(b) / limit
+                )
+            assert row["kv_cache_bytes"] > 0 and row["size_bytes"] > 0
+            assert (row["perplexity"] is not None) == m["perplexity_measured"]
+        fp32 = rows[REFERENCE]
+        cfg = m["config"]
+        head = cfg["hidden_size"] // cfg["num_attention_heads"]
+        kv = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head * (p + n) * 4
+        assert fp32["kv_cache_bytes"] == kv
+        # INT4 storage reads fewer bytes per token than float32 (the ONNX one quantizes the tied output layer
+        # too, the torch one keeps the embedding table float: most of a toy model's bytes)
+        int4 = rows["07-onnx-cache-int4"]["weight_bytes_per_token"]
+        assert int4 < 0.5 * fp32["weight_bytes_per_token"]
+        assert rows["04-torch-int4-weight-only"]["weight_bytes_per_token"] < fp32["weight_bytes_per_token"]
+        targets = {t["target"]: t for t in m["targets"]}
+        assert set(targets) == {"bandwidth", "vs onnxruntime-genai", "perplexity"}
+        best = rows[targets["bandwidth"]["variant"]]
+        assert best["precision"] == "int4" and not best["peer"]
+        assert targets["bandwidth"]["ratio"] == best["bandwidth_share"]["1"]
+        assert targets["bandwidth"]["met"] == (best["bandwidth_share"]["1"] >= 0.8)
+        if "decode_tokens_per_s" in rows[PEER]:
+            speedup = best["decode_tokens_per_s"]["1"] / rows[PEER]["decode_tokens_per_s"]["1"]
+            assert targets["vs onnxruntime-genai"]["ratio"] == pytest.approx(speedup)
+        for t in m["targets"]:
+            assert f"target {t['target']}: {'MET' if t['met'] else 'MISSED'}" in table
+    tiny = models["builtin:tinylm"]
+    assert tiny["perplexity_measured"] and tiny["variants"][REFERENCE]["perplexity"] > 1
+    ppl = {t["target"]: t for t in tiny["targets"]}["perplexity"]
+    best = tiny["variants"][ppl["variant"]]
+    assert ppl["ratio"] == pytest.approx(best["perplexity"] / tiny["variants"][REFERENCE]["perplexity"])
+    assert {t["target"]: t for t in toy["targets"]}["perplexity"]["got"] == "not measured (random weights)"
