@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -130,6 +131,9 @@ def cmd_search(args: argparse.Namespace) -> int:
             raise BadInput(f"{flag} must be at least 1, got {value}")
     recipe = load_recipe(args.recipe)
     validate_search(recipe, args.recipe)  # before the workspace is touched
+    # Ctrl+C (and the GUI's Stop, which sends SIGINT) must stop the search even where this process was
+    # started with SIGINT ignored (a background job of a non-interactive shell): Python then keeps SIG_IGN.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         result = run_search(
             recipe,
