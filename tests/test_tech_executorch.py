@@ -240,7 +240,7 @@ def test_model_studio_run_prunes_quantizes_and_measures_the_program(cnn_file, tm
     models = open_row(rows[0], trust=True), open_row(rows[1], trust=True)
     assert tensor_refs(models[1]) == {} and "ExecuTorch program (model.pte)" in models[1].notes[-1]
     worst = disagreements(rows, models, "builtin:sentences", 4, 16, k=2)
-    assert len(worst) == 2 and all(0.0 < w["score"] <= 1.0 for w in worst)  # per-example cosine, rounded
+    assert len(worst) == 2 and all("variant class" in w["detail"] for w in worst)  # both sides ran
 
 
 def test_minilm_int8_program_stays_close_to_torch(tmp_path):
