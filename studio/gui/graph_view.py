@@ -18,7 +18,6 @@ from PySide6.QtCore import Qt, Signal
 from PySide6.QtGui import QShowEvent
 from PySide6.QtWidgets import (
     QComboBox,
-    QFileDialog,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -31,81 +30,20 @@ from PySide6.QtWidgets import (
 )
 
 from studio.gui.document import StudioDocument
+from studio.gui.graph_choices import ChoicesMixin, open_choice
 from studio.gui.graph_details import NodeDetails
-from studio.gui.graph_scene import (
-    MARK_COLORS,
-    PRECISION_COLORS,
-    GraphCanvas,
-    GraphScene,
-    Legend,
-    render_canvases,
-)
+from studio.gui.graph_diff_pane import DiffPaneMixin, diff_combo
+from studio.gui.graph_exporting import ExportMixin
+from studio.gui.graph_overlays import OverlayMixin, overlay_combo
+from studio.gui.graph_scene import GraphCanvas, GraphScene, Legend
 from studio.gui.widgets import Banner, run_task, work_pool
-from studio.inspection.graph import Graph, graph_diff
-from studio.inspection.graph_export import (
-    DIFF_COLUMNS,
-    NODE_COLUMNS,
-    diff_rows,
-    node_rows,
-    onto_graph,
-    read_node_values,
-    write_table,
-)
-from studio.inspection.graph_layout import Layout, blocks_of, box_labels, box_values, layout_graph
-from studio.variant_rows import label as row_label
-from studio.variant_rows import model_names
+from studio.inspection.graph import Graph
+from studio.inspection.graph_layout import Layout, blocks_of, layout_graph
 
-OVERLAYS = ("none", "time share", "error", "precision", "from JSON file")
-PROFILE_EXAMPLES = 4
-SEQUENCE_LENGTH = 32
 HISTOGRAM_BINS = 64
-DATA = "builtin:sentences"
 
 
-def open_choice(key: str, document: StudioDocument) -> Any:
-    """The checkpoint a choice key names: "source:<checkpoint>" (the document's own open model when it is
-    that one) or "row:<variant id>" of the workspace."""
-    kind, _, ref = key.partition(":")
-    if kind == "source":
-        if document.model is not None and ref == document.source:
-            return document.model
-        from studio.checkpoints import open_checkpoint
-
-        return open_checkpoint(ref, trust=document.trusted and ref == document.source)
-    from studio.compare import open_row
-
-    return open_row(document.workspace.get(ref), trust=False)
-
-
-def load_graph(model: Any) -> Graph:
-    from studio.inspection.graph import graph_of
-
-    return graph_of(model)
-
-
-def time_shares(model: Any) -> dict[str, float]:
-    from studio.evaluation.data import load_examples
-    from studio.evaluation.node_profile import profile_model
-
-    profile = profile_model(
-        model, load_examples(DATA, PROFILE_EXAMPLES), sequence_length=SEQUENCE_LENGTH, runs=2
-    )
-    return dict(profile.shares)
-
-
-def layer_errors(reference: Any, model: Any, graph: Graph) -> dict[str, float]:
-    """Per node: the largest relative error, against `reference`, of the modules whose weights it reads."""
-    from studio.evaluation.data import load_examples
-    from studio.inspection.layer_diff import layer_diff
-
-    diff = layer_diff(
-        reference, model, examples=load_examples(DATA, PROFILE_EXAMPLES), sequence_length=SEQUENCE_LENGTH
-    )
-    errors = {x["name"]: x["relative_error"] for x in diff["layers"]}
-    return {r["name"]: r["error"] for r in node_rows(graph, None, errors) if r["error"] is not None}
-
-
-class GraphView(QWidget):
+class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, ExportMixin, QWidget):
     graph_shown = Signal(str)  # the choice key whose graph is on screen
     overlay_shown = Signal(str)  # an overlay's colours are on the boxes
     diff_shown = Signal()
@@ -156,18 +94,8 @@ class GraphView(QWidget):
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
         self.variant_combo.setToolTip("Whose graph: the open model or one of its variants in the workspace")
-        self.diff_combo = QComboBox()
-        self.diff_combo.setMinimumContentsLength(16)
-        self.diff_combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
-        self.diff_combo.setToolTip(
-            "Diff: a second variant (A) drawn on the left; boxes are marked added, removed or changed"
-        )
-        self.overlay_combo = QComboBox()
-        self.overlay_combo.addItems(list(OVERLAYS))
-        self.overlay_combo.setToolTip(
-            "Colour the boxes: share of run time, relative error against the diff variant (or the open "
-            "model), precision, or {node name: number} from a JSON file"
-        )
+        self.diff_combo = diff_combo()
+        self.overlay_combo = overlay_combo()
         self.search_edit = QLineEdit()
         self.search_edit.setPlaceholderText("Find a node by name…")
         self.search_edit.setClearButtonEnabled(True)
@@ -248,46 +176,6 @@ class GraphView(QWidget):
         self.canvas.navigated.connect(lambda: self._sync(self.canvas, self.other_canvas))
         self.other_canvas.navigated.connect(lambda: self._sync(self.other_canvas, self.canvas))
 
-    # ---------------------------------------------------------------------------- choices
-
-    def choices(self) -> list[tuple[str, str]]:
-        """(name, key) of every graph there is to show: the open model, its variants in the workspace, and
-        any checkpoint chosen through `set_variant`/`set_diff`."""
-        out: list[tuple[str, str]] = []
-        source = self.document.source
-        if self.document.model is not None and source:
-            out.append((f"original {model_names([source])[source]}", f"source:{source}"))
-            try:
-                rows = self.document.workspace.list()
-            except Exception:  # a workspace that cannot be listed still leaves the open model to show
-                rows = []
-            for row in rows:
-                if row.get("model") == source and row["kind"] != "baseline" and not row.get("missing"):
-                    out.append((f"{row_label(row)} ({row['kind']})", f"row:{row['id']}"))
-        known = {k for _, k in out}
-        out += [(name, key) for key, name in self._extra_choices.items() if key not in known]
-        return out
-
-    def refresh_choices(self) -> None:
-        choices = self.choices()
-        for combo, first in ((self.variant_combo, None), (self.diff_combo, ("no diff", ""))):
-            kept = combo.currentData()
-            combo.blockSignals(True)
-            combo.clear()
-            if first is not None:
-                combo.addItem(*first)
-            for name, key in choices:
-                combo.addItem(name, key)
-            index = combo.findData(kept) if kept is not None else -1
-            combo.setCurrentIndex(max(0, index))
-            combo.blockSignals(False)
-
-    def _add_choice(self, key: str) -> None:
-        if key not in {k for _, k in self.choices()}:
-            ref = key.partition(":")[2]
-            self._extra_choices[key] = model_names([ref])[ref] if key.startswith("source:") else ref
-            self.refresh_choices()
-
     def set_variant(self, key: str) -> None:
         """Show the graph of `key` ("source:<checkpoint>" or "row:<variant id>")."""
         self._add_choice(key)
@@ -351,12 +239,18 @@ class GraphView(QWidget):
         if not self._tasks:
             self.busy_label.setText("")
 
+    def opened(self, key: str) -> Any:
+        """The checkpoint a choice key names, opened once (callable from the work thread)."""
+        return self.models.get(key) or open_choice(key, self.document)
+
     def _graph_task(self, key: str) -> Any:
         document = self.document
 
         def work() -> tuple[Any, Graph]:
+            from studio.inspection.graph import graph_of
+
             model = self.models.get(key) or open_choice(key, document)
-            graph = self.graphs.get(key) or load_graph(model)
+            graph = self.graphs.get(key) or graph_of(model)
             return model, graph
 
         return work
@@ -449,15 +343,6 @@ class GraphView(QWidget):
         if self.other_canvas.isVisible():
             self.other_canvas.follow(self.canvas)
 
-    def _sync(self, source: GraphCanvas, target: GraphCanvas) -> None:
-        if self._syncing or not target.isVisible():
-            return
-        self._syncing = True
-        try:
-            target.follow(source)
-        finally:
-            self._syncing = False
-
     # ---------------------------------------------------------------------------- search
 
     def search(self, text: str) -> str | None:
@@ -491,7 +376,7 @@ class GraphView(QWidget):
         box = next((b for b in layout.boxes if b.id == box_id), None)
         if box is None:
             return
-        value = self._box_value(box_id)
+        value = self.box_value(box_id, box_id in self.scene.boxes)
         if box.collapsed:
             ops: dict[str, int] = {}
             for name in layout.members(box_id):
@@ -504,16 +389,6 @@ class GraphView(QWidget):
         self.panel.show_node(graph, node, self.blocks.get(node.name), value)
         self.node_shown.emit(box_id)
         self._request_histogram(node, graph is self.graph)
-
-    def _box_value(self, box_id: str) -> str:
-        if self.layout_ is None or box_id not in self.scene.boxes or self.legend is None:
-            return ""
-        if self.overlay == "precision":
-            return ""
-        values = box_values(self.layout_, self.node_values, "sum" if self.overlay == "time share" else "max")
-        if box_id not in values:
-            return ""
-        return f"{self.legend.title}: {self.legend.fmt.format(self._scaled(values[box_id]))}"
 
     def _request_histogram(self, node: Any, shown_side: bool) -> None:
         matrices = [w for w in node.weights if len(w["shape"]) >= 1]
@@ -539,216 +414,13 @@ class GraphView(QWidget):
         if self.panel.show_histogram(result):
             self.histogram_shown.emit(result.stats.name)
 
-    # ---------------------------------------------------------------------------- overlays
-
-    def set_overlay(self, name: str) -> None:
-        self.overlay_combo.setCurrentText(name)
-        if self.overlay != name:
-            self._on_overlay_chosen(name)
-
-    def load_values_file(self, path: str | Path) -> None:
-        """Colour the boxes by `{node name: number}` from a JSON file."""
-        self.values_file = Path(path)
-        self.node_values = read_node_values(self.values_file)
-        self.overlay = "from JSON file"
-        self.overlay_combo.blockSignals(True)
-        self.overlay_combo.setCurrentText(self.overlay)
-        self.overlay_combo.blockSignals(False)
-        self._paint()
-        self.overlay_shown.emit(self.overlay)
-
-    def _on_overlay_chosen(self, name: str) -> None:
-        self.overlay = name
-        self.banner.dismiss()
-        key, graph = self.key, self.graph
-        if name == "none" or graph is None or key is None:
-            self.node_values = {}
-            self._paint()
-            return
-        if name == "precision":
-            self.node_values = {}
-            self._paint()
-            self.overlay_shown.emit(name)
-            return
-        if name == "from JSON file":
-            path, _ = QFileDialog.getOpenFileName(self, "Per-node values", "", "JSON (*.json)")
-            if not path:
-                self.set_overlay("none")
-                return
-            try:
-                self.load_values_file(path)
-            except Exception as exc:  # a StudioError names the problem; show it, keep the tab usable
-                self.banner.show_message(getattr(exc, "message", str(exc)))
-                self.set_overlay("none")
-            return
-        model = self.models[key]
-        if name == "time share":
-
-            def shown_shares(shares: dict[str, float]) -> None:
-                self.shares, self.unplaced_share = onto_graph(shares, graph)
-                self._values_ready("time share", self.shares)
-                if self.unplaced_share > 0:
-                    self.summary.setText(
-                        f"{100 * self.unplaced_share:.1f} % of the run time is in kernels ONNX Runtime fused "
-                        "on load that no node of this graph names"
-                    )
-
-            self._start(
-                "overlay", lambda: time_shares(model), shown_shares, "profiling the run time per node…"
-            )
-        elif name == "error":
-            reference_key = self.diff_key or f"source:{self.document.source}"
-            document = self.document
-
-            def work() -> dict[str, float]:
-                reference = self.models.get(reference_key) or open_choice(reference_key, document)
-                return layer_errors(reference, model, graph)
-
-            def shown_errors(errors: dict[str, float]) -> None:
-                self.errors = errors
-                self._values_ready("error", errors)
-
-            self._start("overlay", work, shown_errors, "comparing every layer's output…")
-
-    def _values_ready(self, overlay: str, values: dict[str, float]) -> None:
-        if self.overlay != overlay:
-            return  # another overlay was chosen meanwhile
-        self.node_values = values
-        self._paint()
-        self.overlay_shown.emit(overlay)
-
-    def _scaled(self, value: float) -> float:
-        return value * 100 if self.overlay == "time share" else value
-
     def _paint(self) -> None:
-        """Colours and marks on both canvases, and the legend for them."""
-        self.legend = None
-        colors: dict[str, Any] = {}
-        if self.layout_ is not None and self.graph is not None:
-            if self.overlay == "precision":
-                labels = box_labels(self.layout_, {n.name: n.precision for n in self.graph.nodes})
-                colors = {b: PRECISION_COLORS.get(v, PRECISION_COLORS["mixed"]) for b, v in labels.items()}
-                used = [k for k in PRECISION_COLORS if k in set(labels.values())]
-                self.legend = Legend("precision", categories=[(k, PRECISION_COLORS[k]) for k in used])
-            elif self.overlay != "none" and self.node_values:
-                how = "sum" if self.overlay == "time share" else "max"
-                values = {
-                    b: self._scaled(v) for b, v in box_values(self.layout_, self.node_values, how).items()
-                }
-                if values:
-                    title, fmt = {
-                        "time share": ("share of run time (%)", "{:.1f}"),
-                        "error": ("relative error vs reference (max per box)", "{:.2g}"),
-                    }.get(
-                        self.overlay,
-                        (f"{self.values_file.name if self.values_file else 'value'} (max per box)", "{:.3g}"),
-                    )
-                    self.legend = Legend(
-                        title, low=min(0.0, min(values.values())), high=max(values.values()), fmt=fmt
-                    )
-                    colors = {b: self.legend.color(v) for b, v in values.items()}
+        """Colours and marks on every canvas, and the legends for them."""
+        colors = self.overlay_colors()
         self.scene.color_boxes(colors)
-        marks_shown = False
-        if self.structure is not None and self.layout_ is not None and self.other_layout is not None:
-            from studio.inspection.graph_export import diff_marks
-
-            marks_a, marks_b = diff_marks(self.structure)
-            self.scene.mark_boxes(box_labels(self.layout_, marks_b, mixed="changed"))
-            self.other_scene.mark_boxes(box_labels(self.other_layout, marks_a, mixed="changed"))
-            marks_shown = True
-        else:
-            self.scene.mark_boxes({})
+        diff_legend = self._paint_marks()
         self.canvas.legend.set_legend(self.legend)
-        self.other_canvas.legend.set_legend(self._diff_legend() if marks_shown else None)
-
-    def _diff_legend(self) -> Legend:
-        s = self.structure or {"added": [], "removed": [], "changed": []}
-        return Legend(
-            "diff: A (left) → B (right), box outlines",
-            categories=[
-                (f"added in B ({len(s['added'])} nodes)", MARK_COLORS["added"]),
-                (f"removed from A ({len(s['removed'])} nodes)", MARK_COLORS["removed"]),
-                (f"changed ({len(s['changed'])}: fused, quantized, …)", MARK_COLORS["changed"]),
-            ],
-        )
-
-    # ---------------------------------------------------------------------------- diff
-
-    def _on_diff_chosen(self) -> None:
-        key = self.diff_combo.currentData() or None
-        self.diff_key = key
-        if not key:
-            self.other = self.other_layout = self.structure = None
-            self.other_scene.clear()
-            self.other_canvas.hide()
-            self._paint()
-            return
-        if self.graph is None:
-            return  # shown once the graph is
-
-        def shown(result: tuple[Any, Graph]) -> None:
-            if self.diff_key != key or self.graph is None:
-                return
-            self.models[key], self.graphs[key] = result
-            self.other = result[1]
-            self.other_blocks = blocks_of(self.other)
-            self.structure = graph_diff(self.other, self.graph)
-            self.other_canvas.show()
-            half = max(200, self.canvas_split.width() // 2)
-            self.canvas_split.setSizes([half, half])
-            self._relayout()
-            self.fit()
-            self.diff_shown.emit()
-
-        self._start("diff", self._graph_task(key), shown, "reading the second graph…")
-
-    # ---------------------------------------------------------------------------- export
-
-    def export_image(self, path: str | Path) -> Path:
-        """The canvases (A and B side by side in a diff) with their legends, as SVG or PNG by the suffix."""
-        scenes = [self.other_scene, self.scene] if self.other is not None else [self.scene]
-        legends = [self.legend] if self.legend is not None else []
-        if self.structure is not None:
-            legends.append(self._diff_legend())
-        return render_canvases(scenes, legends, path, self.font())
-
-    def table_rows(self) -> tuple[list[dict[str, Any]], tuple[str, ...]]:
-        """What "Export table" writes: the diff's rows when there is one, else one row per node with the
-        time share and error computed so far."""
-        if self.structure is not None:
-            return diff_rows(self.structure), DIFF_COLUMNS
-        if self.graph is None:
-            return [], NODE_COLUMNS
-        rows = node_rows(self.graph, self.shares or None, None)
-        for row in rows:
-            row["error"] = self.errors.get(row["name"])
-        return rows, NODE_COLUMNS
-
-    def export_table(self, path: str | Path) -> Path:
-        rows, columns = self.table_rows()
-        return write_table(path, rows, columns)
-
-    def _export_image_dialog(self, suffix: str) -> None:
-        name = "graph-diff" if self.other is not None else "graph"
-        kind = "SVG image (*.svg)" if suffix == "svg" else "PNG image (*.png)"
-        path, _ = QFileDialog.getSaveFileName(self, "Export the graph", f"{name}.{suffix}", kind)
-        if path and Path(path).suffix.lower() not in (".svg", ".png"):
-            path += f".{suffix}"  # the format goes by the suffix
-        if path:
-            try:
-                self.export_image(path)
-            except OSError as exc:
-                self.banner.show_message(f"could not export: {exc}")
-
-    def _export_table_dialog(self) -> None:
-        path, _ = QFileDialog.getSaveFileName(
-            self, "Export the table", "graph.csv", "CSV (*.csv);;JSON (*.json)"
-        )
-        if path:
-            try:
-                self.export_table(path)
-            except Exception as exc:  # BadInput says why the place cannot be written
-                self.banner.show_message(getattr(exc, "message", str(exc)))
+        self.other_canvas.legend.set_legend(diff_legend)
 
     def shutdown(self) -> None:
         for task in self._tasks.values():
