@@ -1,9 +1,11 @@
 """The Graph tab's side panel: what the clicked box is (a block's size and ops; a node's op, precision,
-attributes, tensors with their shapes and weights) and the histogram of the node's largest weight."""
+attributes, tensors with their shapes and weights) and the histogram of the node's largest weight, read
+off the GUI thread (`DetailsMixin`, one part of `GraphView`)."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -11,8 +13,12 @@ import pyqtgraph as pg
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QSplitter, QTextBrowser, QWidget
 
+from studio.gui.graph_scene import GraphScene
 from studio.gui.widgets import plot_colors, style_plot
 from studio.inspection.graph import Graph, GraphNode
+from studio.inspection.graph_layout import Layout
+
+HISTOGRAM_BINS = 64
 
 
 def esc(text: Any) -> str:
@@ -110,3 +116,75 @@ class NodeDetails(QSplitter):
         self.hist.setToolTip(s.name)
         self.hist.show()
         return True
+
+
+class DetailsMixin:
+    """What `GraphView` does when a box is clicked (it provides the attributes used here)."""
+
+    selected: str | None
+    scene: GraphScene
+    other_scene: GraphScene
+    graph: Graph | None
+    layout_: Layout | None
+    other: Graph | None
+    other_layout: Layout | None
+    blocks: dict[str, str | None]
+    panel: NodeDetails
+    hist: Any
+    key: str | None
+    diff_key: str | None
+    models: dict[str, Any]
+    node_shown: Any
+    histogram_shown: Any
+    box_value: Callable[[str, bool], str]
+    _start: Callable[[str, Any, Any, str], None]
+
+    def show_box(self, box_id: str) -> None:
+        self.selected = box_id
+        self.scene.highlight(box_id)
+        self.other_scene.highlight(box_id)
+        graph, layout = (
+            (self.graph, self.layout_) if box_id in self.scene.boxes else (self.other, self.other_layout)
+        )
+        if graph is None or layout is None:
+            return
+        box = next((b for b in layout.boxes if b.id == box_id), None)
+        if box is None:
+            return
+        value = self.box_value(box_id, box_id in self.scene.boxes)
+        if box.collapsed:
+            ops: dict[str, int] = {}
+            for name in layout.members(box_id):
+                op = graph.node(name).op
+                ops[op] = ops.get(op, 0) + 1
+            self.panel.show_block(box_id, box.members, ops, value)
+            self.node_shown.emit(box_id)
+            return
+        node = graph.node(box_id)
+        self.panel.show_node(graph, node, self.blocks.get(node.name), value)
+        self.node_shown.emit(box_id)
+        self._request_histogram(node, graph is self.graph)
+
+    def _request_histogram(self, node: Any, shown_side: bool) -> None:
+        matrices = [w for w in node.weights if len(w["shape"]) >= 1]
+        key = self.key if shown_side else self.diff_key
+        model = self.models.get(key or "")
+        if not matrices or model is None:
+            self.hist.hide()
+            return
+        weight = max(matrices, key=lambda w: len(w["shape"]))
+
+        def work() -> Any:
+            from studio.inspection.histogram import compute_histogram
+
+            refs = {r.name: r for r in model.tensors()}
+            ref = refs.get(weight["name"]) or next(
+                (refs[t] for t in weight.get("torch", []) if t in refs), None
+            )
+            return None if ref is None else compute_histogram(ref, HISTOGRAM_BINS)
+
+        self._start("histogram", work, self._show_histogram, f"reading {weight['name']}…")
+
+    def _show_histogram(self, result: Any) -> None:
+        if self.panel.show_histogram(result):
+            self.histogram_shown.emit(result.stats.name)

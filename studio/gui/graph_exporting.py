@@ -11,7 +11,8 @@ from typing import Any
 
 from PySide6.QtWidgets import QFileDialog
 
-from studio.gui.graph_scene import GraphScene, Legend, render_canvases
+from studio.gui.graph_legend import Legend
+from studio.gui.graph_scene import GraphScene, render_canvases
 from studio.inspection.graph import Graph
 from studio.inspection.graph_export import DIFF_COLUMNS, NODE_COLUMNS, diff_rows, node_rows, write_table
 

@@ -15,7 +15,8 @@ from typing import Any
 from PySide6.QtGui import QColor
 from PySide6.QtWidgets import QComboBox, QFileDialog
 
-from studio.gui.graph_scene import PRECISION_COLORS, Legend
+from studio.gui.graph_legend import Legend
+from studio.gui.graph_scene import PRECISION_COLORS
 from studio.inspection.graph import Graph
 from studio.inspection.graph_export import node_rows, onto_graph, read_node_values
 from studio.inspection.graph_layout import box_labels, box_values

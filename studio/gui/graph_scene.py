@@ -1,6 +1,6 @@
 """What the Graph tab draws: the boxes and edges of a `graph_layout.Layout` as QGraphicsScene items, the
-canvas (a QGraphicsView that pans by dragging and zooms with the wheel), the legend of the colours on the
-boxes, and the export of canvases with their legend to SVG or PNG.
+canvas (a QGraphicsView that pans by dragging and zooms with the wheel) with its legend (`graph_legend`),
+and the export of canvases with their legend to SVG or PNG.
 
 Nothing here knows about models: the view hands over a layout, a colour per box and a mark per box.
 """
@@ -11,17 +11,13 @@ import math
 import os
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from PySide6.QtCore import QPointF, QRectF, QSize, QSizeF, Qt, Signal
+from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
 from PySide6.QtGui import (
-    QBrush,
     QColor,
     QFont,
-    QFontMetricsF,
     QImage,
-    QLinearGradient,
     QPainter,
     QPainterPath,
     QPen,
@@ -39,6 +35,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from studio.gui.graph_legend import Legend, LegendWidget, legend_size, paint_legend
 from studio.inspection.graph_layout import Box, Layout
 
 # Colours of categories: precision per node, and the diff marks.
@@ -57,143 +54,16 @@ MARK_COLORS = {
     "removed": QColor(215, 60, 60),
     "changed": QColor(240, 160, 30),
 }
-# A ramp from pale yellow to dark red (the YlOrRd scheme's ends and middle): low values stay quiet.
-RAMP = (QColor(255, 245, 190), QColor(253, 150, 70), QColor(180, 20, 40))
 NEUTRAL = QColor(236, 238, 242)
 BLOCK_FILL = QColor(214, 224, 240)
 ZOOM_STEP = 1.15
 MIN_ZOOM, MAX_ZOOM = 0.02, 8.0
 
 
-def ramp_color(t: float) -> QColor:
-    """The ramp's colour at t in 0..1."""
-    t = min(1.0, max(0.0, t if math.isfinite(t) else 0.0))
-    low, high, u = (RAMP[0], RAMP[1], t * 2) if t < 0.5 else (RAMP[1], RAMP[2], t * 2 - 1)
-    return QColor(
-        round(low.red() + (high.red() - low.red()) * u),
-        round(low.green() + (high.green() - low.green()) * u),
-        round(low.blue() + (high.blue() - low.blue()) * u),
-    )
-
-
 def text_color_on(fill: QColor) -> QColor:
     """Black on light fills, white on dark ones (relative luminance)."""
     lum = 0.2126 * fill.redF() + 0.7152 * fill.greenF() + 0.0722 * fill.blueF()
     return QColor(20, 20, 20) if lum > 0.5 else QColor(250, 250, 250)
-
-
-@dataclass
-class Legend:
-    """What the colours mean: a ramp from `low` to `high` (numbers formatted by `fmt`, with the unit in the
-    title), or named categories."""
-
-    title: str
-    low: float = 0.0
-    high: float = 1.0
-    fmt: str = "{:.3g}"
-    categories: list[tuple[str, QColor]] = field(default_factory=list)
-
-    @property
-    def is_ramp(self) -> bool:
-        return not self.categories
-
-    def color(self, value: float) -> QColor:
-        span = self.high - self.low
-        # all values equal (a model against itself: every error 0) is the quiet end, not an alarm
-        return ramp_color((value - self.low) / span if span > 0 else 0.0)
-
-
-LEGEND_PAD = 8.0
-RAMP_SIZE = QSizeF(220.0, 14.0)
-
-
-def legend_size(legend: Legend, font: QFont) -> QSizeF:
-    fm = QFontMetricsF(font)
-    line = fm.height()
-    if legend.is_ramp:
-        width = max(RAMP_SIZE.width(), fm.horizontalAdvance(legend.title))
-        return QSizeF(width + 2 * LEGEND_PAD, 3 * line + RAMP_SIZE.height() + 2 * LEGEND_PAD)
-    widest = max(
-        [fm.horizontalAdvance(legend.title)] + [fm.horizontalAdvance(n) + 22 for n, _ in legend.categories]
-    )
-    return QSizeF(widest + 2 * LEGEND_PAD, line * (1.4 + 1.25 * len(legend.categories)) + 2 * LEGEND_PAD)
-
-
-def paint_legend(painter: QPainter, origin: QPointF, legend: Legend, font: QFont) -> QRectF:
-    """Draw the legend with its top-left at `origin` (on a white card, so it reads on any background);
-    the rectangle it covers."""
-    size = legend_size(legend, font)
-    rect = QRectF(origin, size)
-    fm = QFontMetricsF(font)
-    line = fm.height()
-    painter.save()
-    painter.setFont(font)
-    painter.setPen(QPen(QColor(150, 150, 150), 1))
-    painter.setBrush(QColor(255, 255, 255, 235))
-    painter.drawRoundedRect(rect, 4, 4)
-    painter.setPen(QColor(20, 20, 20))
-    x, y = rect.left() + LEGEND_PAD, rect.top() + LEGEND_PAD
-    painter.drawText(QPointF(x, y + fm.ascent()), legend.title)
-    y += line * 1.4
-    if legend.is_ramp:
-        bar = QRectF(QPointF(x, y), RAMP_SIZE)
-        gradient = QLinearGradient(bar.topLeft(), bar.topRight())
-        for stop in range(11):
-            gradient.setColorAt(stop / 10, ramp_color(stop / 10))
-        painter.setPen(QPen(QColor(120, 120, 120), 1))
-        painter.setBrush(QBrush(gradient))
-        painter.drawRect(bar)
-        painter.setPen(QColor(20, 20, 20))
-        ticks = [legend.low, (legend.low + legend.high) / 2, legend.high]
-        for i, value in enumerate(ticks):
-            text = legend.fmt.format(value)
-            tx = bar.left() + bar.width() * i / 2 - fm.horizontalAdvance(text) * i / 2
-            painter.drawLine(
-                QPointF(bar.left() + bar.width() * i / 2, bar.bottom()),
-                QPointF(bar.left() + bar.width() * i / 2, bar.bottom() + 4),
-            )
-            painter.drawText(QPointF(tx, bar.bottom() + 4 + fm.ascent()), text)
-    else:
-        for name, color in legend.categories:
-            swatch = QRectF(x, y + (line - 12) / 2, 14, 12)
-            painter.setPen(QPen(color.darker(140), 1))
-            painter.setBrush(color)
-            painter.drawRect(swatch)
-            painter.setPen(QColor(20, 20, 20))
-            painter.drawText(QPointF(x + 22, y + fm.ascent()), name)
-            y += line * 1.25
-    painter.restore()
-    return rect
-
-
-class LegendWidget(QWidget):
-    """The legend floating in a canvas's top-left corner (hidden when there is nothing to explain)."""
-
-    def __init__(self, parent: QWidget) -> None:
-        super().__init__(parent)
-        self.legend: Legend | None = None
-        self.setAttribute(Qt.WidgetAttribute.WA_TransparentForMouseEvents)
-        self.hide()
-
-    def set_legend(self, legend: Legend | None) -> None:
-        self.legend = legend
-        if legend is None:
-            self.hide()
-            return
-        size = legend_size(legend, self.font())
-        self.resize(QSize(math.ceil(size.width()) + 2, math.ceil(size.height()) + 2))
-        self.move(8, 8)
-        self.show()
-        self.raise_()
-        self.update()
-
-    def paintEvent(self, _event: object) -> None:
-        if self.legend is None:
-            return
-        painter = QPainter(self)
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        paint_legend(painter, QPointF(0.5, 0.5), self.legend, self.font())
-        painter.end()
 
 
 class BoxItem(QGraphicsRectItem):

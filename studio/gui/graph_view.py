@@ -31,19 +31,18 @@ from PySide6.QtWidgets import (
 
 from studio.gui.document import StudioDocument
 from studio.gui.graph_choices import ChoicesMixin, open_choice
-from studio.gui.graph_details import NodeDetails
+from studio.gui.graph_details import DetailsMixin, NodeDetails
 from studio.gui.graph_diff_pane import DiffPaneMixin, diff_combo
 from studio.gui.graph_exporting import ExportMixin
+from studio.gui.graph_legend import Legend
 from studio.gui.graph_overlays import OverlayMixin, overlay_combo
-from studio.gui.graph_scene import GraphCanvas, GraphScene, Legend
+from studio.gui.graph_scene import GraphCanvas, GraphScene
 from studio.gui.widgets import Banner, run_task, work_pool
 from studio.inspection.graph import Graph
 from studio.inspection.graph_layout import Layout, blocks_of, layout_graph
 
-HISTOGRAM_BINS = 64
 
-
-class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, ExportMixin, QWidget):
+class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportMixin, QWidget):
     graph_shown = Signal(str)  # the choice key whose graph is on screen
     overlay_shown = Signal(str)  # an overlay's colours are on the boxes
     diff_shown = Signal()
@@ -361,58 +360,6 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, ExportMixin, QWidget)
         self.show_box(match)
         self.canvas.centre_on_box(match)
         return match
-
-    # ---------------------------------------------------------------------------- details
-
-    def show_box(self, box_id: str) -> None:
-        self.selected = box_id
-        self.scene.highlight(box_id)
-        self.other_scene.highlight(box_id)
-        graph, layout = (
-            (self.graph, self.layout_) if box_id in self.scene.boxes else (self.other, self.other_layout)
-        )
-        if graph is None or layout is None:
-            return
-        box = next((b for b in layout.boxes if b.id == box_id), None)
-        if box is None:
-            return
-        value = self.box_value(box_id, box_id in self.scene.boxes)
-        if box.collapsed:
-            ops: dict[str, int] = {}
-            for name in layout.members(box_id):
-                op = graph.node(name).op
-                ops[op] = ops.get(op, 0) + 1
-            self.panel.show_block(box_id, box.members, ops, value)
-            self.node_shown.emit(box_id)
-            return
-        node = graph.node(box_id)
-        self.panel.show_node(graph, node, self.blocks.get(node.name), value)
-        self.node_shown.emit(box_id)
-        self._request_histogram(node, graph is self.graph)
-
-    def _request_histogram(self, node: Any, shown_side: bool) -> None:
-        matrices = [w for w in node.weights if len(w["shape"]) >= 1]
-        key = self.key if shown_side else self.diff_key
-        model = self.models.get(key or "")
-        if not matrices or model is None:
-            self.hist.hide()
-            return
-        weight = max(matrices, key=lambda w: len(w["shape"]))
-
-        def work() -> Any:
-            from studio.inspection.histogram import compute_histogram
-
-            refs = {r.name: r for r in model.tensors()}
-            ref = refs.get(weight["name"]) or next(
-                (refs[t] for t in weight.get("torch", []) if t in refs), None
-            )
-            return None if ref is None else compute_histogram(ref, HISTOGRAM_BINS)
-
-        self._start("histogram", work, self._show_histogram, f"reading {weight['name']}…")
-
-    def _show_histogram(self, result: Any) -> None:
-        if self.panel.show_histogram(result):
-            self.histogram_shown.emit(result.stats.name)
 
     def _paint(self) -> None:
         """Colours and marks on every canvas, and the legends for them."""
