@@ -12,7 +12,8 @@ from studio.checkpoints import open_checkpoint
 from studio.cli import main
 from studio.evaluation.data import load_examples
 from studio.evaluation.node_profile import profile_model
-from studio.inspection.graph import block_of, graph_diff, onnx_graph, torch_graph
+from studio.inspection.graph import block_of, onnx_graph, torch_graph
+from studio.inspection.graph_diff import graph_diff
 from tests.conftest import MINILM_EXCLUDED
 
 

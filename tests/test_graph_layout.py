@@ -12,7 +12,8 @@ import pytest
 
 from studio.cli import main
 from studio.errors import BadInput
-from studio.inspection.graph import Graph, GraphNode, block_of, graph_diff, onnx_graph
+from studio.inspection.graph import Graph, GraphNode, block_of, onnx_graph
+from studio.inspection.graph_diff import graph_diff
 from studio.inspection.graph_export import (
     DIFF_COLUMNS,
     NODE_COLUMNS,

@@ -83,6 +83,11 @@ def cmd_graph(args: argparse.Namespace) -> int:
     return 0
 
 
+def has_graph(model: Any) -> bool:
+    """An ONNX file, or a torch module the studio can trace: the two kinds of graph a diff matches."""
+    return model.format == "onnx" or model.runnable
+
+
 def cmd_diff(args: argparse.Namespace) -> int:
     from studio.inspection.layer_diff import layer_diff
 
@@ -90,10 +95,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
     b_label, b = open_model(args, args.b)
     result = layer_diff(a, b, examples=examples_of(args), sequence_length=args.sequence_length)
     out: dict[str, Any] = {"a": a_label, "b": b_label, **result}
-    if a.format == "onnx" and b.format == "onnx":
-        from studio.inspection.graph import graph_diff, onnx_graph
+    if has_graph(a) and has_graph(b):
+        from studio.errors import BadInput
+        from studio.inspection.graph import graph_of
+        from studio.inspection.graph_diff import graph_diff
 
-        out["structure"] = graph_diff(onnx_graph(a.path), onnx_graph(b.path))
+        try:
+            out["structure"] = graph_diff(graph_of(a), graph_of(b))
+        except BadInput as exc:  # a module its hooks cannot trace: the layer-wise diff still stands
+            out["structure_error"] = exc.message
     if args.csv or args.json_file:
         from studio.inspection.graph_export import DIFF_COLUMNS, diff_rows
 
@@ -112,6 +122,11 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print(
             f"graph: {len(s['added'])} nodes added, {len(s['removed'])} removed, {len(s['changed'])} changed, "
             f"{s['unchanged']} unchanged"
+            + (
+                f", {len(s['plumbing'])} ONNX plumbing nodes no torch module stands for"
+                if s["plumbing"]
+                else ""
+            )
         )
     return 0
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from PySide6.QtWidgets import QComboBox, QSplitter
 
-from studio.gui.graph_scene import MARK_COLORS, GraphCanvas, GraphScene, Legend
-from studio.inspection.graph import Graph, graph_diff
+from studio.gui.graph_legend import Legend
+from studio.gui.graph_scene import MARK_COLORS, GraphCanvas, GraphScene
+from studio.inspection.graph import Graph
+from studio.inspection.graph_diff import graph_diff
 from studio.inspection.graph_export import diff_marks
 from studio.inspection.graph_layout import Layout, blocks_of, box_labels
 

@@ -75,9 +75,13 @@ def onto_graph(values: Mapping[str, float], graph: Graph) -> tuple[dict[str, flo
 
 
 def diff_marks(structure: Mapping[str, Any]) -> tuple[dict[str, str], dict[str, str]]:
-    """Node name -> "removed" / "changed" in A, and -> "added" / "changed" in B, from `graph_diff`."""
+    """Node name -> "removed" / "changed" in A, and -> "added" / "changed" in B, from `graph_diff`; in a
+    torch against ONNX diff the ONNX side's nodes no torch module stands for are "plumbing"."""
     a = {name: "removed" for name in structure["removed"]}
     b = {name: "added" for name in structure["added"]}
+    plumbing = structure.get("plumbing") or []
+    side = a if structure.get("plumbing_side") == "A" else b
+    side.update({name: "plumbing" for name in plumbing})
     for c in structure["changed"]:
         b[c["b"]] = "changed"
         for name in c["a"]:
@@ -104,6 +108,10 @@ def diff_rows(
         rows.append({"kind": "node", "name": name, "side": "B", "mark": "added"})
     for name in structure["removed"]:
         rows.append({"kind": "node", "name": name, "side": "A", "mark": "removed"})
+    for name in structure.get("plumbing") or []:
+        rows.append(
+            {"kind": "node", "name": name, "side": structure.get("plumbing_side"), "mark": "plumbing"}
+        )
     for c in structure["changed"]:
         rows.append(
             {
