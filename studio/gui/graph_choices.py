@@ -35,6 +35,7 @@ class ChoicesMixin:
     document: StudioDocument
     variant_combo: QComboBox
     diff_combo: QComboBox
+    pane_combo: QComboBox
     _extra_choices: dict[str, str]
 
     def choices(self) -> list[tuple[str, str]]:
@@ -57,7 +58,11 @@ class ChoicesMixin:
 
     def refresh_choices(self) -> None:
         choices = self.choices()
-        for combo, first in ((self.variant_combo, None), (self.diff_combo, ("no diff", ""))):
+        for combo, first in (
+            (self.variant_combo, None),
+            (self.diff_combo, ("no diff", "")),
+            (self.pane_combo, ("add a pane…", "")),
+        ):
             kept = combo.currentData()
             combo.blockSignals(True)
             combo.clear()

@@ -137,15 +137,14 @@ class DetailsMixin:
     node_shown: Any
     histogram_shown: Any
     box_value: Callable[[str, bool], str]
+    highlight_everywhere: Callable[[str], None]
+    pane_of_box: Callable[[str], tuple[str | None, Graph | None, Layout | None]]
     _start: Callable[[str, Any, Any, str], None]
 
     def show_box(self, box_id: str) -> None:
         self.selected = box_id
-        self.scene.highlight(box_id)
-        self.other_scene.highlight(box_id)
-        graph, layout = (
-            (self.graph, self.layout_) if box_id in self.scene.boxes else (self.other, self.other_layout)
-        )
+        self.highlight_everywhere(box_id)
+        key, graph, layout = self.pane_of_box(box_id)
         if graph is None or layout is None:
             return
         box = next((b for b in layout.boxes if b.id == box_id), None)
@@ -163,11 +162,10 @@ class DetailsMixin:
         node = graph.node(box_id)
         self.panel.show_node(graph, node, self.blocks.get(node.name), value)
         self.node_shown.emit(box_id)
-        self._request_histogram(node, graph is self.graph)
+        self._request_histogram(node, key)
 
-    def _request_histogram(self, node: Any, shown_side: bool) -> None:
+    def _request_histogram(self, node: Any, key: str | None) -> None:
         matrices = [w for w in node.weights if len(w["shape"]) >= 1]
-        key = self.key if shown_side else self.diff_key
         model = self.models.get(key or "")
         if not matrices or model is None:
             self.hist.hide()

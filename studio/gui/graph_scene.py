@@ -1,6 +1,6 @@
 """What the Graph tab draws: the boxes and edges of a `graph_layout.Layout` as QGraphicsScene items, the
-canvas (a QGraphicsView that pans by dragging and zooms with the wheel) with its legend (`graph_legend`),
-and the export of canvases with their legend to SVG or PNG.
+canvas (a QGraphicsView that pans by dragging and zooms with the wheel) with its legend (`graph_legend`);
+`graph_exporting` writes canvases with their legends to SVG or PNG.
 
 Nothing here knows about models: the view hands over a layout, a colour per box and a mark per box.
 """
@@ -8,16 +8,12 @@ Nothing here knows about models: the view hands over a layout, a colour per box 
 from __future__ import annotations
 
 import math
-import os
-import uuid
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-from PySide6.QtCore import QPointF, QRectF, QSize, Qt, Signal
+from PySide6.QtCore import QPointF, QRectF, Qt, Signal
 from PySide6.QtGui import (
     QColor,
     QFont,
-    QImage,
     QPainter,
     QPainterPath,
     QPen,
@@ -35,7 +31,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from studio.gui.graph_legend import Legend, LegendWidget, legend_size, paint_legend
+from studio.gui.graph_legend import LegendWidget
 from studio.inspection.graph_layout import Box, Layout
 
 # Colours of categories: precision per node, and the diff marks.
@@ -53,6 +49,7 @@ MARK_COLORS = {
     "added": QColor(60, 170, 80),
     "removed": QColor(215, 60, 60),
     "changed": QColor(240, 160, 30),
+    "plumbing": QColor(150, 150, 165),  # ONNX glue no torch module stands for
 }
 NEUTRAL = QColor(236, 238, 242)
 BLOCK_FILL = QColor(214, 224, 240)
@@ -128,6 +125,8 @@ class BoxItem(QGraphicsRectItem):
             pen = QPen(MARK_COLORS[self.mark], 4)
             if self.mark == "removed":
                 pen.setStyle(Qt.PenStyle.DashLine)
+            elif self.mark == "plumbing":
+                pen = QPen(MARK_COLORS[self.mark], 2, Qt.PenStyle.DotLine)
         else:
             pen = QPen(QColor(90, 95, 110), 2 if self.box.collapsed else 1)
         self.setPen(pen)
@@ -249,17 +248,57 @@ class GraphCanvas(QGraphicsView):
             self.navigated.emit()
         event.accept()
 
+    def fit_factor(self) -> float:
+        """The zoom `fit` picks: the whole graph, or its width when the whole would be unreadable."""
+        rect = self.sceneRect()
+        if rect.isEmpty():
+            return 1.0
+        view = self.viewport().rect()
+        factor = min(view.width() / rect.width(), view.height() / rect.height())
+        if factor < 0.35:  # a whole 32-layer graph would be unreadable: fit the width, start at the top
+            factor = min(1.0, view.width() / rect.width())
+        return min(1.0, factor)
+
     def fit(self) -> None:
         """The whole graph in view; a tall graph is fitted to the width, readable, from the top."""
         rect = self.sceneRect()
         if rect.isEmpty():
             return
-        view = self.viewport().rect()
-        factor = min(view.width() / rect.width(), view.height() / rect.height())
-        if factor < 0.35:  # a whole 32-layer graph would be unreadable: fit the width, start at the top
-            factor = min(1.0, view.width() / rect.width())
-        self.set_zoom(min(1.0, factor))
-        self.centerOn(rect.center().x(), rect.top() + view.height() / 2 / self.zoom())
+        self.set_zoom(self.fit_factor())
+        self.centerOn(rect.center().x(), rect.top() + self.viewport().rect().height() / 2 / self.zoom())
+
+    def shows(self, box_id: str) -> bool:
+        """Whether the box's middle is in the viewport."""
+        item = self.graph_scene().boxes.get(box_id)
+        seen = self.mapToScene(self.viewport().rect()).boundingRect()
+        return item is not None and seen.contains(item.sceneBoundingRect().center())
+
+    def centre(self) -> QPointF:
+        """The scene point at the middle of the viewport."""
+        return self.mapToScene(self.viewport().rect().center())
+
+    def follow_box(self, other: GraphCanvas, theirs: str, mine: str, relative_zoom: bool = False) -> None:
+        """Show box `mine` where `other` shows its counterpart `theirs`: at the same offset from the
+        viewport's middle, at other's zoom (box for box), or with `relative_zoom` at other's zoom relative
+        to each canvas's fit (a torch original beside its much larger export). A canvas scrolled to an end
+        takes the other to that end too."""
+        ratio = self.fit_factor() / max(other.fit_factor(), 1e-9) if relative_zoom else 1.0
+        zoom = min(MAX_ZOOM, max(MIN_ZOOM, other.zoom() * ratio))
+        if abs(self.zoom() - zoom) > 1e-9:
+            self.resetTransform()
+            self.scale(zoom, zoom)
+        offset = other.centre() - other.graph_scene().boxes[theirs].sceneBoundingRect().center()
+        target = self.graph_scene().boxes[mine].sceneBoundingRect().center()
+        self.centerOn(target + offset * (other.zoom() / self.zoom()))
+        for bar, their_bar in (
+            (self.horizontalScrollBar(), other.horizontalScrollBar()),
+            (self.verticalScrollBar(), other.verticalScrollBar()),
+        ):
+            if their_bar.maximum() > their_bar.minimum():
+                if their_bar.value() >= their_bar.maximum():
+                    bar.setValue(bar.maximum())
+                elif their_bar.value() <= their_bar.minimum():
+                    bar.setValue(bar.minimum())
 
     def centre_on_box(self, box_id: str) -> bool:
         item = self.graph_scene().boxes.get(box_id)
@@ -282,77 +321,3 @@ class GraphCanvas(QGraphicsView):
             span = theirs.maximum() - theirs.minimum()
             fraction = (theirs.value() - theirs.minimum()) / span if span > 0 else 0.0
             mine.setValue(round(mine.minimum() + fraction * (mine.maximum() - mine.minimum())))
-
-
-def render_canvases(
-    scenes: Sequence[GraphScene], legends: Sequence[Legend], path: str | Path, font: QFont
-) -> Path:
-    """The scenes side by side (a diff: A then B) at 100 % with the legends in a row above them, to SVG or
-    PNG by the suffix."""
-    path = Path(path)
-    gap = 30.0
-    sizes = [legend_size(legend, font) for legend in legends]
-    top = max([s.height() + 12 for s in sizes] + [0.0])
-    rects = [s.sceneRect() for s in scenes]
-    width = max(sum(r.width() for r in rects) + gap * (len(rects) - 1), 1.0)
-    width = max(width, sum(s.width() + 16 for s in sizes))
-    height = max([r.height() for r in rects] + [1.0]) + top
-
-    def paint(painter: QPainter) -> None:
-        painter.setRenderHint(QPainter.RenderHint.Antialiasing)
-        painter.fillRect(QRectF(0, 0, width, height), QColor(250, 250, 252))
-        x = 8.0
-        for legend, size in zip(legends, sizes, strict=True):
-            paint_legend(painter, QPointF(x, 6), legend, font)
-            x += size.width() + 16
-        x = 0.0
-        for scene, rect in zip(scenes, rects, strict=True):
-            scene.render(painter, QRectF(x, top, rect.width(), rect.height()), rect)
-            x += rect.width() + gap
-
-    size = QSize(math.ceil(width), math.ceil(height))
-    # written beside the target and renamed over it: a viewer watching the file never sees half an image
-    # (the temporary name keeps the suffix: Qt picks the image format by it)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp{path.suffix}")
-    try:
-        if path.suffix.lower() == ".svg":
-            _write_svg(tmp, size, path.stem, paint)
-        else:
-            _write_png(tmp, size, paint)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def _write_svg(tmp: Path, size: QSize, title: str, paint: Callable[[QPainter], None]) -> None:
-    from PySide6.QtCore import QRect
-    from PySide6.QtSvg import QSvgGenerator
-
-    generator = QSvgGenerator()
-    generator.setFileName(str(tmp))
-    generator.setSize(size)
-    generator.setViewBox(QRect(0, 0, size.width(), size.height()))
-    generator.setTitle(title)
-    generator.setDescription("exported from Model Studio")
-    painter = QPainter(generator)
-    try:
-        paint(painter)
-    finally:
-        painter.end()
-    if not tmp.exists():
-        raise OSError(f"could not write {tmp.parent}")
-
-
-def _write_png(tmp: Path, size: QSize, paint: Callable[[QPainter], None]) -> None:
-    scale = 2.0 if size.width() * size.height() < 4_000_000 else 1.0  # sharp, but bounded in memory
-    image = QImage(round(size.width() * scale), round(size.height() * scale), QImage.Format.Format_ARGB32)
-    image.fill(QColor(250, 250, 252))
-    painter = QPainter(image)
-    try:
-        painter.scale(scale, scale)
-        paint(painter)
-    finally:
-        painter.end()
-    if not image.save(str(tmp)):
-        raise OSError(f"could not write {tmp.parent}")

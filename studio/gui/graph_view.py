@@ -32,13 +32,14 @@ from PySide6.QtWidgets import (
 from studio.gui.document import StudioDocument
 from studio.gui.graph_choices import ChoicesMixin, open_choice
 from studio.gui.graph_details import DetailsMixin, NodeDetails
-from studio.gui.graph_diff_pane import DiffPaneMixin, diff_combo
+from studio.gui.graph_diff_pane import DiffPaneMixin, Pane, diff_combo
 from studio.gui.graph_exporting import ExportMixin
 from studio.gui.graph_legend import Legend
 from studio.gui.graph_overlays import OverlayMixin, overlay_combo
 from studio.gui.graph_scene import GraphCanvas, GraphScene
 from studio.gui.widgets import Banner, run_task, work_pool
 from studio.inspection.graph import Graph
+from studio.inspection.graph_diff import Counterparts
 from studio.inspection.graph_layout import Layout, blocks_of, layout_graph
 
 
@@ -46,6 +47,7 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
     graph_shown = Signal(str)  # the choice key whose graph is on screen
     overlay_shown = Signal(str)  # an overlay's colours are on the boxes
     diff_shown = Signal()
+    pane_added = Signal(str)  # the choice key of a graph added beside the others
     laid_out = Signal()  # the boxes were laid out anew (a block expanded or collapsed, a graph shown)
     failed = Signal(str)
     node_shown = Signal(str)  # a box's details are in the side panel
@@ -78,6 +80,8 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
         self._stale = True
         self._syncing = False
         self._extra_choices: dict[str, str] = {}
+        self.extra: list[Pane] = []  # graphs C, D beside A and B
+        self._links: Counterparts | None = None
         self._build()
         document.model_changed.connect(self.on_model_changed)
         document.variants_changed.connect(self.refresh_choices)
@@ -102,6 +106,15 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
         self.fit_button = QPushButton("Fit")
         self.fit_button.setToolTip("Show the whole graph (a tall one fitted to its width)")
         self.collapse_button = QPushButton("Collapse all")
+        self.pane_combo = QComboBox()
+        self.pane_combo.setMinimumContentsLength(12)
+        self.pane_combo.setToolTip(
+            "Up to two more variants on the right, diffed against the reference (A, or the shown graph), "
+            "every canvas following the others by matched node"
+        )
+        self.close_panes_button = QToolButton()
+        self.close_panes_button.setText("✕")
+        self.close_panes_button.setToolTip("Close the extra panes")
         self.export_button = QToolButton()
         self.export_button.setText("Export…")
         self.export_button.setPopupMode(QToolButton.ToolButtonPopupMode.InstantPopup)
@@ -120,10 +133,12 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
             ("Graph of", self.variant_combo),
             ("Diff against", self.diff_combo),
             ("Overlay", self.overlay_combo),
+            ("Also show", self.pane_combo),
         ):
             bar.addWidget(QLabel(label))
             bar.addWidget(widget)
             bar.addSpacing(6)
+        bar.addWidget(self.close_panes_button)
         bar.addWidget(self.search_edit, 1)
         bar.addWidget(self.fit_button)
         bar.addWidget(self.collapse_button)
@@ -172,8 +187,10 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
             # queued: the relayout deletes the item whose double-click is being handled, and a scene whose
             # mouse grabber is deleted inside its own event swallows the next click
             scene.box_double_clicked.connect(self.toggle, Qt.ConnectionType.QueuedConnection)
-        self.canvas.navigated.connect(lambda: self._sync(self.canvas, self.other_canvas))
-        self.other_canvas.navigated.connect(lambda: self._sync(self.other_canvas, self.canvas))
+        self.canvas.navigated.connect(lambda: self._sync(self.canvas))
+        self.other_canvas.navigated.connect(lambda: self._sync(self.other_canvas))
+        self.pane_combo.activated.connect(self._on_pane_chosen)
+        self.close_panes_button.clicked.connect(self.clear_panes)
 
     def set_variant(self, key: str) -> None:
         """Show the graph of `key` ("source:<checkpoint>" or "row:<variant id>")."""
@@ -277,6 +294,7 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
         self.shares, self.errors = {}, {}
         self.selected = None
         self.panel.clear()
+        self._rediff()  # without A, the shown graph is the extra panes' reference
         self._relayout(fit=True)
         self.graph_shown.emit(key)
         if self.overlay != "none":
@@ -289,9 +307,7 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
             return
         self.layout_ = layout_graph(self.graph, self.expanded, self.blocks)
         self.scene.show_layout(self.layout_)
-        if self.other is not None:
-            self.other_layout = layout_graph(self.other, self.expanded, self.other_blocks)
-            self.other_scene.show_layout(self.other_layout)
+        self._layout_panes()
         self._paint()
         n_blocks = len({b for b in self.blocks.values() if b})
         self.summary.setText(
@@ -306,7 +322,7 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
 
     def toggle(self, box_id: str) -> None:
         """Expand a collapsed block, or collapse the block a node of an expanded one belongs to."""
-        layout = self.layout_ if box_id in self.scene.boxes else self.other_layout
+        layout = self.pane_of_box(box_id)[2]
         if layout is None:
             return
         box = next((b for b in layout.boxes if b.id == box_id), None)
@@ -338,9 +354,15 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
         self._relayout(fit=True)
 
     def fit(self) -> None:
-        self.canvas.fit()
-        if self.other_canvas.isVisible():
-            self.other_canvas.follow(self.canvas)
+        """Every canvas fitted to its own graph (a small torch original is not drawn at the scale of its
+        much larger export)."""
+        self._syncing = True
+        try:
+            for canvas in self.canvases():
+                if canvas is self.canvas or canvas.isVisible():
+                    canvas.fit()
+        finally:
+            self._syncing = False
 
     # ---------------------------------------------------------------------------- search
 

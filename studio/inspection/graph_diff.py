@@ -200,16 +200,28 @@ def counterparts(structure: dict[str, Any]) -> tuple[dict[str, list[str]], dict[
     return a_to_b, b_to_a
 
 
+class Counterparts:
+    """The matched nodes between any two of N graphs diffed against the first (`graph_diff_many`'s
+    `diffs`), with each diff's maps built once: what a view asks at every scroll."""
+
+    def __init__(self, diffs: Sequence[dict[str, Any]]) -> None:
+        self.maps = [counterparts(d) for d in diffs]
+
+    def of(self, source: int, target: int, name: str) -> list[str]:
+        """The nodes of graph `target` matching node `name` of graph `source` (graph 0 is the reference;
+        graph i > 0 is diffed in `diffs[i - 1]`); two graphs that are not the reference are linked through
+        it."""
+        if source == target:
+            return [name]
+        if source == 0:
+            return self.maps[target - 1][0].get(name, [])
+        via = self.maps[source - 1][1].get(name, [])
+        if target == 0:
+            return via
+        a_to_b = self.maps[target - 1][0]
+        return list(dict.fromkeys(x for r in via for x in a_to_b.get(r, [])))
+
+
 def counterpart_in(diffs: Sequence[dict[str, Any]], source: int, target: int, name: str) -> list[str]:
-    """The nodes of graph `target` matching node `name` of graph `source`, in a `graph_diff_many`'s
-    `diffs` (graph 0 is the reference; graph i > 0 is diffed in `diffs[i - 1]`). Two graphs that are not
-    the reference are linked through it."""
-    if source == target:
-        return [name]
-    if source == 0:
-        return counterparts(diffs[target - 1])[0].get(name, [])
-    via = counterparts(diffs[source - 1])[1].get(name, [])
-    if target == 0:
-        return via
-    a_to_b = counterparts(diffs[target - 1])[0]
-    return list(dict.fromkeys(x for r in via for x in a_to_b.get(r, [])))
+    """`Counterparts(diffs).of(source, target, name)`, for one question."""
+    return Counterparts(diffs).of(source, target, name)
