@@ -132,7 +132,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:
-    from studio.diagnose import diagnose
+    from studio.diagnose import GEMM_BATCH, diagnose
 
     label, model = open_model(args, args.variant)
     against = open_model(args, args.against)[1] if args.against else None
@@ -142,6 +142,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         examples=examples_of(args),
         sequence_length=args.sequence_length,
         threads=args.threads,
+        gemm_batch=GEMM_BATCH,
     )
     if args.json:
         print_json({"variant": label, **result})
@@ -152,7 +153,14 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         print("no cause found")
     for i, c in enumerate(result["causes"], 1):
         print(f"\n{i}. {c['what']}  (cost {c['cost']:.0%})")
-        nodes = c["evidence"].get("nodes")
+        e = c["evidence"]
+        if c["kind"] == "gemm-peak":
+            print(
+                f"     {e['linear_nodes']} linear layers, {e['tokens']} tokens: {e['linear_ms']:.1f} ms, "
+                f"{e['linear_gops']:.0f} GOPS of a {e['peak_gops']:.0f} GOPS {e['peak_precision']} peak; "
+                f"at best {e['compute_bound_ms']:.1f} ms of arithmetic, {e['memory_bound_ms']:.1f} ms of memory"
+            )
+        nodes = e.get("nodes")
         if isinstance(nodes, list):
             for n in nodes[:8]:
                 share = f"  {n['time_share']:.1%}" if isinstance(n, dict) else ""
