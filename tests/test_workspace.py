@@ -79,9 +79,22 @@ def test_two_runs_at_once_lose_nothing_and_sigkill_at_random_points_never_corrup
     assert len([r for r in ws.list() if r["kind"] != "baseline"]) >= survivors
 
 
-def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(tmp_path):
-    events = list(WorkerClient(QUICK, tmp_path).events())
-    vid = events[-1].result["variants"][0]["id"]
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple:
+    """(workspace root, variant id) of one complete QUICK run; each test changes its own copy."""
+    root = tmp_path_factory.mktemp("quick-run")
+    events = list(WorkerClient(QUICK, root).events())
+    assert isinstance(events[-1], Done), events[-1]
+    return root, events[-1].result["variants"][0]["id"]
+
+
+def _copy_of(quick_run, tmp_path) -> str:
+    shutil.copytree(quick_run[0], tmp_path, dirs_exist_ok=True)
+    return quick_run[1]
+
+
+def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(quick_run, tmp_path):
+    vid = _copy_of(quick_run, tmp_path)
     # A crash after the rename but before the row: the folder is complete, so it is indexed again.
     ws = Workspace(tmp_path)
     with ws._connect() as db:
@@ -97,11 +110,10 @@ def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(tmp_path):
     assert ws.get(vid)["kind"] == "torch"
 
 
-def test_files_deleted_by_hand_are_reported(tmp_path, capsys):
+def test_files_deleted_by_hand_are_reported(quick_run, tmp_path, capsys):
     from studio.cli import main
 
-    events = list(WorkerClient(QUICK, tmp_path).events())
-    vid = events[-1].result["variants"][0]["id"]
+    vid = _copy_of(quick_run, tmp_path)
     shutil.rmtree(tmp_path / "variants" / vid)
     ws = Workspace(tmp_path)
     assert ws.get(vid)["missing"]
@@ -117,15 +129,15 @@ def test_files_deleted_by_hand_are_reported(tmp_path, capsys):
         Workspace(tmp_path).get(vid)
 
 
-def test_a_moved_workspace_keeps_its_variants(tmp_path):
-    """Users move workspaces between disks: artifact paths must not point into the old place."""
+def test_a_moved_workspace_keeps_its_variants(minilm_variants, tmp_path):
+    """Users move workspaces between disks: artifact paths must not point into the old place. The session's
+    MiniLM workspace (tests/conftest.py, with an ONNX variant) copied, then the copy moved."""
     from studio.compare import compare
 
+    source, ids, _result = minilm_variants
     old = tmp_path / "old"
-    steps = [{"technique": "export.onnx"}]
-    events = list(WorkerClient({**QUICK, "steps": steps}, old).events())
-    assert isinstance(events[-1], Done), events[-1]
-    vid = events[-1].result["variants"][0]["id"]
+    shutil.copytree(source, old)
+    vid = ids["onnx"]
     new = tmp_path / "new"
     shutil.move(old, new)
     ws = assert_consistent(new)
