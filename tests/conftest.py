@@ -15,6 +15,10 @@ import pytest
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Every run the tests make (workers and CLI processes inherit it) times with a tenth of the default
+# policy's seconds, still at least its 10 runs per callable: the tests check what is measured and
+# recorded, never how stable the numbers are (studio/evaluation/latency.py).
+os.environ.setdefault("MODEL_STUDIO_TIMING_SCALE", "0.1")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
 VOCAB = 30522  # MiniLM's WordPiece vocabulary, shared by the test models
@@ -269,3 +273,49 @@ def tiny_search(bert_classifier, tmp_path_factory) -> tuple[Path, Path, dict[str
     result = json.loads(out.getvalue())
     assert code == 0, result
     return path, folder / "ws", result
+
+
+# MiniLM's original and two variants, as tests/test_evaluation.py and the GUI's Compare and Export tests
+# use them; one evaluation setting for both runs, so they share one cached baseline.
+MINILM_DEMO = {
+    "version": 1,
+    "model": "builtin:minilm",
+    "data": {"evaluation_examples": 8, "calibration_examples": 8},
+    "evaluate": {"batch_sizes": [1, 4], "sequence_length": 32},
+}
+
+
+@pytest.fixture(scope="session")
+def minilm_variants(tmp_path_factory) -> tuple[Path, dict[str, str], dict[str, Any]]:
+    """(workspace root, ids, the run's JSON) of a workspace built once for the whole session: MiniLM's
+    original (measured as the baseline), a bfloat16 torch variant made by `model-studio run --json` (the
+    CLI and its worker), then an ONNX export made by a WorkerClient; ids: {"bf16", "original", "onnx"}.
+    Tests that change a workspace copy it first."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    from studio.events import Done
+    from studio.worker import WorkerClient
+
+    root = tmp_path_factory.mktemp("minilm-variants")
+    recipe = tmp_path_factory.mktemp("minilm-recipe") / "bf16.yaml"
+    steps = [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}]
+    recipe.write_text(yaml.safe_dump({**MINILM_DEMO, "steps": steps}))
+    proc = subprocess.run(
+        [sys.executable, "-m", "studio", "run", str(recipe), "--json", "--workspace", str(root)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    ids = {"bf16": result["variants"][0]["id"], "original": result["baseline"]["id"]}
+    events = list(WorkerClient({**MINILM_DEMO, "steps": [{"technique": "export.onnx"}]}, root).events())
+    assert isinstance(events[-1], Done), events[-1]
+    (variant,) = events[-1].result["variants"]
+    ids["onnx"] = variant["id"]
+    assert events[-1].result["baseline"]["id"] == ids["original"]  # one baseline for both
+    return root, ids, result

@@ -77,24 +77,15 @@ def test_fidelity_cosine_and_classifier_agreement_by_hand():
 
 
 @pytest.fixture(scope="module")
-def run_result(tmp_path_factory):
-    """One real end-to-end run of a recipe on MiniLM through the CLI and the worker."""
+def run_result(minilm_variants, tmp_path_factory):
+    """One real end-to-end run of a recipe on MiniLM through the CLI and the worker (a bfloat16 variant, in
+    the session's MiniLM workspace, which also holds an ONNX variant), on this module's copy of it."""
+    import shutil
+
+    source, _ids, result = minilm_variants
     root = tmp_path_factory.mktemp("ws")
-    recipe = root / "recipe.yaml"
-    recipe.write_text(
-        "version: 1\nmodel: builtin:minilm\n"
-        "data: {calibration_examples: 8, evaluation_examples: 16}\n"
-        "steps:\n  - technique: precision.half\n    params: {dtype: bfloat16}\n"
-        "evaluate: {batch_sizes: [1, 4], sequence_length: 32}\n"
-    )
-    proc = subprocess.run(
-        [sys.executable, "-m", "studio", "run", str(recipe), "--json", "--workspace", str(root)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return root, json.loads(proc.stdout)
+    shutil.copytree(source, root, dirs_exist_ok=True)
+    return root, result
 
 
 def test_run_json_has_every_documented_field(run_result):
@@ -214,8 +205,9 @@ def test_disk_full_while_committing_is_a_clear_error(run_result, tmp_path):
     assert [r for r in ws.list()] == []
 
 
-def test_disk_full_in_a_small_tmpfs_gives_a_clear_error(tmp_path):
-    """A whole run into a 2 MB tmpfs workspace, where the test can mount one (root); skipped elsewhere."""
+def test_disk_full_in_a_small_tmpfs_gives_a_clear_error(bert_classifier, tmp_path):
+    """A whole run into a 2 MB tmpfs workspace, where the test can mount one (root); skipped elsewhere.
+    The tiny BERT's weights alone (4 MB) do not fit."""
     mount = tmp_path / "small"
     mount.mkdir()
     made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True)
@@ -224,7 +216,7 @@ def test_disk_full_in_a_small_tmpfs_gives_a_clear_error(tmp_path):
     try:
         recipe = tmp_path / "r.yaml"
         recipe.write_text(
-            "version: 1\nmodel: builtin:minilm\ndata: {evaluation_examples: 4}\nsteps: []\n"
+            f"version: 1\nmodel: {bert_classifier}\ndata: {{evaluation_examples: 4}}\nsteps: []\n"
             "evaluate: {latency: false, sequence_length: 16}\n"
         )
         proc = subprocess.run(

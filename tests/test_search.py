@@ -264,12 +264,15 @@ def test_failed_trials_are_recorded_and_the_search_goes_on(bert_classifier, tmp_
     assert Workspace(ws).list() == []
 
 
-def test_search_end_to_end_then_resume(bert_classifier, tmp_path, capsys):
-    path = _tiny_search(bert_classifier, tmp_path, {2: {"optional": True}, 3: {"per_channel": [True, False]}})
+def test_search_end_to_end_then_resume(tiny_search, tmp_path, capsys):
+    """The session's finished three-trial search on the tiny BERT (tests/conftest.py: the same steps and
+    space as `_tiny_search`), read, then resumed on a copy of its workspace (other tests read the study)."""
+    import shutil
+
+    path, source, result = tiny_search
     ws = tmp_path / "ws"
-    code, result = _search(capsys, str(path), "--workspace", str(ws))
-    assert code == 0, result
-    assert [t["number"] for t in result["trials"]] == [0, 1] and result["new_trials"] == 2
+    shutil.copytree(source, ws)
+    assert [t["number"] for t in result["trials"]] == [0, 1, 2] and result["new_trials"] == 3
     variants = {r["id"]: r for r in Workspace(ws).list()}
     done = [t for t in result["trials"] if t["state"] == "COMPLETE"]
     assert done and all(t["variant"] in variants for t in done)
@@ -299,12 +302,12 @@ def test_search_end_to_end_then_resume(bert_classifier, tmp_path, capsys):
     assert main(["run", result["recipe"], "--dry-run"]) == 0
 
     # the same recipe again with a larger budget continues the stored study: one new trial only
-    code, again = _search(capsys, str(path), "--workspace", str(ws), "--trials", "3")
+    code, again = _search(capsys, str(path), "--workspace", str(ws), "--trials", "4")
     assert code == 0
     assert again["study"] == result["study"] and again["new_trials"] == 1
-    assert [t["number"] for t in again["trials"]] == [0, 1, 2]
-    assert again["trials"][:2] == result["trials"]
-    assert len(Workspace(ws).list()) == len(variants) + (again["trials"][2]["state"] == "COMPLETE")
+    assert [t["number"] for t in again["trials"]] == [0, 1, 2, 3]
+    assert again["trials"][:3] == result["trials"]
+    assert len(Workspace(ws).list()) == len(variants) + (again["trials"][3]["state"] == "COMPLETE")
 
 
 def test_ctrl_c_keeps_the_study_and_leaves_no_half_variant(bert_classifier, tmp_path, capsys):

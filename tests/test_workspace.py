@@ -40,42 +40,61 @@ def assert_consistent(root) -> Workspace:
     return ws
 
 
-def test_sigkill_at_random_points_never_corrupts_the_workspace(tmp_path):
-    rng = random.Random(1234)
-    # One complete run first: how long a job takes here, so kills land all along it (commit included).
-    t0 = time.perf_counter()
-    events = list(WorkerClient(QUICK, tmp_path).events())
-    duration = time.perf_counter() - t0
-    assert isinstance(events[-1], Done)
-    survivors = 1
-    for _ in range(10):  # ten kills at random points along a run (commit included)
-        client = WorkerClient(QUICK, tmp_path)
-        client.start()
-        time.sleep(rng.uniform(0.0, duration * 1.1))
-        if client.process.poll() is None:
-            os.killpg(client.process.pid, signal.SIGKILL)
-        else:
-            survivors += 1
-        client.process.wait()
-        ws = assert_consistent(tmp_path)
-    assert len([r for r in ws.list() if r["kind"] != "baseline"]) >= survivors
-
-
-def test_two_runs_at_once_lose_nothing(tmp_path):
-    clients = [WorkerClient(QUICK, tmp_path) for _ in range(2)]
+def _start_pair(root) -> list[WorkerClient]:
+    clients = [WorkerClient(QUICK, root) for _ in range(2)]
     for c in clients:
         c.start()
-    results = [list(c.events())[-1] for c in clients]
+    return clients
+
+
+def test_two_runs_at_once_lose_nothing_and_sigkill_at_random_points_never_corrupts_the_workspace(tmp_path):
+    """Two jobs at a time on one workspace, first to the end, then killed: ten kills at random points along
+    a run (commit included), two at a time, the workspace checked after each pair."""
+    rng = random.Random(1234)
+    # Two complete runs at once first: nothing lost, and how long a pair of jobs takes here, so kills land
+    # all along it.
+    t0 = time.perf_counter()
+    results = [list(c.events())[-1] for c in _start_pair(tmp_path)]
+    duration = time.perf_counter() - t0
     assert all(isinstance(r, Done) for r in results), results
     ids = {r.result["variants"][0]["id"] for r in results}
     ws = assert_consistent(tmp_path)
     assert ids <= {r["id"] for r in ws.list()}
     assert len(ids) == 2
+    survivors = 2
+    for _ in range(5):  # five pairs: ten kills
+        clients = _start_pair(tmp_path)
+        started = time.perf_counter()
+        for at, client in sorted(
+            ((rng.uniform(0.0, duration * 1.1), c) for c in clients), key=lambda x: x[0]
+        ):
+            time.sleep(max(0.0, at - (time.perf_counter() - started)))
+            if client.process.poll() is None:
+                os.killpg(client.process.pid, signal.SIGKILL)
+            else:
+                survivors += 1
+        for client in clients:
+            client.process.wait()
+        ws = assert_consistent(tmp_path)
+    assert len([r for r in ws.list() if r["kind"] != "baseline"]) >= survivors
 
 
-def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(tmp_path):
-    events = list(WorkerClient(QUICK, tmp_path).events())
-    vid = events[-1].result["variants"][0]["id"]
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> tuple:
+    """(workspace root, variant id) of one complete QUICK run; each test changes its own copy."""
+    root = tmp_path_factory.mktemp("quick-run")
+    events = list(WorkerClient(QUICK, root).events())
+    assert isinstance(events[-1], Done), events[-1]
+    return root, events[-1].result["variants"][0]["id"]
+
+
+def _copy_of(quick_run, tmp_path) -> str:
+    shutil.copytree(quick_run[0], tmp_path, dirs_exist_ok=True)
+    return quick_run[1]
+
+
+def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(quick_run, tmp_path):
+    vid = _copy_of(quick_run, tmp_path)
     # A crash after the rename but before the row: the folder is complete, so it is indexed again.
     ws = Workspace(tmp_path)
     with ws._connect() as db:
@@ -91,11 +110,10 @@ def test_repair_reindexes_complete_and_keeps_what_is_not_a_variant(tmp_path):
     assert ws.get(vid)["kind"] == "torch"
 
 
-def test_files_deleted_by_hand_are_reported(tmp_path, capsys):
+def test_files_deleted_by_hand_are_reported(quick_run, tmp_path, capsys):
     from studio.cli import main
 
-    events = list(WorkerClient(QUICK, tmp_path).events())
-    vid = events[-1].result["variants"][0]["id"]
+    vid = _copy_of(quick_run, tmp_path)
     shutil.rmtree(tmp_path / "variants" / vid)
     ws = Workspace(tmp_path)
     assert ws.get(vid)["missing"]
@@ -111,15 +129,15 @@ def test_files_deleted_by_hand_are_reported(tmp_path, capsys):
         Workspace(tmp_path).get(vid)
 
 
-def test_a_moved_workspace_keeps_its_variants(tmp_path):
-    """Users move workspaces between disks: artifact paths must not point into the old place."""
+def test_a_moved_workspace_keeps_its_variants(minilm_variants, tmp_path):
+    """Users move workspaces between disks: artifact paths must not point into the old place. The session's
+    MiniLM workspace (tests/conftest.py, with an ONNX variant) copied, then the copy moved."""
     from studio.compare import compare
 
+    source, ids, _result = minilm_variants
     old = tmp_path / "old"
-    steps = [{"technique": "export.onnx"}]
-    events = list(WorkerClient({**QUICK, "steps": steps}, old).events())
-    assert isinstance(events[-1], Done), events[-1]
-    vid = events[-1].result["variants"][0]["id"]
+    shutil.copytree(source, old)
+    vid = ids["onnx"]
     new = tmp_path / "new"
     shutil.move(old, new)
     ws = assert_consistent(new)

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+# The test suite sets this (tests/conftest.py) so that the many short runs it makes do not each spend
+# seconds timing: the default policy's warm-up and minimum seconds are multiplied by it, while the run
+# counts and the ceiling stay, so every statistic still comes from at least `min_runs` samples.
+# Unset (every real run): factor 1.
+SCALE_ENV = "MODEL_STUDIO_TIMING_SCALE"
+
+
+def _scaled(seconds: float) -> Callable[[], float]:
+    return lambda: seconds * float(os.environ.get(SCALE_ENV) or 1.0)
 
 
 @dataclass
 class TimingPolicy:
     warmup_runs: int = 2
-    warmup_seconds: float = 0.3
+    warmup_seconds: float = field(default_factory=_scaled(0.3))
     min_runs: int = 10
-    min_seconds: float = 1.5
+    min_seconds: float = field(default_factory=_scaled(1.5))
     max_runs: int = 300
     max_seconds: float = 20.0
 

@@ -8,20 +8,6 @@ import shutil
 import pytest
 from PySide6.QtCore import QCoreApplication, QSettings
 
-from studio.events import Done
-from studio.worker import WorkerClient
-
-DEMO_BASE = {
-    "version": 1,
-    "model": "builtin:minilm",
-    "data": {"evaluation_examples": 8, "calibration_examples": 8},
-    "evaluate": {"batch_sizes": [1, 4], "sequence_length": 32},
-}
-DEMO_RECIPES = {
-    "bf16": [{"technique": "precision.half", "params": {"dtype": "bfloat16"}}],
-    "onnx": [{"technique": "export.onnx"}],
-}
-
 
 @pytest.fixture(scope="session", autouse=True)
 def collect_garbage_on_the_gui_thread(qapp):
@@ -48,17 +34,11 @@ def settings(tmp_path, qapp):
 
 
 @pytest.fixture(scope="session")
-def demo_variants(tmp_path_factory):
+def demo_variants(minilm_variants):
     """A workspace with the original (measured as the baseline) and two real variants of MiniLM, a bfloat16
-    torch variant and an ONNX export, built once by the worker."""
-    root = tmp_path_factory.mktemp("demo-workspace")
-    ids = {}
-    for name, steps in DEMO_RECIPES.items():
-        events = list(WorkerClient({**DEMO_BASE, "steps": steps}, root).events())
-        assert isinstance(events[-1], Done), events[-1]
-        (variant,) = events[-1].result["variants"]
-        ids[name] = variant["id"]
-        ids["original"] = events[-1].result["baseline"]["id"]
+    torch variant and an ONNX export, built once by the worker (tests/conftest.py's minilm_variants, which
+    tests/test_evaluation.py reads too)."""
+    root, ids, _result = minilm_variants
     return root, ids
 
 
