@@ -170,7 +170,7 @@ class ExportOnnx(Technique[ExportOnnxParams]):
             ctx.progress(0.15, f"exporting with the {params.exporter} exporter")
             if seq2seq_layout is not None:
                 export_seq2seq.export_graphs(
-                    module, seq2seq_layout, names, trace_args, trace_batch, family, params, out_dir, path
+                    module, seq2seq_layout, names, trace_args, trace_batch, family, params, out_dir, path, ctx
                 )
             elif layout is None:
                 export_graph(

@@ -187,8 +187,10 @@ def export_graphs(
     params: ExportOnnxParams,
     out_dir: Path,
     path: Path,
+    ctx: RunContext,
 ) -> None:
     """Write `path` (model.onnx) and the decoder graph beside it; each is written whole, then renamed."""
+    from studio.checkpoints.onnx_graph import onnx_size
     from studio.techniques.onnx.export import export_graph
 
     outputs = ["logits", *layout.prefill_outputs]
@@ -203,6 +205,7 @@ def export_graphs(
         decoder_wrapper(module, layout), args, inputs, family, params, out_dir, decoder, outputs,
         decoder_dims(layout),
     )  # fmt: skip
+    ctx.log(f"wrote {decoder.name} ({onnx_size(decoder) / 1e6:.1f} MB): the decoder step with both caches")
 
 
 def torch_greedy(module: Any, batch: Batch, steps: int) -> tuple[Any, list[Any]]:
