@@ -374,12 +374,11 @@ def check_generation_cache(recipe: Recipe, model: LoadedModel) -> list[tuple[int
             ]
         return []
     if stage_of(model) == "onnx" and model.family == "seq2seq":
-        from studio.evaluation.generation import onnx_generates
+        from studio.checkpoints.onnx_graph import read_metadata
+        from studio.evaluation.onnx_cache import seq2seq_problem
 
-        if onnx_generates(model.path, "seq2seq"):
-            return []
-        problem = f"field 'evaluate.generation': this seq2seq ONNX graph has no decoder cache; {NO_CACHE_HOW}"
-        return [(-1, problem)]
+        reason = seq2seq_problem(model.path, read_metadata(model.path))
+        return [] if reason is None else [(-1, f"field 'evaluate.generation': {reason}")]
     if stage_of(model) == "onnx" and not takes_past(model.input_names or ()):
         problem = (
             f"field 'evaluate.generation': this ONNX graph has no past key/values inputs; {NO_CACHE_HOW}"

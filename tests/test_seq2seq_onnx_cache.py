@@ -262,6 +262,32 @@ def test_a_graph_without_the_cache_is_refused_saying_how_to_export(uncached):
     )
 
 
+def test_a_folder_without_its_decoder_graph_or_with_damaged_metadata_is_refused(exported, tmp_path):
+    from studio.checkpoints.onnx_graph import set_metadata
+    from studio.evaluation.onnx_generation import OnnxSeq2SeqLoop
+    from studio.pipeline import load_recipe, plan
+
+    _, state, _ = exported
+    folder = tmp_path / "alone"
+    shutil.copytree(state.path.parent, folder)
+    (folder / "decoder_with_past.onnx").unlink()  # what an ONNX pass's folder would hold
+    with pytest.raises(BadInput, match=r"decoder graph 'decoder_with_past\.onnx'.* is missing"):
+        OnnxSeq2SeqLoop(folder / "model.onnx")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"version: 1\nmodel: {folder}\nevaluate:\n  generation: {{prompt_tokens: 8, new_tokens: 4}}\n"
+    )
+    with pytest.raises(BadInput, match=r"field 'evaluate.generation': the decoder graph .* is missing"):
+        plan(load_recipe(recipe), path=recipe)
+    shutil.copy(state.path.parent / "decoder_with_past.onnx", folder)
+    plan(load_recipe(recipe), path=recipe)  # with it back, the graph generates
+    for damaged in ('{"layers": 2}', json.dumps({"layers": 2, "heads": 4, "head_dim": 8, "dtype": "float32",
+                                                 "decoder": "../elsewhere.onnx"})):  # fmt: skip
+        set_metadata(folder / "model.onnx", {"studio.seq2seq_cache": damaged})
+        with pytest.raises(BadInput, match=r"damaged|not a file beside it"):
+            OnnxSeq2SeqLoop(folder / "model.onnx")
+
+
 def recipe_text(model, steps, data="data: {calibration_examples: 4, evaluation_examples: 4}\n"):
     return (
         f"version: 1\nmodel: {model}\n{data}steps:\n{steps}"

@@ -464,11 +464,13 @@ def _onnx_reason(path: Any, family: str) -> str | None:
     """Why an ONNX graph cannot be measured, or None when it can: a causal LM graph with a KV cache, or a
     seq2seq graph whose metadata names the decoder-with-cache graph export.onnx wrote beside it."""
     from studio.checkpoints.onnx_graph import load_onnx_graph, metadata_of
-    from studio.evaluation.onnx_cache import seq2seq_layout, takes_past
+    from studio.evaluation.onnx_cache import seq2seq_layout, seq2seq_problem, takes_past
 
     graph = load_onnx_graph(path)
     if family == "seq2seq":
-        return None if seq2seq_layout(metadata_of(graph)) is not None else NO_CACHE_EXPORT
+        if seq2seq_layout(metadata_of(graph)) is None:
+            return NO_CACHE_EXPORT
+        return seq2seq_problem(path, metadata_of(graph))
     if not takes_past([i.name for i in graph.graph.input]):
         return NO_CACHE_EXPORT
     if family != "causal-lm":

@@ -19,7 +19,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path, PurePath
 from typing import Any
+
+from studio.errors import BadInput
 
 PAST_PREFIX = "past_key_values."
 PRESENT_PREFIX = "present."
@@ -129,17 +132,39 @@ class Seq2SeqCacheLayout:
 
     @classmethod
     def from_metadata(cls, raw: str) -> Seq2SeqCacheLayout:
-        data = json.loads(raw)
-        return cls(
-            int(data["layers"]),
-            int(data["heads"]),
-            int(data["head_dim"]),
-            str(data["dtype"]),
-            str(data["decoder"]),
-        )
+        """The layout a graph's metadata records; a damaged record is BadInput, and so is a decoder named
+        anywhere but beside the graph (a plain file name: the graph must not lead the loader elsewhere)."""
+        try:
+            data = json.loads(raw)
+            layout = cls(
+                int(data["layers"]),
+                int(data["heads"]),
+                int(data["head_dim"]),
+                str(data["dtype"]),
+                str(data["decoder"]),
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BadInput(f"the graph's '{SEQ2SEQ_LAYOUT_KEY}' metadata is damaged ({exc})") from exc
+        if PurePath(layout.decoder).name != layout.decoder or layout.decoder in ("", ".", ".."):
+            raise BadInput(f"the graph names its decoder graph '{layout.decoder}', not a file beside it")
+        return layout
 
 
 def seq2seq_layout(metadata: dict[str, str]) -> Seq2SeqCacheLayout | None:
     """The seq2seq cache a graph's metadata records (None: a graph exported without the cache)."""
     raw = metadata.get(SEQ2SEQ_LAYOUT_KEY)
     return Seq2SeqCacheLayout.from_metadata(raw) if raw else None
+
+
+def seq2seq_problem(path: Path, metadata: dict[str, str]) -> str | None:
+    """Why a seq2seq graph cannot generate by itself on ONNX Runtime, or None when it can: exported
+    without the cache, or its decoder graph is not beside it (ONNX passes rewrite model.onnx only)."""
+    layout = seq2seq_layout(metadata)
+    if layout is None:
+        return f"this seq2seq ONNX graph has no decoder cache; {NO_CACHE_HOW}"
+    if not (Path(path).parent / layout.decoder).is_file():
+        return (
+            f"the decoder graph '{layout.decoder}' that export.onnx wrote beside this graph is missing (ONNX "
+            "passes after the export rewrite model.onnx only, so measure the export's own variant)"
+        )
+    return None

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.errors import BadInput
-from studio.evaluation.onnx_cache import NO_CACHE_HOW, PAST_PREFIX, PRESENT_PREFIX, empty_past
+from studio.evaluation.onnx_cache import (
+    NO_CACHE_HOW,
+    PAST_PREFIX,
+    PRESENT_PREFIX,
+    empty_past,
+    seq2seq_layout,
+    seq2seq_problem,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -101,23 +108,15 @@ class OnnxSeq2SeqLoop:
         import torch
 
         from studio.checkpoints.onnx_graph import read_metadata
-        from studio.evaluation.onnx_cache import seq2seq_layout
         from studio.evaluation.runners import open_session
 
         self.path = Path(path)
         metadata = read_metadata(self.path)
+        problem = seq2seq_problem(self.path, metadata)
         layout = seq2seq_layout(metadata)
-        if layout is None:
-            raise BadInput(f"this seq2seq graph has no decoder cache: {NO_CACHE_HOW}", path=self.path)
+        if problem is not None or layout is None:
+            raise BadInput(problem or NO_CACHE_HOW, path=self.path)
         decoder = self.path.parent / layout.decoder
-        if Path(layout.decoder).name != layout.decoder:
-            raise BadInput(f"the graph names its decoder graph '{layout.decoder}', not a file beside it")
-        if not decoder.is_file():
-            raise BadInput(
-                f"the decoder graph '{layout.decoder}' export.onnx wrote beside this graph is missing (ONNX "
-                "passes after the export rewrite model.onnx only, so measure the export's own variant)",
-                path=self.path,
-            )
         self.layout = layout
         self.prefill_session = open_session(self.path, threads, device, metadata)
         self.decoder_session = open_session(decoder, threads, device, metadata)
