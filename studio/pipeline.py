@@ -344,11 +344,11 @@ def generation_option_problem(gen: GenerationSpec, model: LoadedModel) -> str | 
 
 
 def check_generation_cache(recipe: Recipe, model: LoadedModel) -> list[tuple[int, str]]:
-    """An ONNX causal LM asked to generate must have its KV cache (export.onnx with_cache): without it
-    every new token recomputes the whole sequence, so its generation numbers would mean nothing."""
+    """An ONNX causal LM or seq2seq model asked to generate must have its KV cache (export.onnx with_cache):
+    without it every new token recomputes the whole sequence, so its generation numbers would mean nothing."""
     from studio.evaluation.onnx_cache import NO_CACHE_HOW, takes_past
 
-    if recipe.evaluate.generation is None or model.family != "causal-lm":
+    if recipe.evaluate.generation is None or model.family not in GENERATIVE:
         return []
     exports = [i for i, s in enumerate(recipe.steps) if s.technique == "export.onnx"]
     if exports:
@@ -363,7 +363,22 @@ def check_generation_cache(recipe: Recipe, model: LoadedModel) -> list[tuple[int
                     "variant generating by itself, which needs its KV cache: set `with_cache: true`",
                 )
             ]
+        if model.family == "seq2seq" and len(recipe.steps) > i + 1:
+            return [
+                (
+                    i + 1,
+                    f"step {i + 2} ({recipe.steps[i + 1].technique}): evaluate.generation measures the seq2seq "
+                    "ONNX variant generating with the decoder graph export.onnx writes beside model.onnx, and "
+                    "ONNX passes rewrite model.onnx only: make export.onnx the last step",
+                )
+            ]
         return []
+    if stage_of(model) == "onnx" and model.family == "seq2seq":
+        from studio.checkpoints.onnx_graph import read_metadata
+        from studio.evaluation.onnx_cache import seq2seq_problem
+
+        reason = seq2seq_problem(model.path, read_metadata(model.path))
+        return [] if reason is None else [(-1, f"field 'evaluate.generation': {reason}")]
     if stage_of(model) == "onnx" and not takes_past(model.input_names or ()):
         problem = (
             f"field 'evaluate.generation': this ONNX graph has no past key/values inputs; {NO_CACHE_HOW}"

@@ -101,6 +101,8 @@ def _open_folder(path: Path, source: str) -> LoadedModel:
 
         return open_torch_file(programs[0], source=source, trust=False)
     onnx_files = sorted(p for p in entries if p.suffix == ".onnx")
+    if len(onnx_files) > 1 and path / "model.onnx" in onnx_files:  # a seq2seq export's model + decoder graph
+        onnx_files = [path / "model.onnx"]
     if len(onnx_files) == 1:
         from studio.checkpoints.onnx_file import open_onnx
 

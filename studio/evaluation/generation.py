@@ -25,7 +25,10 @@ metrics (`attention`: the implementation that ran, `cache`) when a recipe sets e
 
 ONNX graphs are measured when they take past key/values (export.onnx with `with_cache`), by the same
 timing over `OnnxGreedyLoop` (studio/evaluation/onnx_generation.py), the cache bytes read from the
-`present.*` arrays ONNX Runtime returns; a graph without the cache says how to export one.
+`present.*` arrays ONNX Runtime returns; a graph without the cache says how to export one. A seq2seq
+export with the cache (model.onnx + decoder_with_past.onnx) runs through `OnnxSeq2SeqLoop`: TTFT is the
+encoder plus the start token, TPOT one decoder step, and its cache bytes are the self- and cross-attention
+arrays it holds, as torch's EncoderDecoderCache counts both.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
     import torch
 
     from studio.checkpoints.base import LoadedModel
-    from studio.evaluation.onnx_generation import OnnxGreedyLoop
+    from studio.evaluation.onnx_generation import OnnxGreedyLoop, OnnxSeq2SeqLoop
     from studio.evaluation.ortgenai_runner import OrtGenaiLoop
 
 NO_CACHE_EXPORT = (
@@ -99,7 +102,7 @@ def cache_tensors(cache: Any) -> Iterator[torch.Tensor]:
 
 
 def cache_bytes(cache: Any) -> int:
-    if isinstance(cache, list):  # OnnxGreedyLoop's cache: the present arrays ONNX Runtime returned
+    if isinstance(cache, list):  # an ONNX loop's cache: the arrays ONNX Runtime returned
         from studio.evaluation.onnx_generation import array_bytes
 
         return array_bytes(cache)
@@ -256,7 +259,7 @@ class GreedyLoop:
 
 
 def greedy_run(
-    loop: GreedyLoop | OnnxGreedyLoop | OrtGenaiLoop, prompts: torch.Tensor, new_tokens: int
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop, prompts: torch.Tensor, new_tokens: int
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """Prefill, then steps until `new_tokens` tokens; the last token is fed too, so the state's cache
     covers prompt + new tokens. Shared by the torch and the ONNX Runtime loop."""
@@ -279,7 +282,9 @@ def greedy_tokens(
     return greedy_loop(kind, module, family).generate(prompts, new_tokens)[0]
 
 
-def greedy_loop(kind: str, target: Any, family: str, spec: Any = None) -> GreedyLoop | OnnxGreedyLoop:
+def greedy_loop(
+    kind: str, target: Any, family: str, spec: Any = None
+) -> GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop:
     """The greedy loop of a runnable: a torch module, or an ONNX graph with a KV cache (any other kind, or
     a graph without the cache, raises BadInput saying why). `spec` (GenerationSpec) gives a torch loop its
     attention and cache options."""
@@ -300,8 +305,10 @@ def greedy_loop(kind: str, target: Any, family: str, spec: Any = None) -> Greedy
         raise BadInput(reason)
     import torch
 
-    from studio.evaluation.onnx_generation import OnnxGreedyLoop
+    from studio.evaluation.onnx_generation import OnnxGreedyLoop, OnnxSeq2SeqLoop
 
+    if family == "seq2seq":
+        return OnnxSeq2SeqLoop(target, threads=torch.get_num_threads())
     return OnnxGreedyLoop(target, threads=torch.get_num_threads())
 
 
@@ -309,7 +316,7 @@ def greedy_loop(kind: str, target: Any, family: str, spec: Any = None) -> Greedy
 
 
 def _decode_samples(
-    loop: GreedyLoop | OnnxGreedyLoop, prompts: Any, new_tokens: int, policy: TimingPolicy
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop, prompts: Any, new_tokens: int, policy: TimingPolicy
 ) -> list[float]:
     """Milliseconds of every decode step of complete greedy runs: one warm-up run, then runs until the
     policy has enough steps and time (a run is never cut short, so late steps count as often as early)."""
@@ -346,7 +353,9 @@ def _percentiles(stats: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in stats.items() if k != "throughput_per_s"}
 
 
-def _peak_memory_mb(loop: GreedyLoop | OnnxGreedyLoop, prompts: Any, new_tokens: int) -> float:
+def _peak_memory_mb(
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop, prompts: Any, new_tokens: int
+) -> float:
     import torch
 
     if loop.device.type == "cuda":
@@ -400,7 +409,9 @@ def options_set(spec: Any) -> bool:
     return getattr(spec, "attention", None) is not None or getattr(spec, "cache", "dynamic") != "dynamic"
 
 
-def _options_used(loop: GreedyLoop | OnnxGreedyLoop, log: Callable[[str, str], None]) -> dict[str, Any]:
+def _options_used(
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop, log: Callable[[str, str], None]
+) -> dict[str, Any]:
     if isinstance(loop, GreedyLoop):
         return {"attention": loop.attention, "cache": loop.cache_kind}
     log("warning", "the attention and cache options apply to torch variants; an ONNX graph runs its own")
@@ -408,7 +419,7 @@ def _options_used(loop: GreedyLoop | OnnxGreedyLoop, log: Callable[[str, str], N
 
 
 def _timed(
-    loop: GreedyLoop | OnnxGreedyLoop,
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop,
     model: LoadedModel,
     examples: Sequence[Example],
     spec: Any,
@@ -450,12 +461,17 @@ def _timed(
 
 
 def _onnx_reason(path: Any, family: str) -> str | None:
-    """Why an ONNX graph cannot be measured, or None when it can (a causal LM graph with a KV cache)."""
-    from studio.checkpoints.onnx_graph import load_onnx_graph
-    from studio.evaluation.onnx_cache import takes_past
+    """Why an ONNX graph cannot be measured, or None when it can: a causal LM graph with a KV cache, or a
+    seq2seq graph whose metadata names the decoder-with-cache graph export.onnx wrote beside it."""
+    from studio.checkpoints.onnx_graph import load_onnx_graph, metadata_of
+    from studio.evaluation.onnx_cache import seq2seq_layout, seq2seq_problem, takes_past
 
-    names = [i.name for i in load_onnx_graph(path).graph.input]
-    if not takes_past(names):
+    graph = load_onnx_graph(path)
+    if family == "seq2seq":
+        if seq2seq_layout(metadata_of(graph)) is None:
+            return NO_CACHE_EXPORT
+        return seq2seq_problem(path, metadata_of(graph))
+    if not takes_past([i.name for i in graph.graph.input]):
         return NO_CACHE_EXPORT
     if family != "causal-lm":
         return (
@@ -463,3 +479,31 @@ def _onnx_reason(path: Any, family: str) -> str | None:
             "not measured"
         )
     return None
+
+
+def onnx_generates(path: Any, family: str) -> bool:
+    """Whether an ONNX graph generates by itself (exported with its cache), so a greedy loop can run it."""
+    return _onnx_reason(path, family) is None
+
+
+# ------------------------------------------------------------------------------------------------ seq2seq
+
+
+def translations(loop: Any, model: LoadedModel, examples: Sequence[Example], spec: Any) -> list[str]:
+    """Each example's source greedy-decoded by `loop` (a seq2seq loop) alone, cut at the first end token
+    and decoded to text: the generated outputs BLEU and chrF score (studio/evaluation/quality.py)."""
+    import torch
+
+    tok = model.tokenizer
+    if tok is None:
+        raise BadInput("scoring translations needs the model's tokenizer, and it has none", path=model.path)
+    eos = getattr(model.config, "eos_token_id", None)
+    texts = []
+    with torch.inference_mode():
+        for example in examples:
+            ids = tok(example.text, truncation=True, max_length=spec.prompt_tokens, return_tensors="pt")
+            tokens = loop.generate(ids["input_ids"], spec.new_tokens)[0][0].tolist()
+            if eos is not None and eos in tokens:
+                tokens = tokens[: tokens.index(eos)]
+            texts.append(tok.decode(tokens, skip_special_tokens=True).strip())
+    return texts

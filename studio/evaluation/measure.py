@@ -29,6 +29,7 @@ from studio.evaluation.quality import (
     generation_match,
     sliding_window_perplexity,
     spearman_on_pairs,
+    translation_quality,
 )
 from studio.evaluation.timing_lock import timing_window
 from studio.events import Log, Progress
@@ -450,12 +451,20 @@ def evaluate_variant(
         var_q["perplexity"] = lm_perplexity(runner, model, ids, seq)
         base_q["perplexity"] = lm_perplexity(base_runner, model, ids, seq)
     gen = recipe.evaluate.generation
-    # an ONNX graph generates only with its cache inputs (OnnxRunner.past); without them, no match to report
-    generates = kind == "torch" or (kind == "onnx" and bool(getattr(runner, "past", None)))
-    if gen is not None and generates and base_kind == "torch" and model.family == "causal-lm":
+    from studio.evaluation.generation import onnx_generates
+
+    # an ONNX graph generates only with its cache (export.onnx with_cache); without it, no match to report
+    generates = kind == "torch" or (
+        kind == "onnx" and gen is not None and onnx_generates(target, model.family)
+    )
+    if gen is not None and generates and base_kind == "torch" and model.family in ("causal-lm", "seq2seq"):
         var = module_of(runner) if kind == "torch" else target
         var_q["generation_match"] = generation_quality(model.module, var, model, examples, gen, kind)
         base_q["generation_match"] = 1.0
+        if model.family == "seq2seq":  # BLEU / chrF of translations against the original's, references
+            base_text, var_text = translation_quality(model.module, var, model, list(examples), gen, kind)
+            base_q.update(base_text)
+            var_q.update(var_text)
     metrics["quality"] = var_q
     metrics["baseline_quality"] = base_q
     metrics["disagreements"] = acc.worst()

@@ -202,3 +202,38 @@ def generation_match(baseline_tokens: Any, variant_tokens: Any) -> float:
             same += 1
         rows.append(same / len(base) if base else 1.0)
     return sum(rows) / len(rows) if rows else 1.0
+
+
+def generated_text_scores(
+    baseline: list[str], variant: list[str], references: list[str] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(baseline quality, variant quality) of generated texts: `bleu` and `chrf` of the variant's against
+    the baseline's (fidelity: 100 when it generates the same text; the baseline's own is 100), and, when
+    the data has references, `reference_bleu` / `reference_chrf` of each against them.
+
+    Equal texts score 100 without sacrebleu: corpus BLEU has no 4-grams to count in outputs of fewer than
+    four words (a few new tokens) and would give 0 to a variant that generates exactly the baseline's."""
+    same = {"bleu": 100.0, "chrf": 100.0} if variant == baseline else corpus_scores(variant, baseline)
+    base: dict[str, Any] = {"bleu": 100.0, "chrf": 100.0}
+    var: dict[str, Any] = dict(same)
+    if references is not None:
+        for scores, texts in ((base, baseline), (var, variant)):
+            scored = corpus_scores(texts, references)
+            scores["reference_bleu"], scores["reference_chrf"] = scored["bleu"], scored["chrf"]
+    return base, var
+
+
+def translation_quality(
+    base_module: Any, variant: Any, model: Any, examples: list[Any], spec: Any, kind: str = "torch"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """BLEU and chrF of a seq2seq variant's greedy translations (a torch module, or for kind "onnx" a graph
+    exported with its caches) against the torch baseline's and, where the examples have targets, against
+    them: up to 8 examples, each source alone (no padding), `spec.new_tokens` new tokens at most."""
+    from studio.evaluation.generation import greedy_loop, translations
+
+    chosen = examples[: min(8, len(examples))]
+    base = translations(greedy_loop("torch", base_module, "seq2seq"), model, chosen, spec)
+    var = translations(greedy_loop(kind, variant, "seq2seq"), model, chosen, spec)
+    targets = [getattr(e, "target", None) for e in chosen]
+    references = [str(t) for t in targets] if all(t is not None for t in targets) else None
+    return generated_text_scores(base, var, references)

@@ -31,7 +31,7 @@ from studio.checkpoints.onnx_graph import (
     set_metadata,
 )
 from studio.errors import BadInput
-from studio.evaluation.onnx_cache import LAYOUT_KEY
+from studio.evaluation.onnx_cache import LAYOUT_KEY, SEQ2SEQ_LAYOUT_KEY
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ class ExportOnnxParams(Params):
     with_cache: bool = Field(
         False,
         description="causal LMs: also take past_key_values.{i}.key/value inputs and return present.{i}.key/"
-        "value outputs, so ONNX Runtime generates with a KV cache (needed for generation metrics)",
+        "value outputs; seq2seq models: also write decoder_with_past.onnx beside model.onnx; so ONNX Runtime "
+        "generates with a KV cache (needed for generation metrics)",
     )
     verify: bool = Field(
         True, description="run torch and ONNX Runtime on calibration examples and compare the outputs"
@@ -94,7 +95,7 @@ class ExportOnnx(Technique[ExportOnnxParams]):
     output_kind = "onnx"
     description = (
         "Exports the model to an ONNX graph whose output is what the studio compares (last hidden state "
-        "or logits; with_cache adds a causal LM's KV cache), with dynamic batch and sequence axes, and "
+        "or logits; with_cache adds a causal LM's or seq2seq model's KV cache), with dynamic batch and sequence axes, and "
         "checks it against torch."
     )
     Params = ExportOnnxParams
@@ -138,8 +139,12 @@ class ExportOnnx(Technique[ExportOnnxParams]):
         trace_batch = sub_batch(batch, [0, 1])
         names = input_names(family, trace_batch)
         trace_args = tuple(example_feeds(trace_batch, names, model))
-        layout = None
-        if params.with_cache:
+        layout = seq2seq_layout = None
+        if params.with_cache and family.name == "seq2seq":  # two graphs (export_seq2seq.py)
+            from studio.techniques.onnx import export_seq2seq
+
+            seq2seq_layout = export_seq2seq.cache_layout(module)
+        elif params.with_cache:
             from studio.techniques.onnx import export_cache
 
             self.check(params, model)
@@ -163,7 +168,11 @@ class ExportOnnx(Technique[ExportOnnxParams]):
                     )
                 )
             ctx.progress(0.15, f"exporting with the {params.exporter} exporter")
-            if layout is None:
+            if seq2seq_layout is not None:
+                export_seq2seq.export_graphs(
+                    module, seq2seq_layout, names, trace_args, trace_batch, family, params, out_dir, path, ctx
+                )
+            elif layout is None:
                 export_graph(
                     primary_wrapper(module, family, names), trace_args, names, family, params, out_dir, path
                 )
@@ -185,6 +194,8 @@ class ExportOnnx(Technique[ExportOnnxParams]):
         props["studio.weight_names"] = json.dumps(weight_names(module, path), sort_keys=True)
         if layout is not None:
             props[LAYOUT_KEY] = layout.to_metadata()
+        if seq2seq_layout is not None:
+            props[SEQ2SEQ_LAYOUT_KEY] = seq2seq_layout.to_metadata()
         set_metadata(path, props)
         copy_model_side_files(model, out_dir)
         size = onnx_size(path)
@@ -204,6 +215,8 @@ class ExportOnnx(Technique[ExportOnnxParams]):
                 export_cache.verify_decode_step(
                     module, path, sub_batch(batch, [0, 1]), layout, tolerance, ctx
                 )
+            if seq2seq_layout is not None:  # teacher forcing is checked above; now greedy through the caches
+                export_seq2seq.verify_greedy(module, path, batch, max(params.atol, diff), ctx)
         ctx.progress(1.0, "exported")
         info["onnx_exporter"] = params.exporter
         info["torch_transforms"] = [r.get("technique") for r in state.transforms]

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from studio.families import Batch
     from studio.techniques.base import RunContext
 
-CACHE_FAMILIES = ("causal-lm",)
+CACHE_FAMILIES = ("causal-lm", "seq2seq")  # seq2seq: export_seq2seq.py
 TEXT_INPUTS = ["input_ids", "attention_mask"]
 TRACE_PAST = 3  # past positions of the traced call: a non-zero past, so the cache path is what is traced
 
