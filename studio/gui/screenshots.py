@@ -89,7 +89,13 @@ LLM_QUANT_SETTINGS = {
 LLM_QUANT_PIPELINES = (
     [{"technique": "quantize.gptq", "params": {"bits": 4, "group_size": 32}}],
     [{"technique": "kv_cache.quantize", "params": {"method": "turboquant", "bits": 4}}],
-    [{"technique": "kv_cache.quantize", "params": {"method": "quanto", "bits": 2}}],
+    # the demo's context is 24 tokens: groups of 8 and no float window, so the 2-bit codes hold all of it
+    [
+        {
+            "technique": "kv_cache.quantize",
+            "params": {"method": "quanto", "bits": 2, "residual_length": 0, "group_size": 8},
+        }
+    ],
 )
 QUANT_LAYER = "model.layers.1.mlp.down_proj"
 QUANT_ERROR_FILE = "model-quant-error.png"

@@ -1,8 +1,10 @@
-"""The Compare tab's "KV-cache bits vs quality vs memory" plot: for the variants of a causal LM with
-generation metrics, the bits per cached value (x, a log-2 axis: 2, 4, 8, 16, 32), perplexity (y, or
+"""The Compare tab's "KV-cache bits vs quality vs memory" plot: for the `kv_cache.quantize` variants with
+generation metrics and the originals they are measured against, the bits per cached value (x, a log-2 axis: 2, 4, 8, 16, 32), perplexity (y, or
 generation match when no row has perplexity) and the KV cache's bytes after prompt + new tokens (the
-point's area, and its label). Float caches sit at their dtype's bits; a `kv_cache.quantize` variant at its
-step's `bits`, coloured by its method. The legend sits under the plot, so it never covers a point.
+point's area, and its label). An original's float cache sits at its dtype's bits; a `kv_cache.quantize`
+variant at its step's `bits`, coloured by its method. Other variants (quantized weights, a float cache)
+are left out: at 32 or 16 bits they would pile up on the original's point and say nothing about the cache.
+The legend sits under the plot, so it never covers a point.
 """
 
 from __future__ import annotations
@@ -99,7 +101,9 @@ class KvBitsPlot:
         return self._scatters[method]
 
     def redraw(self, rows: list[dict[str, Any]], every_row: list[dict[str, Any]], selected: set[str]) -> None:
-        """Draw `rows` (those with generation metrics) that have a quality score."""
+        """Draw the originals and kv_cache.quantize variants among `rows` (those with generation metrics)
+        that have a quality score."""
+        rows = [r for r in rows if r["kind"] == "baseline" or kv_cache_bits(r) is not None]
         key = quality_key(rows, every_row)
         self.quality_key = key
         self.points = {}
