@@ -138,6 +138,7 @@ def test_a_saved_variant_is_matched_to_its_source(rtn_variant):
     assert len(report.layers) == 4 * 7  # every Linear of the four decoder blocks
     assert report.layer_of(f"{LAYER}.qweight") == LAYER and report.layer_of(LAYER) == LAYER
     assert report.layer_of("model.layers.1.input_layernorm.weight") is None
+    assert report.layer_of(f"{LAYER}.scales") is None  # the scales keep their own histogram
     errors = report.relative_errors()
     assert set(errors) == set(report.layers)
     assert all(0.03 < e < 0.3 for e in errors.values()), errors

@@ -26,9 +26,6 @@ if TYPE_CHECKING:
 
 ERROR_COLUMN = 4  # the tree's column of per-layer relative error
 ERROR_TITLE = "Quant. error"
-# Tensors of a quantized layer that stand for its weight: selecting one shows the comparison (its scales,
-# zero points and bias keep their own histogram).
-WEIGHT_TENSORS = ("qweight", "weight_int8", "weight")
 # Relative L2 errors above these read as large / moderate in the tree's colour (int4 RTN on a small LM
 # sits near 0.09, int8 near 0.005).
 HIGH_ERROR = 0.15
@@ -150,23 +147,11 @@ class QuantErrorPanel(QObject):
             elif value >= MODERATE_ERROR:
                 cell.setForeground(QColor(200, 140, 30))
 
-    def error_text(self, layer: str) -> str:
-        """What the tree's error column shows for `layer` ("" for a layer that is not quantized)."""
-        value = self.errors.get(layer)
-        return percent(value) if value is not None else ""
-
     # ---------------------------------------------------------------------------- one layer
 
     def layer_for(self, path: str) -> str | None:
         """The quantized layer a selected tree path stands for: the layer's row or its weight's codes."""
-        if self.report is None:
-            return None
-        if path in self.report.layers:
-            return path
-        layer, _, tensor = path.rpartition(".")
-        if tensor in WEIGHT_TENSORS and layer in self.report.layers:
-            return layer
-        return None
+        return self.report.layer_of(path) if self.report is not None else None
 
     def show(self, path: str) -> bool:
         """Show the comparison of the layer `path` stands for; False when it is not a quantized layer of

@@ -34,6 +34,8 @@ from studio.inspection.stats import DEFAULT_BINS, as_float_array
 RESCALING_TECHNIQUES = ("quantize.awq", "quantize.smoothquant")
 RESCALE_ROUNDS = 4  # alternating least-squares rounds; the fit stops moving after two or three
 MANIFEST = "manifest.json"
+# A quantized layer's tensors that hold its weight (codes, or a float weight left as it was).
+WEIGHT_TENSORS = ("qweight", "weight_int8", "weight")
 
 
 @dataclass(frozen=True)
@@ -252,11 +254,12 @@ class VariantQuantError:
         return ref.name
 
     def layer_of(self, path: str) -> str | None:
-        """The quantized layer a tree path names: the layer itself or one of its tensors."""
+        """The quantized layer a module or tensor path stands for: the layer itself, or the tensor holding
+        its weight's codes (its scales, zero points and bias stand for themselves)."""
         if path in self.layers:
             return path
-        parent = path.rpartition(".")[0]
-        return parent if parent in self.layers else None
+        parent, _, tensor = path.rpartition(".")
+        return parent if tensor in WEIGHT_TENSORS and parent in self.layers else None
 
     def error(self, layer: str, bins: int = DEFAULT_BINS) -> LayerError | None:
         """`layer` against its original; None when the source has no float weight of that name and shape."""
