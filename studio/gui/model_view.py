@@ -4,7 +4,9 @@ whole model's parameters by layer type and bytes by dtype.
 The tree and the whole-model breakdown are built from tensor names and shapes only
 (`studio.inspection.module_tree`; `LoadedModel.tensors()` reads headers), so they fill without touching
 weights; the whole-model charts are `WholeModelPanel`. A tensor's statistics read that tensor alone, on a pool thread; when the
-selection moves on before they arrive, the late result is dropped.
+selection moves on before they arrive, the late result is dropped. For a workspace variant with quantized
+layers, `QuantErrorPanel` compares each layer with the float checkpoint it came from (an error column in
+the tree, and float vs dequantized histograms for the selected layer).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from PySide6.QtWidgets import (
 
 from studio.checkpoints.base import TensorRef
 from studio.gui.document import StudioDocument
+from studio.gui.quant_error_panel import ERROR_COLUMN, ERROR_TITLE, QuantErrorPanel
 from studio.gui.whole_model_panel import WholeModelPanel
 from studio.gui.widgets import (
     Banner,
@@ -106,6 +109,7 @@ class ModelView(QWidget):
         super().__init__(parent)
         self.document = document
         self._refs: dict[str, TensorRef] = {}
+        self.error_cells: dict[str, QStandardItem] = {}  # module path -> its cell in the error column
         self._task = None
         self._cache: OrderedDict[tuple[str, int], HistogramResult] = OrderedDict()
         self.current: HistogramResult | None = None
@@ -132,8 +136,10 @@ class ModelView(QWidget):
         self.filter_edit = QLineEdit()
         self.filter_edit.setPlaceholderText('Filter layers (e.g. "layer.0 query")')
         self.filter_edit.setClearButtonEnabled(True)
-        self.tree_model = QStandardItemModel(0, 4, self)
-        self.tree_model.setHorizontalHeaderLabels(["Layer / tensor", "Shape", "Parameters", "DType"])
+        self.tree_model = QStandardItemModel(0, 5, self)
+        self.tree_model.setHorizontalHeaderLabels(
+            ["Layer / tensor", "Shape", "Parameters", "DType", ERROR_TITLE]
+        )
         self.proxy = TreeFilter(self)
         self.proxy.setSourceModel(self.tree_model)
         self.tree = QTreeView()
@@ -144,7 +150,7 @@ class ModelView(QWidget):
         self.tree.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
         header = self.tree.header()
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
-        for col in (1, 2, 3):
+        for col in (1, 2, 3, ERROR_COLUMN):
             header.setSectionResizeMode(col, QHeaderView.ResizeMode.ResizeToContents)
         header.setStretchLastSection(False)
         self.tree.selectionModel().currentChanged.connect(self._on_current_changed)
@@ -197,6 +203,9 @@ class ModelView(QWidget):
         self.plot_stack = QStackedWidget()
         self.plot_stack.addWidget(self.placeholder)
         self.plot_stack.addWidget(self.plot)
+        self.quant = QuantErrorPanel(self)
+        self.plot_stack.addWidget(self.quant.plot)
+        self.tree.setColumnHidden(ERROR_COLUMN, True)
         top = QWidget()
         tv = QVBoxLayout(top)
         tv.setContentsMargins(0, 0, 0, 0)
@@ -230,7 +239,7 @@ class ModelView(QWidget):
         layout.addWidget(self.hint)
         layout.addWidget(self.main_split, 1)
 
-        self.bins_spin.valueChanged.connect(lambda _v: self._request())
+        self.bins_spin.valueChanged.connect(lambda _v: self._on_bins())
         self.log_check.toggled.connect(self._on_log)
         self.int8_check.toggled.connect(lambda _on: self._draw_int8())
 
@@ -283,6 +292,7 @@ class ModelView(QWidget):
         self.whole.apply_theme()
         self.hist_curve.setPen(pg.mkPen(colors["bars"], width=1))
         self.hist_curve.setBrush(colors["bars_fill"])
+        self.quant.apply_theme()
         self.hint.restyle()
 
     # ---------------------------------------------------------------------------- model
@@ -294,6 +304,7 @@ class ModelView(QWidget):
         self.current, self.current_name = None, ""
         self.tree_model.removeRows(0, self.tree_model.rowCount())
         self._refs = {}
+        self.error_cells = {}
         self.placeholder.setText(PLACEHOLDER)  # not the old model's module any more
         self.plot_stack.setCurrentWidget(self.placeholder)
         self.stats_table.setRowCount(0)
@@ -301,6 +312,7 @@ class ModelView(QWidget):
         self.filter_edit.clear()  # a filter typed for the old model's names would hide the new tree
         self.filter_edit.blockSignals(False)
         if model is None:
+            self.quant.model_changed()
             self.whole.show_summary(whole_model_summary([]))
             self._summary_text = "No model open"
             self.tree_summary.setText(self._summary_text)
@@ -320,6 +332,7 @@ class ModelView(QWidget):
             f"{human_bytes(summary['bytes'])} ({dtypes}) · {model.family}, {model.format}"
         )
         self.tree_summary.setText(self._summary_text)
+        self.quant.model_changed()
 
     def show_opening(self, source: str | None) -> None:
         """Say that `source` is being opened below the tree; None puts the open model's summary back."""
@@ -339,7 +352,10 @@ class ModelView(QWidget):
             bold = QFont(name.font())
             bold.setBold(True)
             name.setFont(bold)
-        parent.appendRow([name, shape, params, dtype])
+        error = QStandardItem("")
+        error.setTextAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
+        self.error_cells[node.path] = error
+        parent.appendRow([name, shape, params, dtype, error])
         for child in node.children.values():
             self._add_node(name, child)
 
@@ -363,7 +379,10 @@ class ModelView(QWidget):
         tensor = str(index.data(TENSOR_ROLE) or "")
         path = str(index.data(PATH_ROLE) or "")
         self.selection_changed.emit(tensor or path)
-        if tensor:
+        self._cancel()
+        if self.quant.show(tensor or path):  # a quantized layer of a variant: float vs dequantized
+            self.current, self.current_name = None, ""
+        elif tensor:
             self.current_name = tensor
             self._request()
         else:
@@ -371,9 +390,12 @@ class ModelView(QWidget):
 
     def select_tensor(self, name: str) -> bool:
         """Select `name` in the tree (clearing a filter that hides it); False when there is no such tensor."""
-        if name not in self._refs:
-            return False
-        source = self._find(name)
+        return name in self._refs and self.select_path(name, tensor=True)
+
+    def select_path(self, path: str, *, tensor: bool = False) -> bool:
+        """Select the module or tensor row `path` (only a tensor's row with `tensor`), clearing a filter
+        that hides it; False when the tree has no such row."""
+        source = self._find(path, tensor)
         if source is None:
             return False
         proxy = self.proxy.mapFromSource(source)
@@ -384,17 +406,31 @@ class ModelView(QWidget):
         self.tree.setCurrentIndex(proxy)
         return True
 
-    def _find(self, name: str) -> QModelIndex | None:
+    def _find(self, name: str, tensor: bool = True) -> QModelIndex | None:
         stack = [self.tree_model.index(r, 0) for r in range(self.tree_model.rowCount())]
         while stack:
             index = stack.pop()
-            if index.data(TENSOR_ROLE) == name:
+            if index.data(TENSOR_ROLE) == name or (not tensor and index.data(PATH_ROLE) == name):
                 return index
             if name.startswith(str(index.data(PATH_ROLE)) + "."):
                 stack.extend(
                     self.tree_model.index(r, 0, index) for r in range(self.tree_model.rowCount(index))
                 )
         return None
+
+    def selected_path(self) -> str:
+        """The tensor (or module) selected in the tree; "" when nothing is."""
+        index = self.proxy.mapToSource(self.tree.currentIndex().siblingAtColumn(0))
+        if not index.isValid():
+            return ""
+        return str(index.data(TENSOR_ROLE) or "") or str(index.data(PATH_ROLE) or "")
+
+    def show_page(self, widget: QWidget) -> None:
+        self.plot_stack.setCurrentWidget(widget)
+
+    def show_message(self, text: str) -> None:
+        self.placeholder.setText(text)
+        self.plot_stack.setCurrentWidget(self.placeholder)
 
     def _show_module(self, index: QModelIndex) -> None:
         self._cancel()
@@ -426,6 +462,7 @@ class ModelView(QWidget):
         self._cancel()
 
     def _cancel(self) -> None:
+        self.quant.cancel()
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -508,6 +545,12 @@ class ModelView(QWidget):
         fill_table(self.stats_table, rows)
         self.histogram_shown.emit(s.name)
 
+    def _on_bins(self) -> None:
+        if self.plot_stack.currentWidget() is self.quant.plot and self.quant.current_layer:
+            self.quant.show(self.quant.current_layer)
+        else:
+            self._request()
+
     def _on_log(self, on: bool) -> None:
         item = self.plot.getPlotItem()
         item.setLogMode(x=False, y=on)
@@ -515,6 +558,7 @@ class ModelView(QWidget):
         self.hist_curve.setFillLevel(-0.3 if on else 0)
         self._draw_int8()
         self._fit_range()
+        self.quant.redraw()
 
     def _fit_range(self) -> None:
         """The whole histogram with headroom above its peak, where the legend (top right) sits; on a log
@@ -577,3 +621,4 @@ class ModelView(QWidget):
 
     def shutdown(self) -> None:
         self._cancel()
+        self.quant.shutdown()

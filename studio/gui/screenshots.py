@@ -1,7 +1,8 @@
 """Screenshots of every main view, rendered offscreen at 1280x800 on the builtin MiniLM (the Search tab
 after a small real search; the Graph tab twice: time overlay, and the diff of the ONNX variant against the
-original), and the Generate tab on the builtin TinyLM (`model-studio screenshots DIR`, and the README's
-pictures).
+original), and the Generate tab on the builtin TinyLM; with the demo, LLM quantization on TinyLM too: a GPTQ
+INT4 variant's per-layer error in the Model tab, and KV-cache bits vs quality vs memory in the Compare tab
+(`model-studio screenshots DIR`, and the README's pictures).
 
 The window is put in a state a user would reach in a minute: a real layer selected so its histogram
 shows, head importance computed and the least important heads switched off, so every tab shows real
@@ -75,6 +76,29 @@ SEARCH_DEMO = {
         "space": {2: {"optional": True}, 3: {"per_channel": [True, False], "reduce_range": [True, False]}},
     },
 }
+
+# LLM quantization (with the demo only): a GPTQ INT4 variant of TinyLM, its per-layer quantization error in
+# the Model tab with one layer's float vs dequantized histograms (model-quant-error.png), and two KV-cache
+# variants (TurboQuant 4-bit, quanto 2-bit) for the Compare tab's KV bits vs quality plot, which
+# grab_generation_plots takes with the other generation plots.
+LLM_QUANT_SETTINGS = {
+    "model": GENERATE_MODEL,
+    "data": {"calibration_examples": 32, "evaluation_examples": 8},
+    "evaluate": GENERATE_VARIANT["evaluate"],
+}
+LLM_QUANT_PIPELINES = (
+    [{"technique": "quantize.gptq", "params": {"bits": 4, "group_size": 32}}],
+    [{"technique": "kv_cache.quantize", "params": {"method": "turboquant", "bits": 4}}],
+    # the demo's context is 24 tokens: groups of 8 and no float window, so the 2-bit codes hold all of it
+    [
+        {
+            "technique": "kv_cache.quantize",
+            "params": {"method": "quanto", "bits": 2, "residual_length": 0, "group_size": 8},
+        }
+    ],
+)
+QUANT_LAYER = "model.layers.1.mlp.down_proj"
+QUANT_ERROR_FILE = "model-quant-error.png"
 
 # The Graph tab (with the demo only, the variants being what it shows): the ONNX INT8 variant coloured by its share of run
 # time, its first layer expanded and its slowest node selected; with the demo, also its diff against the
@@ -186,6 +210,30 @@ def run_search_demo(window: object, folder: Path) -> None:
         view.blockSignals(True)  # the Compare tab keeps the A/B pair the demo put there
         view.select_trial(view.progress.pareto[0])
         view.blockSignals(False)
+
+
+def show_quant_error(window: object, document: object) -> None:
+    """Run the LLM quantization demo pipelines, open the GPTQ variant and select QUANT_LAYER, so the Model
+    tab shows the error column and the layer's float vs dequantized histograms."""
+    results = [
+        run_pipeline(window, document, {**LLM_QUANT_SETTINGS, "steps": steps})
+        for steps in LLM_QUANT_PIPELINES
+    ]
+    gptq = results[0]["variants"][0]["id"]  # type: ignore[index]
+    view = window.model_view  # type: ignore[attr-defined]
+    window.tabs.setCurrentWidget(view)  # type: ignore[attr-defined]
+    shown: list[object] = []
+    view.quant.errors_shown.connect(shown.append)
+    window.open_source(str(document.workspace.variants_dir / gptq))  # type: ignore[attr-defined]
+    _wait(lambda: bool(shown) or (not window.opening and document.model is None), "the quantization errors")  # type: ignore[attr-defined]
+    if not shown:
+        raise RuntimeError(f"screenshots: the GPTQ variant did not open: {window.last_error}")  # type: ignore[attr-defined]
+    view.tree.expandToDepth(2)
+    if not view.select_path(QUANT_LAYER):
+        raise RuntimeError(f"screenshots: no {QUANT_LAYER} in the GPTQ variant")
+    _wait(
+        lambda: view.quant.current is not None and view.quant.current.layer.name == QUANT_LAYER, QUANT_LAYER
+    )
 
 
 def grab_generation_plots(window: object, grab: Callable[[str], None]) -> None:
@@ -316,6 +364,9 @@ def render_all(out_dir: Path, workspace_root: Path | None = None, *, demo: bool 
         if GENERATE_TAB in titles:
             run_generation(window, document, demo=demo)
             grab(titles.index(GENERATE_TAB))
+        if demo:
+            show_quant_error(window, document)
+            grab(window.tabs.indexOf(window.model_view), QUANT_ERROR_FILE)
         if COMPARE_TAB in titles:
             grab_generation_plots(window, lambda name: grab(titles.index(COMPARE_TAB), name))
         window.tabs.setCurrentIndex(0)

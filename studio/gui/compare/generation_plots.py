@@ -1,6 +1,7 @@
 """The Compare tab's generation plots, for variants of causal LMs with generation metrics: decode tokens/s
 and KV-cache memory as bars, and decode tokens/s against generation quality (generation match, or
-perplexity) as a scatter with one Pareto front per model. What a row's numbers mean comes from
+perplexity) as a scatter with one Pareto front per model, and KV-cache bits against quality and memory
+(`KvBitsPlot`). What a row's numbers mean comes from
 `studio.variant_rows`; the bars share the look of the other bar charts (`ComparePlots.bar_plot`).
 """
 
@@ -13,6 +14,7 @@ import pyqtgraph as pg
 from PySide6.QtCore import QObject
 from PySide6.QtGui import QColor
 
+from studio.gui.compare.kv_bits_plot import KvBitsPlot
 from studio.gui.widgets import add_plot_export_action, plot_colors, style_legend
 from studio.variant_rows import (
     decode_tokens_per_s,
@@ -72,6 +74,7 @@ class GenerationPlots(QObject):
         self.speed_legend = self._selection_legend(self.speed_plot)
         self.kv_legend = self._selection_legend(self.kv_plot)
         self._setup_pareto()
+        self.kv_bits = KvBitsPlot(owner.axis_font())
         for plot, name in (
             (self.speed_plot, "decode-speed"),
             (self.kv_plot, "kv-cache"),
@@ -84,6 +87,7 @@ class GenerationPlots(QObject):
             (self.speed_plot, "Decode speed"),
             (self.kv_plot, "KV cache"),
             (self.gen_pareto_plot, "Tokens/s vs quality"),
+            (self.kv_bits.plot, "KV bits vs quality"),
         ]
 
     def _selection_legend(self, plot: pg.PlotWidget) -> pg.LegendItem:
@@ -179,6 +183,7 @@ class GenerationPlots(QObject):
             self.kv_plot, [(x, v, f"{v:.3g} {unit}") for x, v in zip(xs[ok], kv_scaled[ok], strict=True)]
         )
         self._update_pareto(every_row, names, selected)
+        self.kv_bits.redraw(self.rows, every_row, selected)
 
     def _update_pareto(
         self, every_row: list[dict[str, Any]], names: dict[str, str], selected: set[str]
