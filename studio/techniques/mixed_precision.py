@@ -5,8 +5,10 @@ original on fixed batches: `TorchScheme` swaps layers of a private copy of a tor
 quantize.dynamic_int8 and quantize.weight_only would build, each built once); `OnnxScheme` runs ONNX
 Runtime's quantize_dynamic on the graph with a node list, so what is measured is what
 onnx.quantize_dynamic produces. `choose_exclusions` measures each layer all-but-one and keeps layers
-float, best fidelity won back per parameter first, until a target is met; `mixed_precision` runs it
-inside a pipeline step. The `sensitivity` verb (studio/sensitivity.py) reports the same measurements
+float, best fidelity won back per parameter first, until a target is met, or with a bits-per-weight budget
+(the stored bits of every layer known from its quantized storage, scales counted) the best fidelity won back
+per extra bit within it; `mixed_precision` runs it inside a pipeline step. GPTQ and AWQ schemes build their
+layers with studio/techniques/calibrated_layers.py. The `sensitivity` verb (studio/sensitivity.py) reports the same measurements
 layer by layer.
 
 Fidelity is measured the way variants are judged: against the original's outputs on the same batches,
