@@ -166,6 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "sensitivity",
         help="per-layer quantization sensitivity: which layers lose fidelity when quantized",
+        description="Per-layer quantization sensitivity. --json prints: model, family, scheme, scheme_title, "
+        "mode, objective, examples, sequence_length, fidelity_all, fidelity_none, seconds, settings, "
+        "exclusion_parameter, bits_per_weight (the weight schemes, every layer quantized, scales counted; "
+        "null for onnx-int8 and kv-bits) and layers (each: layer, module, kind, parameters, bits_per_weight, "
+        "fidelity_alone, fidelity_without, fidelity_loss, recovered); with --target, mixed_precision; with "
+        "--budget-bits, budget (budget, excluded, bits_per_weight, bits_per_weight_all_quantized, "
+        "estimated_fidelity, method).",
         parents=[trust],
     )
     p.add_argument("model", help="builtin:minilm, a Hugging Face folder or an .onnx file")
@@ -174,7 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=tuple(SENSITIVITY_SCHEMES),
         default="onnx-int8",
         help="onnx-int8: onnx.quantize_dynamic of the fused graph; torch-int8: quantize.dynamic_int8; "
-        "int4: quantize.weight_only with 4 bits (default onnx-int8)",
+        "int4: quantize.weight_only with 4 bits; int4-gptq, int4-awq: quantize.gptq / quantize.awq with 4 "
+        "bits, each layer alone, calibrated on the examples; kv-bits: a causal LM's KV cache, one decoder "
+        "layer at a time (kv_cache.quantize at --bits) (default onnx-int8)",
     )
     p.add_argument(
         "--mode",
@@ -183,7 +192,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantize one layer at a time, all but one, or both (default both)",
     )
     p.add_argument("--per-tensor", action="store_true", help="int8 schemes: one weight scale per layer")
-    p.add_argument("--group-size", type=int, help="int4: input columns per scale (default 128)")
+    p.add_argument(
+        "--group-size", type=int, help="int4, int4-gptq, int4-awq: input columns per scale (default 128)"
+    )
+    p.add_argument(
+        "--budget-bits",
+        type=float,
+        metavar="BITS",
+        help="weight schemes: also list the layers to keep float so that the average bits per weight "
+        "(scales counted, float layers at their float bits) stays at most BITS (e.g. 4.5) with the most "
+        "fidelity; at most 16, at least the scheme's own bits",
+    )
+    p.add_argument(
+        "--bits", type=float, default=4, help="kv-bits: bits per key and value coordinate (default 4)"
+    )
+    p.add_argument(
+        "--kv-method",
+        choices=("turboquant", "quanto"),
+        default="turboquant",
+        help="kv-bits: the cache quantizer (default turboquant)",
+    )
     p.add_argument(
         "--target", type=float, help="also list the layers to keep float to reach this fidelity (e.g. 0.995)"
     )

@@ -17,7 +17,17 @@ Schemes, each with the block whose exclusion list takes the layer names it repor
   model is first exported and fused (`export.onnx` + `onnx.optimize`), as the usual recipe does. Layers are
   graph nodes (fused Attention, MatMul, the embedding node).
 - `torch-int8`: `quantize.dynamic_int8` (`exclude`): Linear layers and embedding tables.
-- `int4`: `quantize.weight_only` with 4 bits (`exclude`): Linear layers.
+- `int4`: `quantize.weight_only` with 4 bits (`exclude`): Linear layers (round to nearest).
+- `int4-gptq`, `int4-awq`: `quantize.gptq` / `quantize.awq` with 4 bits (`exclude`): the Linear layers of
+  the decoder blocks, each quantized alone by that method on calibration windows cut from the examples
+  (the same text the fidelity is measured on; studio/techniques/calibrated_layers.py). AWQ needs
+  Llama-style blocks.
+- `kv-bits`: `kv_cache.quantize` at `bits` (`float_layers`): one decoder layer's KV cache at a time
+  quantized, fidelity measured through the cache (studio/techniques/kv_sensitivity.py).
+
+With a budget (`budget_bits`), the report also says which layers to keep float so that the average bits
+per weight over the scheme's layers (scales counted) stays within it while the fidelity the measurements
+estimate is highest (`choose_within_budget_from_report`).
 
 The schemes and the fidelity probe are the ones the blocks' `mixed_precision` option measures with
 (studio/techniques/mixed_precision.py): the torch schemes swap one layer at a time in a private copy of
@@ -36,25 +46,39 @@ from typing import Any
 
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
+from studio.evaluation.kv_quant import KVCacheSpec
+from studio.techniques.kv_sensitivity import KVProbe, KVScheme
 from studio.techniques.layer_swap import DEFAULT_INT4_GROUP
 from studio.techniques.mixed_precision import (
     FidelityProbe,
+    Layer,
     OnnxScheme,
     Progress,
     TorchScheme,
+    bits_per_weight,
     no_progress,
+    refuse_budget,
+    within_budget,
 )
 
 SCHEMES = {
     "onnx-int8": "ONNX Runtime dynamic INT8 of the fused graph (onnx.quantize_dynamic)",
     "torch-int8": "PyTorch dynamic INT8 of Linear layers and embedding tables (quantize.dynamic_int8)",
     "int4": "4-bit group-wise weight-only quantization of Linear layers (quantize.weight_only)",
+    "int4-gptq": "4-bit GPTQ of the decoder blocks' Linear layers, each layer alone (quantize.gptq)",
+    "int4-awq": "4-bit AWQ of the decoder blocks' Linear layers, each layer alone (quantize.awq)",
+    "kv-bits": "the KV cache of one decoder layer at a time quantized (kv_cache.quantize)",
 }
+WEIGHT_SCHEMES = ("torch-int8", "int4", "int4-gptq", "int4-awq")  # the ones a bits budget applies to
+SCHEME_BITS = {"onnx-int8": 8, "torch-int8": 8, "int4": 4, "int4-gptq": 4, "int4-awq": 4}
 MODES = ("one", "all-but-one", "both")
 SCHEME_BLOCK = {
     "onnx-int8": ("onnx.quantize_dynamic", "exclude_nodes"),
     "torch-int8": ("quantize.dynamic_int8", "exclude"),
     "int4": ("quantize.weight_only", "exclude"),
+    "int4-gptq": ("quantize.gptq", "exclude"),
+    "int4-awq": ("quantize.awq", "exclude"),
+    "kv-bits": ("kv_cache.quantize", "float_layers"),
 }
 
 
@@ -67,6 +91,7 @@ class LayerSensitivity:
     module: str
     kind: str
     parameters: int
+    bits_per_weight: float | None = None  # this layer's weights quantized, scales counted (weight schemes)
     fidelity_alone: float | None = None  # only this layer quantized
     fidelity_without: float | None = None  # every layer but this one quantized
     fidelity_loss: float | None = None  # fidelity of the float model - fidelity_alone
@@ -87,6 +112,9 @@ class SensitivityReport:
     layers: list[LayerSensitivity]
     seconds: float
     settings: dict[str, Any] = field(default_factory=dict)
+    bits_per_weight: float | None = None  # every layer quantized, over the scheme's layers (weight schemes)
+    float_bits: dict[str, int] = field(default_factory=dict)  # each layer's weight bits kept float
+    quantized_bits: dict[str, int] = field(default_factory=dict)  # ... and quantized
 
     def ranked(self) -> list[LayerSensitivity]:
         """Most sensitive first: by the loss of quantizing the layer alone, else by what keeping it float
@@ -119,6 +147,7 @@ class SensitivityReport:
             "seconds": round(self.seconds, 2),
             "settings": self.settings,
             "exclusion_parameter": {"technique": block, "param": param},
+            "bits_per_weight": self.bits_per_weight,
             "layers": [asdict(r) for r in self.ranked()],
         }
 
@@ -168,9 +197,16 @@ def make_scheme(
     group_size: int | None = None,
     exclude: Sequence[str] = (),
     progress: Progress = no_progress,
-) -> TorchScheme | OnnxScheme:
+    kv: KVCacheSpec | None = None,
+) -> TorchScheme | OnnxScheme | KVScheme:
     if scheme not in SCHEMES:
         raise BadInput(f"unknown scheme '{scheme}' (known: {', '.join(SCHEMES)})")
+    if scheme == "kv-bits":
+        if model.family != "causal-lm" or model.module is None:
+            raise BadInput(
+                "the kv-bits scheme quantizes a causal LM's KV cache; this model is not a torch causal LM"
+            )
+        return KVScheme(model.module, kv or KVCacheSpec("turboquant", 4.0, 4.0))
     if scheme == "onnx-int8":
         if graph is None:
             graph = prepare_graph(model, examples, sequence_length, workdir, progress)
@@ -187,12 +223,20 @@ def make_scheme(
                 path=model.path,
             )
         module = model.module
-    return TorchScheme(module, scheme, per_channel=per_channel, group_size=group_size, exclude=exclude)
+    windows: list[Any] = []
+    if scheme in ("int4-gptq", "int4-awq"):
+        from studio.techniques.layerwise import calibration_windows
+
+        windows = calibration_windows(model, examples, sequence_length, 1, f"the {scheme} scheme")
+        progress(0.0, f"calibrating {scheme} on {sum(int(w.shape[1]) for w in windows)} tokens")
+    return TorchScheme(
+        module, scheme, per_channel=per_channel, group_size=group_size, exclude=exclude, windows=windows
+    )
 
 
 def measure(
-    scheme: TorchScheme | OnnxScheme,
-    probe: FidelityProbe,
+    scheme: TorchScheme | OnnxScheme | KVScheme,
+    probe: Any,
     mode: str = "both",
     progress: Progress = no_progress,
 ) -> tuple[float, float, list[LayerSensitivity]]:
@@ -215,6 +259,8 @@ def measure(
     results = []
     for layer in scheme.layers:
         r = LayerSensitivity(layer.name, layer.module, layer.kind, layer.parameters)
+        if layer.quantized_bits > 0:
+            r.bits_per_weight = layer.quantized_bits / max(1, layer.parameters)
         if mode in ("one", "both"):
             r.fidelity_alone = scheme.fidelity([layer.name], probe)
             r.fidelity_loss = none - r.fidelity_alone
@@ -238,11 +284,14 @@ def layer_sensitivity(
     per_channel: bool = True,
     group_size: int | None = None,
     workdir: Path | None = None,
+    kv: KVCacheSpec | None = None,
+    budget_bits: float | None = None,
 ) -> SensitivityReport:
     """Quantize each layer alone (and all but each layer) under `scheme`; fidelity per layer.
 
     `examples` default to 32 builtin sentences. `progress(fraction, message)` is called after every
-    measurement.
+    measurement. `kv` is the kv-bits scheme's cache (default TurboQuant at 4 bits); `budget_bits` is only
+    checked here (before anything is measured), the choice within it is `choose_within_budget_from_report`.
     """
     import tempfile
 
@@ -269,17 +318,32 @@ def layer_sensitivity(
             per_channel=per_channel,
             group_size=group_size,
             progress=lambda f, m: report(f * prep_share, m),
+            kv=kv,
         )
-        probe = FidelityProbe(model, examples, sequence_length)
+        if budget_bits is not None:
+            check_budget(scheme, budget_bits)
+            refuse_budget(built.layers, budget_bits, f"--budget-bits with the {scheme} scheme")
+        probe: Any
+        if isinstance(built, KVScheme):
+            probe = KVProbe(model, examples, sequence_length)
+        else:
+            probe = FidelityProbe(model, examples, sequence_length)
         none, full, layers = measure(
             built, probe, mode, lambda f, m: report(prep_share + f * (1 - prep_share), m)
         )
         built.close()
-    settings: dict[str, Any] = {"per_channel": per_channel} if scheme != "int4" else {}
-    if scheme == "int4":
+    settings: dict[str, Any] = {"per_channel": per_channel}
+    if scheme in ("int4", "int4-gptq", "int4-awq"):
         settings = {"bits": 4, "group_size": group_size or DEFAULT_INT4_GROUP, "symmetric": True}
+    if scheme in ("int4-gptq", "int4-awq"):
+        settings["calibration_tokens"] = built.calibration_tokens if isinstance(built, TorchScheme) else 0
+    if isinstance(built, KVScheme):
+        settings = built.spec.record()
     if isinstance(built, TorchScheme) and built.skipped:
         settings["skipped"] = built.skipped
+    if isinstance(built, TorchScheme) and built.outside:
+        settings["kept_float_outside_blocks"] = built.outside
+    weighed = all(layer.quantized_bits > 0 for layer in built.layers)
     return SensitivityReport(
         model=str(model.source),
         family=model.family,
@@ -293,7 +357,30 @@ def layer_sensitivity(
         layers=layers,
         seconds=time.perf_counter() - started,
         settings=settings,
+        bits_per_weight=bits_per_weight(built.layers) if weighed else None,
+        float_bits={layer.name: layer.float_bits for layer in built.layers} if weighed else {},
+        quantized_bits={layer.name: layer.quantized_bits for layer in built.layers} if weighed else {},
     )
+
+
+def check_budget(scheme: str, budget: float) -> None:
+    """A bits-per-weight budget that no layer choice can meet or that asks for nothing is refused before
+    anything is loaded: above 16 bits every layer can stay in half precision, and no scheme stores fewer
+    bits than its own codes."""
+    if scheme not in WEIGHT_SCHEMES:
+        raise BadInput(
+            f"--budget-bits applies to the weight schemes ({', '.join(WEIGHT_SCHEMES)}), not {scheme}"
+        )
+    if not 0 < budget <= 16:
+        raise BadInput(
+            f"--budget-bits must be at most 16 bits per weight (half precision keeps every layer float), got "
+            f"{budget:g}"
+        )
+    if budget < SCHEME_BITS[scheme]:
+        raise BadInput(
+            f"--budget-bits {budget:g} is below the {SCHEME_BITS[scheme]} bits per weight the {scheme} "
+            "scheme stores for every layer it quantizes"
+        )
 
 
 # ------------------------------------------------------------------------------------------------ estimate
@@ -329,6 +416,45 @@ def choose_exclusions_from_report(report: SensitivityReport, target: float) -> d
         "estimated_fidelity": estimate,
         "met": estimate >= target,
         "method": "additive estimate from the "
+        + ("all-but-one" if report.mode != "one" else "one-layer")
+        + " measurements",
+    }
+
+
+def choose_within_budget_from_report(report: SensitivityReport, budget: float) -> dict[str, Any]:
+    """Layers to keep float within `budget` bits per weight, estimated from a report without running
+    anything more: greedy by fidelity won back per extra bit (`within_budget`), with keeping layers float
+    assumed to add up as in `choose_exclusions_from_report`. The blocks' `max_bits_per_weight` measures
+    instead of estimating."""
+    if not report.quantized_bits:
+        raise BadInput(f"the {report.scheme} scheme has no weight storage a bits budget could count")
+    layers = [
+        Layer(
+            r.layer,
+            r.module,
+            r.kind,
+            r.parameters,
+            report.quantized_bits[r.layer],
+            report.float_bits[r.layer],
+        )
+        for r in report.layers
+    ]
+    refuse_budget(layers, budget, "--budget-bits")
+
+    def gain(r: LayerSensitivity) -> float:
+        if r.recovered is not None:
+            return r.recovered
+        return r.fidelity_loss or 0.0
+
+    gains = {r.layer: gain(r) for r in report.layers}
+    kept = within_budget(layers, gains, budget)
+    return {
+        "budget": budget,
+        "excluded": kept,
+        "bits_per_weight": bits_per_weight(layers, kept),
+        "bits_per_weight_all_quantized": bits_per_weight(layers),
+        "estimated_fidelity": report.fidelity_all + sum(gains[n] for n in kept),
+        "method": "greedy by fidelity won back per extra bit, additive estimate from the "
         + ("all-but-one" if report.mode != "one" else "one-layer")
         + " measurements",
     }

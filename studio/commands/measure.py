@@ -61,13 +61,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_sensitivity(args: argparse.Namespace) -> int:
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples
+    from studio.evaluation.kv_quant import KVCacheSpec
     from studio.evaluation.measure import set_threads
-    from studio.sensitivity import choose_exclusions_from_report, layer_sensitivity
+    from studio.sensitivity import (
+        check_budget,
+        choose_exclusions_from_report,
+        choose_within_budget_from_report,
+        layer_sensitivity,
+    )
 
     if args.target is not None and not 0 < args.target < 1:
         raise BadInput(f"--target must be a fidelity between 0 and 1, got {args.target}")
     if args.max_examples < 1:
         raise BadInput(f"--max-examples must be at least 1, got {args.max_examples}")
+    if args.budget_bits is not None:
+        check_budget(args.scheme, args.budget_bits)
+    kv = KVCacheSpec(args.kv_method, args.bits, args.bits) if args.scheme == "kv-bits" else None
     model = open_checkpoint(args.model, trust=args.trust)
     examples = load_examples(args.data, args.max_examples)
     set_threads(args.threads)
@@ -81,11 +90,15 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         bar,
         per_channel=not args.per_tensor,
         group_size=args.group_size,
+        kv=kv,
+        budget_bits=args.budget_bits,
     )
     bar.done()
     out = report.to_dict()
     if args.target is not None:
         out["mixed_precision"] = choose_exclusions_from_report(report, args.target)
+    if args.budget_bits is not None:
+        out["budget"] = choose_within_budget_from_report(report, args.budget_bits)
     if args.json:
         print_json(out)
         return 0
@@ -95,6 +108,8 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         f"  objective: {report.objective}, {report.examples} examples at sequence length {report.sequence_length}"
     )
     print(f"  settings: {json.dumps(report.settings)}; {report.seconds:.1f}s")
+    if report.bits_per_weight is not None:
+        print(f"  bits per weight with every layer quantized (scales counted): {report.bits_per_weight:.3f}")
     print(
         f"  fidelity with every layer quantized: {report.fidelity_all:.5f} (float: {report.fidelity_none:.5f})"
     )
@@ -117,6 +132,18 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
         print(f"  {block} params: {json.dumps({param: mp['excluded']})}")
         print(
             f"  (or let the block choose by itself and measure: {json.dumps({'mixed_precision': args.target})})"
+        )
+    if args.budget_bits is not None:
+        b = out["budget"]
+        print(
+            f"\n  within {args.budget_bits:g} bits per weight (every layer quantized: "
+            f"{b['bits_per_weight_all_quantized']:.3f}): keep {len(b['excluded'])} layer(s) float -> "
+            f"{b['bits_per_weight']:.3f} bits per weight, estimated fidelity {b['estimated_fidelity']:.5f}"
+        )
+        print(f"  {block} params: {json.dumps({param: b['excluded']})}")
+        print(
+            "  (or let the block choose by itself and measure: "
+            f"{json.dumps({'max_bits_per_weight': args.budget_bits})})"
         )
     return 0
 

@@ -53,8 +53,14 @@ class KVCacheSpec:
     residual_length: int = 16
     group_size: int = 32
     seed: int = 0
+    # decoder layers (0-based) whose cache stays in the model's precision: how mixed precision keeps the
+    # layers whose caches do not tolerate the bits, as `model-studio sensitivity --scheme kv-bits` finds them
+    float_layers: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "float_layers", tuple(sorted({int(i) for i in self.float_layers})))
+        if any(i < 0 for i in self.float_layers):
+            raise BadInput(f"float_layers are decoder layer numbers from 0, got {list(self.float_layers)}")
         if self.method not in METHODS:
             raise BadInput(f"unknown KV-cache method '{self.method}' (known: {', '.join(METHODS)})")
         allowed = QUANTO_BITS if self.method == "quanto" else TURBOQUANT_BITS
@@ -70,7 +76,12 @@ class KVCacheSpec:
             raise BadInput(f"group_size must be at least 1, got {self.group_size}")
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if self.float_layers:
+            out["float_layers"] = list(self.float_layers)
+        else:  # a cache quantized in every layer keeps the record it always had
+            del out["float_layers"]
+        return out
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> KVCacheSpec:
@@ -453,20 +464,39 @@ def quantized_cache(config: Any, spec: KVCacheSpec) -> Any:
     head_dim = getattr(text, "head_dim", None) or (text.hidden_size // heads if heads else None)
     if not head_dim:
         raise BadInput("a quantized KV cache needs attention heads, and this model's config names none")
+    count = int(text.num_hidden_layers)
+    beyond = [i for i in spec.float_layers if i >= count]
+    if beyond:
+        raise BadInput(
+            f"float_layers {beyond} name decoder layers this model does not have (it has {count}: 0-{count - 1})"
+        )
+    from transformers.cache_utils import DynamicLayer
+
     layer_class = quantized_layer_class()
     key_q, value_q = quantizers(spec, head_dim)
-    layers = [layer_class(key_q, value_q, spec.residual_length) for _ in range(text.num_hidden_layers)]
+    layers = [
+        DynamicLayer() if i in spec.float_layers else layer_class(key_q, value_q, spec.residual_length)
+        for i in range(count)
+    ]
     return Cache(layers=layers)
 
 
 def held_bytes(cache: Any) -> int:
-    """Bytes a quantized cache holds (its layers' float windows and packed states)."""
-    return sum(layer.held_bytes() for layer in cache.layers)
+    """Bytes a quantized cache holds (its layers' float windows and packed states; a layer kept float, its
+    keys and values)."""
+    total = 0
+    for layer in cache.layers:
+        if hasattr(layer, "held_bytes"):
+            total += layer.held_bytes()
+        else:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+    return total
 
 
 def is_quantized_cache(cache: Any) -> bool:
+    """Whether any layer of the cache is quantized (float_layers may keep some in the model's precision)."""
     layers = getattr(cache, "layers", None) or []
-    return bool(layers) and all(hasattr(layer, "held_bytes") for layer in layers)
+    return any(hasattr(layer, "held_bytes") for layer in layers)
 
 
 def decode_logits(module: Any, ids: torch.Tensor, spec: KVCacheSpec) -> torch.Tensor:

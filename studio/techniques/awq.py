@@ -183,7 +183,7 @@ class AWQ(Technique[AWQParams]):
         if found is None:
             raise BadInput(f"{self.id} needs a model made of repeated decoder blocks; this one has none")
         prefix, blocks = found
-        missing = [n for n in REQUIRED if not _has(blocks[0], n)]
+        missing = [n for n in REQUIRED if not has_submodule(blocks[0], n)]
         if missing:
             raise BadInput(
                 f"{self.id} applies to Llama-style decoder blocks (Llama, Mistral, Qwen2); this model's "
@@ -197,7 +197,7 @@ class AWQ(Technique[AWQParams]):
 
         from studio.techniques import layerwise
 
-        p = params
+        p = params.with_budget(state, ctx, self.id, "awq")
         root = state.module
         sel, prefix, blocks = self._plan(root, p)
         chosen = set(sel.chosen)
@@ -216,7 +216,7 @@ class AWQ(Technique[AWQParams]):
                 sums: list[torch.Tensor] = []
 
                 def collect(x: Any, into: list[Any] = sums) -> None:
-                    into.append(_abs_sum(x))
+                    into.append(abs_sum(x))
 
                 layerwise.feed_inputs(block, block.get_submodule(group[0]), calls, collect)
                 tokens = sum(int(c.hidden().numel() // c.hidden().shape[-1]) for c in calls)
@@ -274,14 +274,14 @@ class AWQ(Technique[AWQParams]):
         return WeightOnly.restore(module, record)
 
 
-def _abs_sum(x: Any) -> Any:
+def abs_sum(x: Any) -> Any:
     """sum |x| over the tokens of one window's input [..., in], in float32."""
     import torch
 
     return x.detach().abs().to(torch.float32).reshape(-1, x.shape[-1]).sum(dim=0)
 
 
-def _has(block: Any, name: str) -> bool:
+def has_submodule(block: Any, name: str) -> bool:
     try:
         block.get_submodule(name)
     except AttributeError:

@@ -34,7 +34,7 @@ reference implementations.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from pydantic import Field
 
@@ -249,6 +249,32 @@ class CalibratedWeightParams(WeightStorageParams):
         """The weight-only storage the codes use (the same default group sizes)."""
         return WeightOnlyParams(bits=self.bits, group_size=self.group_size, symmetric=self.symmetric)
 
+    def with_budget(
+        self, state: StageState, ctx: RunContext, technique: str, scheme: str, **options: Any
+    ) -> Self:
+        """These params with the layers `max_bits_per_weight` keeps float added to `exclude`: each layer
+        quantized alone by `scheme` ("gptq", "awq") on the calibration text, its fidelity measured."""
+        if self.max_bits_per_weight is None:
+            return self
+        from studio.techniques import layerwise
+        from studio.techniques.quantize import mixed_precision_exclusions
+
+        examples = list(ctx.calibration)[: self.calibration_examples]
+        windows = layerwise.calibration_windows(state.model, examples, ctx.sequence_length, 1, technique)
+        kept = mixed_precision_exclusions(
+            ctx,
+            technique,
+            state.module,
+            self,
+            scheme=scheme,
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            windows=windows,
+            **options,
+        )
+        return self.model_copy(update={"exclude": [*self.exclude, *kept]})
+
 
 def check_widths(root: Any, names: list[str], p: CalibratedWeightParams, technique: str) -> None:
     """Every layer's input width fits the group size (and 4-bit pairs), checked before anything changes."""
@@ -315,7 +341,7 @@ class GPTQ(Technique[GPTQParams]):
     def run(self, state: StageState, params: GPTQParams, ctx: RunContext) -> StageState:
         from studio.techniques import layerwise
 
-        p = params
+        p = params.with_budget(state, ctx, self.id, "gptq", act_order=params.act_order, damp=params.damp)
         root = state.module
         sel = self._plan(root, p)
         found = layerwise.decoder_blocks(root, is_linear)

@@ -51,6 +51,11 @@ class KVCacheParams(Params):
         description="quanto only: tokens sharing a key channel's scale, and channels sharing a value "
         "token's scale (a head width it does not divide uses the whole head)",
     )
+    float_layers: list[int] = Field(
+        default_factory=list,
+        description="decoder layers (numbered from 0) whose cache stays in the model's precision: the layers "
+        "`model-studio sensitivity --scheme kv-bits` finds least tolerant of the bits",
+    )
 
     @model_validator(mode="after")
     def _supported(self) -> KVCacheParams:
@@ -67,6 +72,7 @@ class KVCacheParams(Params):
             value_bits=float(self.bits if self.value_bits is None else self.value_bits),
             residual_length=self.residual_length,
             group_size=self.group_size,
+            float_layers=tuple(self.float_layers),
         )
 
 
@@ -119,9 +125,10 @@ class KVCacheQuantize(Technique[KVCacheParams]):
         spec = params.spec()
         quantized_cache(config, spec)  # the same refusal as check, for a module changed by earlier steps
         setattr(config, CONFIG_KEY, spec.record())
+        kept = f"; layers {', '.join(map(str, spec.float_layers))} kept float" if spec.float_layers else ""
         ctx.log(
             f"{self.id}: {spec.method} cache, keys {spec.bits:g} bits, values {spec.value_bits:g} bits, "
-            f"last {spec.residual_length} tokens in full precision"
+            f"last {spec.residual_length} tokens in full precision{kept}"
         )
         ctx.metric("kv_cache_key_bits", spec.bits)
         ctx.metric("kv_cache_value_bits", spec.value_bits)

@@ -82,6 +82,18 @@ def weight_bytes(module: Any) -> int:
     return total
 
 
+def weight_bits(module: Any) -> int:
+    """Bits a layer's weight takes as stored, what a bits-per-weight budget counts: a float layer's weight
+    tensor; a quantized layer's codes with their scales and zero points. The bias is not counted (it is
+    not a weight of the matrix and stays float in every scheme)."""
+    if hasattr(module, "unpacked"):  # DynamicInt8Linear: codes and float32 scales, packed for FBGEMM
+        codes, scales, _bias = module.unpacked()
+        return codes.numel() * 8 + scales.numel() * 32
+    tensors = [t for name, t in module.named_buffers(recurse=False) if t is not None]
+    tensors += [p for name, p in module.named_parameters(recurse=False) if name != "bias"]
+    return sum(t.numel() * t.element_size() * 8 for t in tensors)
+
+
 # ---------------------------------------------------------------------------------------------- choice
 
 

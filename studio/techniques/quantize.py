@@ -30,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
@@ -85,24 +85,49 @@ def _mixed_precision_field() -> Any:
     )
 
 
+def _max_bits_field() -> Any:
+    return Field(
+        None,
+        gt=0.0,
+        le=16.0,
+        description="mixed precision: a size budget, the most bits per weight on average over the quantized "
+        "layers (scales and zero points counted; a layer kept float counts its float bits). Layers are kept "
+        "float, most fidelity won back per extra bit first, while the average stays within it; with "
+        "`mixed_precision` too, only until that fidelity is reached. It cannot be below what the storage "
+        "itself takes (4 bits with float32 scales per 128 weights: 4.25). Empty: no budget",
+    )
+
+
+def mixed_precision_exclusions(
+    ctx: RunContext, technique: str, root: Any, p: Any, *, embeddings: bool = False, **scheme: Any
+) -> list[str]:
+    """The layers `mixed_precision` (a fidelity target) and `max_bits_per_weight` (a size budget) keep
+    float, measured on a copy of `root` with the same `scheme`; logged and kept as metrics there."""
+    target = getattr(p, "mixed_precision", None)
+    budget = getattr(p, "max_bits_per_weight", None)
+    if target is None and budget is None:
+        return []
+    from studio.techniques.mixed_precision import TorchScheme, mixed_precision
+
+    torch_scheme = TorchScheme(root, embeddings=embeddings, exclude=p.exclude, **scheme)
+    choice = mixed_precision(ctx, torch_scheme, target, technique, budget=budget)
+    if not choice.met:
+        within = "" if budget is None else f" within {budget:g} bits per weight"
+        ctx.log(
+            f"{technique}: fidelity {choice.fidelity:.5f} stays below the target {target} "
+            f"even with {len(choice.excluded)} layers float{within}",
+            level="warning",
+        )
+    return choice.excluded
+
+
 def _selection(
     ctx: RunContext, technique: str, root: Any, p: DynamicInt8Params | WeightOnlyParams, **scheme: Any
 ) -> Selection:
-    """The layers to quantize: every candidate but the excluded ones and, with `mixed_precision`, those it
-    keeps float (measured on a copy with the same `scheme`; logged and kept as a metric there)."""
+    """The layers to quantize: every candidate but the excluded ones and those mixed precision keeps
+    float."""
     exclude = list(p.exclude)
-    if p.mixed_precision is not None:
-        from studio.techniques.mixed_precision import TorchScheme, mixed_precision
-
-        torch_scheme = TorchScheme(root, embeddings=p.embeddings, exclude=p.exclude, **scheme)
-        choice = mixed_precision(ctx, torch_scheme, p.mixed_precision, technique)
-        if not choice.met:
-            ctx.log(
-                f"{technique}: fidelity {choice.fidelity:.5f} stays below the target {p.mixed_precision} "
-                f"even with {len(choice.excluded)} layers float",
-                level="warning",
-            )
-        exclude += choice.excluded
+    exclude += mixed_precision_exclusions(ctx, technique, root, p, embeddings=p.embeddings, **scheme)
     return select(root, exclude, technique, embeddings=p.embeddings)
 
 
@@ -233,8 +258,18 @@ class WeightStorageParams(Params):
         "which fits skewed weight groups better",
     )
     exclude: list[str] = exclude_field()
+    max_bits_per_weight: float | None = _max_bits_field()
 
     _patterns = field_validator("exclude")(check_patterns)
+
+    @model_validator(mode="after")
+    def _budget_above_bits(self) -> WeightStorageParams:
+        if self.max_bits_per_weight is not None and self.max_bits_per_weight < self.bits:
+            raise ValueError(
+                f"max_bits_per_weight {self.max_bits_per_weight:g} is below the {self.bits} bits every "
+                "quantized weight takes; raise it or use fewer bits"
+            )
+        return self
 
     @field_validator("group_size")
     @classmethod
