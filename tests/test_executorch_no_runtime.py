@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from studio.checkpoints import open_checkpoint
-from studio.evaluation.data import load_examples
 from studio.evaluation.executorch_runner import NO_RUNTIME
-from studio.techniques.base import RunContext, get_technique, initial_state
+from studio.techniques.base import initial_state
 from studio.variants import Workspace
+from tests.conftest import run_step
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -48,15 +48,7 @@ def workspace(bert_classifier, tmp_path_factory):
     """A workspace holding the classifier (A) and its ExecuTorch program (B), made where the runtime works."""
     root = tmp_path_factory.mktemp("et-ws")
     model = open_checkpoint(str(bert_classifier))
-    ctx = RunContext(
-        original=model,
-        workdir=root / "work",
-        calibration=load_examples("builtin:sentences", 4),
-        sequence_length=16,
-        emit=lambda _event: None,
-    )
-    technique = get_technique("export.executorch")
-    state = technique().run(initial_state(model), technique.Params(), ctx)
+    state = run_step(model, initial_state(model), "export.executorch", root / "work")
     ws = Workspace(root / "ws")
     with ws.job_folder() as job:
         shutil.copytree(bert_classifier, job / "a")

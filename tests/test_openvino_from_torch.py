@@ -5,8 +5,6 @@ export.openvino right after torch steps."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import openvino as ov
 import pytest
 import torch
@@ -16,22 +14,10 @@ from studio.evaluation.data import load_examples
 from studio.evaluation.runners import make_runner
 from studio.families import family_for
 from studio.pipeline import Step, check_steps
-from studio.techniques.base import RunContext, get_technique, initial_state
+from studio.techniques.base import initial_state
+from tests.conftest import run_step
 
 SEQ = 16
-
-
-def _run(model, state, technique_id, workdir: Path, events: list, step: int = 0, **params):
-    ctx = RunContext(
-        original=model,
-        workdir=workdir,
-        calibration=load_examples("builtin:sentences", 4),
-        sequence_length=SEQ,
-        step_index=step,
-        emit=events.append,
-    )
-    technique = get_technique(technique_id)
-    return technique().run(state, technique.Params(**params), ctx)
 
 
 def _metric(events, name):
@@ -42,7 +28,7 @@ def _metric(events, name):
 def test_a_torch_model_becomes_the_same_ir_as_through_export_onnx(fixture, request, tmp_path):
     model = open_checkpoint(str(request.getfixturevalue(fixture)))
     events: list = []
-    direct = _run(model, initial_state(model), "export.openvino", tmp_path / "direct", events)
+    direct = run_step(model, initial_state(model), "export.openvino", tmp_path / "direct", events)
     assert direct.kind == "openvino" and direct.path.name == "model.xml"
     assert direct.info["openvino"]["from"] == "torch"
     # verified against torch itself (a high cosine on the calibration examples)
@@ -51,8 +37,8 @@ def test_a_torch_model_becomes_the_same_ir_as_through_export_onnx(fixture, reque
     fractions = [e.fraction for e in events if getattr(e, "type", "") == "progress"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0  # one step's progress, never backwards
 
-    onnx_state = _run(model, initial_state(model), "export.onnx", tmp_path / "route", [], verify=False)
-    routed = _run(model, onnx_state, "export.openvino", tmp_path / "route", [], step=1, verify=False)
+    onnx_state = run_step(model, initial_state(model), "export.onnx", tmp_path / "route", verify=False)
+    routed = run_step(model, onnx_state, "export.openvino", tmp_path / "route", verify=False, step_index=1)
     # the studio's metadata travels into the IR: it reopens as the same family
     reopened = open_checkpoint(str(direct.path))
     assert reopened.family == model.family and reopened.format == "openvino"

@@ -12,12 +12,12 @@ import pytest
 from PySide6.QtCore import QThreadPool
 
 from studio.checkpoints import open_checkpoint
-from studio.evaluation.data import load_examples
 from studio.gui.document import StudioDocument
 from studio.gui.export_dialog import ExportDialog
 from studio.gui.widgets import work_pool
-from studio.techniques.base import RunContext, get_technique, initial_state
+from studio.techniques.base import initial_state
 from studio.variants import Workspace
+from tests.conftest import run_step
 
 pytestmark = pytest.mark.gui
 
@@ -27,18 +27,8 @@ def workspace(bert_classifier, tmp_path_factory):
     """The classifier as a torch variant and its OpenVINO IR as an openvino variant."""
     root = tmp_path_factory.mktemp("ov-export")
     model = open_checkpoint(str(bert_classifier))
-    ctx = RunContext(
-        original=model,
-        workdir=root / "work",
-        calibration=load_examples("builtin:sentences", 4),
-        sequence_length=16,
-        emit=lambda _event: None,
-    )
-    state = initial_state(model)
-    for technique_id in ("export.onnx", "export.openvino"):
-        technique = get_technique(technique_id)
-        state = technique().run(state, technique.Params(verify=False), ctx)
-        ctx.step_index += 1
+    state = run_step(model, initial_state(model), "export.onnx", root / "work", verify=False)
+    state = run_step(model, state, "export.openvino", root / "work", verify=False, step_index=1)
     ws = Workspace(root / "ws")
     rows = {}
     for kind, folder in (("torch", bert_classifier), ("openvino", state.path.parent)):
