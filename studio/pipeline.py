@@ -262,7 +262,7 @@ def check_steps(
         except ValidationError as exc:
             problems.append((i, f"{label}: {_describe_validation(exc, 'params ')}"))
             params = None
-        if cls.input_kind != kind:
+        if not cls.accepts(kind):
             problems.append(
                 (
                     i,

@@ -33,6 +33,14 @@ from studio.search_space import metric_of, parse_constraint, trial_steps, valida
 
 Log = Callable[[str], None]
 STOPPED_KEY = "stopped_trials"  # study user attribute: numbers of the trials a stop cut short
+SEARCHES_FOLDER = "searches"  # under the workspace root: one Optuna SQLite file per study
+
+
+def study_path(workspace: Any, name: str) -> Path:
+    """Where the study `name` is stored: `searches/<name>.db` under the workspace (a Workspace or its root
+    folder). The search writes it; the GUI's Search view reads the same file while the search runs."""
+    root = Path(workspace) if isinstance(workspace, (str, Path)) else Path(workspace.root)
+    return root / SEARCHES_FOLDER / f"{name}.db"
 
 
 def _stderr(line: str) -> None:
@@ -215,12 +223,11 @@ def run_search(
 
     concurrent = ray_address is not None or (default_parallel() if parallel is None else parallel) > 1
     name = study_name(recipe, recipe_path)
-    folder = workspace.root / "searches"
+    db = study_path(workspace, name)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        db.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as exc:
-        raise BadInput("is not a folder: the studio keeps its search studies there", path=folder) from exc
-    db = folder / f"{name}.db"
+        raise BadInput("is not a folder: the studio keeps its search studies there", path=db.parent) from exc
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # our own line per trial instead
     try:
         storage = optuna.storages.RDBStorage(f"sqlite:///{db.resolve()}")
@@ -241,6 +248,11 @@ def run_search(
         raise BadInput(
             "the stored study optimizes in other directions: move it away to start afresh", path=db
         )
+    # Named objectives: Optuna's own tools (optuna-dashboard, the visualization module) label the axes
+    # with them instead of "Objective 0"; the GUI's Search view reads them back too.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([metric_of(o) for o in objectives])
     # Stopped trials (Ctrl+C, or a search killed outright, which leaves its trial RUNNING) are recorded as
     # failed, so the sampler moves on, but they do not count towards the budget: nothing was learnt.
     stopped = set(study.user_attrs.get(STOPPED_KEY, []))
@@ -328,7 +340,7 @@ def run_search(
     }
     if best is not None:
         concrete = trial_recipe(recipe, FixedTrial(best["params"], best["number"]))
-        path = folder / f"{name}-best.yaml"
+        path = db.parent / f"{name}-best.yaml"
         header = (
             f"# The best trial of search {name}: trial {best['number']}, variant {best['variant']}\n"
             f"# (feasible, on the Pareto front of {', '.join(objectives)}, best on {objectives[0]}).\n"

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from studio.errors import BadInput
-from studio.search import STOPPED_KEY
+from studio.search import STOPPED_KEY, study_path
 from studio.search_space import MAXIMIZE_PREFIX
-from studio.variants import Workspace
 
-SEARCHES_FOLDER = "searches"  # under the workspace root, where `model-studio search` keeps its studies
 BUSY_TIMEOUT_S = 0.5  # how long one poll waits for the search's write lock before giving up until the next
 STOPPED_ERROR = "stopped before the trial finished"
 
@@ -68,12 +65,6 @@ class SearchProgress:
 
     def count(self, *states: str) -> int:
         return sum(t.state in states for t in self.trials)
-
-
-def study_path(workspace: Any, name: str) -> Path:
-    """Where `model-studio search` stores the study `name`; `workspace` is a Workspace or its root folder."""
-    root = workspace.root if isinstance(workspace, Workspace) else Path(workspace)
-    return root / SEARCHES_FOLDER / f"{name}.db"
 
 
 def dominates(a: Sequence[float], b: Sequence[float], directions: Sequence[str]) -> bool:

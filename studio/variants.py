@@ -94,6 +94,7 @@ def environment() -> dict[str, Any]:
         "onnx",
         "onnxruntime",
         "torchao",
+        "compressed-tensors",
         "tensorrt",
         "executorch",
         "openvino",

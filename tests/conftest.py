@@ -229,6 +229,26 @@ TINY_SEARCH = {
 }
 
 
+def run_step(
+    model: Any, state: Any, technique_id: str, workdir: Path, events: list | None = None, **params
+) -> Any:
+    """One technique run on `state` outside a pipeline, with 4 sentences of calibration at sequence length
+    16; `events` collects what it reports. `step_index` in params sets the step's folder number."""
+    from studio.evaluation.data import load_examples
+    from studio.techniques.base import RunContext, get_technique
+
+    ctx = RunContext(
+        original=model,
+        workdir=workdir,
+        calibration=load_examples("builtin:sentences", 4),
+        sequence_length=16,
+        step_index=params.pop("step_index", 0),
+        emit=(events.append if events is not None else lambda _event: None),
+    )
+    technique = get_technique(technique_id)
+    return technique().run(state, technique.Params(**params), ctx)
+
+
 def write_tiny_search_recipe(model: Path, folder: Path, trials: int = 3) -> Path:
     """A search recipe file over export.onnx, an optional onnx.optimize and onnx.quantize_dynamic."""
     import yaml

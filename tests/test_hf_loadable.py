@@ -1,8 +1,9 @@
 """Quantized causal-LM variants and plain transformers: an 8-bit weight-only variant (round-to-nearest, GPTQ)
 loads with `AutoModelForCausalLM.from_pretrained` and computes the studio's logits; a variant no transformers
-format represents (4-bit packed codes, W8A8, dynamic INT8, a quantized KV cache) makes `from_pretrained`
+format represents (asymmetric 4-bit codes, W8A8, dynamic INT8, a quantized KV cache) makes `from_pretrained`
 raise rather than load a float model with random weights, and still reopens in the studio; `model-studio
-export --format hf` hands over loadable folders (converting 4-bit layers) and refuses the rest."""
+export --format hf` hands over loadable folders (converting asymmetric 4-bit layers) and refuses the rest.
+Symmetric 4-bit variants load in compressed-tensors' form: tests/test_hf_compressed.py."""
 
 from __future__ import annotations
 
@@ -89,7 +90,7 @@ def test_an_8bit_weight_only_variant_loads_in_plain_transformers_with_the_studio
 
 
 REFUSED = [
-    ("quantize.weight_only", {"bits": 4, "group_size": 32}, "4-bit codes packed"),
+    ("quantize.weight_only", {"bits": 4, "group_size": 32, "symmetric": False}, "zero points beside 4-bit"),
     ("quantize.smoothquant", {"calibration_examples": 24}, "W8A8Linear"),
     ("quantize.dynamic_int8", {}, "DynamicInt8Linear"),
     ("kv_cache.quantize", {"method": "quanto", "bits": 4}, "quantized KV cache"),
@@ -137,11 +138,21 @@ def test_export_hf_converts_int4_passes_int8_on_and_refuses_w8a8(tinylm, calibra
     import torch
 
     ws = Workspace(tmp_path / "ws")
-    int4, _ = apply(tinylm, "quantize.weight_only", {"bits": 4, "group_size": 32}, calibration, tmp_path)
+    params = {"bits": 4, "group_size": 32, "symmetric": False}
+    int4, _ = apply(tinylm, "quantize.weight_only", params, calibration, tmp_path)
     row = committed(ws, int4, tinylm)
     out = export_variant(ws, row["id"], "hf", tmp_path / "int4")
     config = json.loads((tmp_path / "int4" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "torchao" and "studio_transforms" not in config
+    ours = logits_of(int4.module, ids)
+    theirs = logits_of(transformers_load(out["out"]), ids)
+    assert torch.allclose(theirs, ours, rtol=0, atol=1e-5 * float(ours.abs().max()))
+
+    # symmetric 4-bit layers are saved loadable already: the export keeps their packed form
+    int4, _ = apply(tinylm, "quantize.weight_only", {"bits": 4, "group_size": 32}, calibration, tmp_path)
+    out = export_variant(ws, committed(ws, int4, tinylm)["id"], "hf", tmp_path / "int4-packed")
+    config = json.loads((tmp_path / "int4-packed" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     ours = logits_of(int4.module, ids)
     theirs = logits_of(transformers_load(out["out"]), ids)
     assert torch.allclose(theirs, ours, rtol=0, atol=1e-5 * float(ours.abs().max()))

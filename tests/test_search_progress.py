@@ -10,7 +10,7 @@ import pytest
 
 from studio.errors import BadInput
 from studio.pipeline import load_recipe
-from studio.search import STOPPED_KEY, study_name
+from studio.search import STOPPED_KEY, study_name, study_path
 from studio.search_progress import (
     COMPLETE,
     FAILED,
@@ -22,7 +22,6 @@ from studio.search_progress import (
     dominates,
     load_progress,
     pareto_indices,
-    study_path,
 )
 
 
@@ -142,3 +141,14 @@ def test_progress_of_a_real_search_matches_its_result(tiny_search):
         if theirs["state"] == "COMPLETE":
             assert mine.values == (theirs["values"]["size_mb"], theirs["values"]["quality.output_cosine"])
     assert [t.variant for t in progress.front] == result["pareto"]
+
+
+def test_the_search_names_its_objectives_in_the_study(tiny_search):
+    """Optuna's own tools (optuna-dashboard) label the axes with the study's metric names, and the reader
+    takes them from there when no recipe is given."""
+    _path, ws, result = tiny_search
+    db = study_path(ws, result["study"])
+    assert result["storage"] == str(db)
+    study = optuna.load_study(study_name=result["study"], storage=f"sqlite:///{db}")
+    assert study.metric_names == ["size_mb", "quality.output_cosine"]
+    assert load_progress(ws, result["study"]).objectives == ("size_mb", "quality.output_cosine")

@@ -171,7 +171,7 @@ def test_missing_runtime_is_unavailable_and_refused(cnn_file, cnn_programs, tmp_
         sys.modules["executorch"] = None
         from studio.checkpoints import open_checkpoint
         from studio.cli import main
-        from studio.errors import Unavailable
+        from studio.errors import BadInput
         from studio.evaluation.runners import make_runner
         from studio.techniques.base import get_technique
 
@@ -179,7 +179,7 @@ def test_missing_runtime_is_unavailable_and_refused(cnn_file, cnn_programs, tmp_
         model = open_checkpoint(sys.argv[1], trust=True)
         try:
             make_runner("executorch", model, artifact=sys.argv[2])
-        except Unavailable as exc:
+        except BadInput as exc:  # asked to run a .pte: an input this installation cannot use (exit 2)
             print("runner", exc.kind, exc.message)
         sys.stdout.flush()
         sys.exit(main(["run", sys.argv[3], "--dry-run"]))
@@ -189,7 +189,10 @@ def test_missing_runtime_is_unavailable_and_refused(cnn_file, cnn_programs, tmp_
         str(recipe),
     )
     assert f"available (False, {NO_RUNTIME!r})" in done.stdout
-    assert f"runner unavailable {NO_RUNTIME}" in done.stdout
+    assert (
+        f"runner bad-input {cnn_programs['none'][0].path}: this ExecuTorch program cannot run here: {NO_RUNTIME}"
+        in done.stdout
+    )
     assert done.returncode == 2, done.stderr
     assert NO_RUNTIME in done.stderr
 

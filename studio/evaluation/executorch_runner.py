@@ -49,9 +49,19 @@ def require_runtime() -> Any:
         raise Unavailable(reason or NO_RUNTIME)
     try:
         from executorch.runtime import Runtime
-    except ImportError as exc:
-        raise Unavailable(f"{NO_RUNTIME} ({exc})") from exc
+    except ImportError as exc:  # the package is there but its runtime or the native extension is not
+        raise Unavailable(f"{NO_RUNTIME} (import executorch.runtime failed: {exc})") from exc
     return Runtime
+
+
+def program_runtime(pte: Path) -> Any:
+    """ExecuTorch's `Runtime` for running the program `pte`, or BadInput (exit 2) when it is missing here:
+    the person asked to run a file this installation cannot run, so the message names the program, what is
+    missing and what to install, as for any other input the studio cannot use."""
+    try:
+        return require_runtime()
+    except Unavailable as exc:
+        raise BadInput(f"this ExecuTorch program cannot run here: {exc.problem}", path=pte) from exc
 
 
 def read_program_facts(pte: Path) -> dict[str, Any]:
@@ -137,8 +147,8 @@ class ExecuTorchRunner:
     """Runs a `.pte` on a family batch: `runner(batch) -> family.from_primary(output 0, batch)`."""
 
     def __init__(self, pte: str | Path, model: LoadedModel) -> None:
-        runtime = require_runtime()
         self.path = Path(pte)
+        runtime = program_runtime(self.path)
         self.facts = read_program_facts(self.path)
         self.family = family_for(model)
         try:

@@ -1,5 +1,5 @@
-"""File > Export: copy a variant out of the workspace as an ONNX graph, a TensorRT engine or a transformers
-folder, or write an HTML report of several variants.
+"""File > Export: copy a variant out of the workspace as an ONNX graph, a TensorRT engine, an OpenVINO IR or a
+transformers folder, or write an HTML report of several variants.
 
 A format that cannot apply to the chosen variant is shown disabled with the reason beside it (and as its
 tooltip), so the user learns what to change instead of meeting an error after pressing Export. Exporting
@@ -39,12 +39,14 @@ from studio.variant_rows import label
 FORMAT_TITLES = {
     "onnx": "ONNX graph (model.onnx)",
     "tensorrt": "TensorRT engine (.engine)",
+    "openvino": "OpenVINO IR (model.xml + model.bin)",
     "hf": "Transformers folder (from_pretrained)",
 }
-KIND_FOR_FORMAT = {"onnx": "onnx", "tensorrt": "tensorrt", "hf": "torch"}
+KIND_FOR_FORMAT = {"onnx": "onnx", "tensorrt": "tensorrt", "openvino": "openvino", "hf": "torch"}
 HINTS = {
     "onnx": "ONNX export needs an ONNX variant: add export.onnx to the pipeline",
     "tensorrt": "TensorRT export needs a TensorRT variant: add export.onnx and export.tensorrt to the pipeline",
+    "openvino": "OpenVINO export needs an OpenVINO variant: add export.onnx and export.openvino to the pipeline",
     "hf": "a transformers folder needs a torch variant (a pipeline without export steps)",
 }
 
@@ -77,7 +79,7 @@ def format_problems(
     if row["kind"] == "baseline":
         reasons.append("this is the original model, not a variant: export it from its own files")
     elif row["kind"] != KIND_FOR_FORMAT[fmt]:
-        article = "an" if row["kind"] == "onnx" else "a"
+        article = "an" if row["kind"][:1] in ("a", "e", "i", "o", "u") else "a"
         reasons.append(f"this is {article} {row['kind']} variant: {HINTS[fmt]}")
     if row.get("missing"):
         reasons.append("the variant's files are gone from the workspace")

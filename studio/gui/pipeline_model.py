@@ -100,11 +100,11 @@ class PipelineModel(QObject):
         fits = [
             i
             for i in range(len(self._steps) + 1)
-            if kinds[i] == cls.input_kind and (i == len(self._steps) or inputs[i] == cls.output_kind)
+            if cls.accepts(kinds[i]) and (i == len(self._steps) or inputs[i] == cls.output_kind)
         ]
         if fits:
             return fits[-1]
-        right_input = [i for i in range(len(self._steps) + 1) if kinds[i] == cls.input_kind]
+        right_input = [i for i in range(len(self._steps) + 1) if cls.accepts(kinds[i])]
         return right_input[-1] if right_input else len(self._steps)
 
     # ---------------------------------------------------------------------------- settings setters

@@ -36,11 +36,10 @@ from studio.gui.widgets import fill_table, fmt, make_table
 from studio.jobs import StderrTail, signal_group
 from studio.pipeline import Recipe, load_recipe
 from studio.resources import resources_dir
-from studio.search import study_name
+from studio.search import SEARCHES_FOLDER, study_name
 from studio.search_progress import (
     COMPLETE,
     INFEASIBLE,
-    SEARCHES_FOLDER,
     SearchProgress,
     StudyBusy,
     StudyReader,

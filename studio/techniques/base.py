@@ -102,6 +102,8 @@ class Technique(Generic[P]):
     title: ClassVar[str]
     category: ClassVar[str]
     input_kind: ClassVar[str]
+    # Other stage kinds the block also takes (export.openvino: a torch model, exported to ONNX on the way).
+    also_accepts: ClassVar[tuple[str, ...]] = ()
     output_kind: ClassVar[str]
     description: ClassVar[str] = ""
     if TYPE_CHECKING:
@@ -113,6 +115,11 @@ class Technique(Generic[P]):
     families: ClassVar[tuple[str, ...] | None] = None
     # Parameters a new block starts with in the editor, when the Params defaults alone do not validate.
     starter_params: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def accepts(cls, kind: str) -> bool:
+        """Whether a model of stage kind `kind` can be this block's input."""
+        return kind == cls.input_kind or kind in cls.also_accepts
 
     def availability(self) -> tuple[bool, str | None]:
         """(available, reason when not): e.g. TensorRT without an NVIDIA GPU."""
@@ -176,7 +183,7 @@ def register(cls: type[Technique]) -> type[Technique]:
     """Class decorator: add a technique to the registry; a second class with the same id is an error."""
     if cls.id in _REGISTRY:
         raise ValueError(f"technique id '{cls.id}' is already registered by {_REGISTRY[cls.id].__qualname__}")
-    if cls.input_kind not in STAGES or cls.output_kind not in STAGES:
+    if any(k not in STAGES for k in (cls.input_kind, *cls.also_accepts, cls.output_kind)):
         raise ValueError(f"technique '{cls.id}' has an unknown stage kind")
     if cls.category not in CATEGORIES:
         raise ValueError(f"technique '{cls.id}' has an unknown category '{cls.category}'")

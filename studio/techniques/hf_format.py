@@ -4,7 +4,7 @@ A variant folder is a Hugging Face folder (config.json + model.safetensors), so 
 `AutoModelForCausalLM.from_pretrained(folder)` on it. For a variant with the studio's quantized layers
 that would be silently wrong: transformers skips a `quantization_config` it does not know (with a
 warning), finds no `weight` for the quantized layers and initialises them at random. So every variant with
-quantized layers is written in one of two ways:
+quantized layers is written in one of three ways:
 
 - **torchao** (a causal LM whose quantized layers are all 8-bit weight-only: quantize.weight_only,
   quantize.gptq and quantize.awq with bits 8):
@@ -13,14 +13,20 @@ quantized layers is written in one of two ways:
   safetensors metadata, and config.json carries a `TorchAoConfig`. transformers 5 with torchao installed
   loads it on CPU and computes the same logits (the tensor dequantizes `(q - zero) * scale` and calls the
   same `linear`); the studio reads the same tensors back into its own layers (`WeightOnlyLinear`).
-- **refused**: 4-bit layers (the studio packs two codes per byte; torchao's CPU format keeps one per byte,
-  twice the size), W8A8 and dynamic-INT8 layers (activation quantization transformers has no CPU format
-  for with the same rounding), int8 embedding tables, custom KV caches, and quantized encoders (whose
-  saved layout the studio's weight tools read as it is). config.json carries a
+- **compressed** (a causal LM with 4-bit weight-only layers, all symmetric: RTN, GPTQ and AWQ with bits 4,
+  8-bit layers beside them allowed): compressed-tensors' `pack-quantized` form, which keeps 4-bit codes
+  packed and which transformers' compressed-tensors quantizer loads on CPU (`studio.techniques.hf_compressed`).
+- **refused**: asymmetric 4-bit layers (compressed-tensors 0.20.1 packs zero points into int32 along the
+  output dimension, but transformers 5.23 builds the model's zero-point parameters unpacked, int8
+  [out, groups], so the load stops on a shape mismatch, and unpacked ones fail compressed-tensors'
+  int32-only unpacking on the first forward), W8A8 and dynamic-INT8 layers (activation quantization
+  transformers has no CPU format for with the same rounding), int8 embedding tables, custom KV caches, and
+  quantized encoders (whose saved layout the studio's weight tools read as it is). config.json carries a
   `quantization_config` whose torchao type does not exist, so `from_pretrained` raises (`Failed to find
   class ModelStudioQuantizedLayers...`) instead of loading a float model with random weights; the studio's
   own loader rebuilds it from `studio_transforms` as before. `model-studio export --format hf` converts
-  4-bit weight-only layers to the torchao format (larger, loadable) and refuses the rest with the reason.
+  the remaining 4-bit weight-only layers to the torchao format (larger, loadable) and refuses the rest
+  with the reason.
 
 Variants without quantized layers (smoothed-only, half precision) stay plain folders.
 """
@@ -33,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from studio.errors import BadInput
+from studio.techniques.hf_compressed import drop_tied_sources, is_compressed, write_compressed
 
 QUANTIZATION_KEY = "quantization_config"
 REFUSED_TYPE = "ModelStudioQuantizedLayers"
@@ -57,9 +64,9 @@ def quantized_layers(module: Any) -> list[tuple[str, Any]]:
 
 
 def form_of(module: Any, transforms: list[dict[str, Any]], *, export: bool = False) -> Form:
-    """Which form a variant takes. A saved variant takes the torchao form only for a causal LM with 8-bit
-    layers; an export (`export`) also converts 4-bit layers, stored at twice the size of the studio's packed
-    codes, and other architectures."""
+    """Which form a variant takes: 'plain', 'torchao', 'compressed' or 'refused'. A saved variant takes a
+    loadable form only when it is a causal LM; an export (`export`) also converts asymmetric 4-bit layers
+    (to torchao's form, at twice the size of packed codes) and other architectures."""
     from studio.techniques.quantized_layers import WeightOnlyEmbedding, WeightOnlyLinear
 
     for record in transforms:
@@ -75,9 +82,22 @@ def form_of(module: Any, transforms: list[dict[str, Any]], *, export: bool = Fal
                 "refused",
                 f"layer '{name}' is a {type(layer).__name__}, which no transformers format on CPU computes alike",
             )
-        if layer.bits == 4 and not export:
-            return Form("refused", f"layer '{name}' holds 4-bit codes packed two per byte")
-    if not export and not type(module).__name__.endswith("ForCausalLM"):
+    causal = type(module).__name__.endswith("ForCausalLM")
+    four = next((name for name, layer in layers if layer.bits == 4), None)
+    if causal and four is not None:
+        asymmetric = next((name for name, layer in layers if not layer.symmetric), None)
+        if asymmetric is None:
+            return Form("compressed")
+        if not export:
+            return Form(
+                "refused",
+                f"layer '{asymmetric}' has zero points beside 4-bit codes, whose packed compressed-tensors "
+                "form transformers cannot load",
+            )
+        return Form("torchao")
+    if four is not None and not export:
+        return Form("refused", f"layer '{four}' holds 4-bit codes packed two per byte")
+    if not export and not causal:
         # encoders keep the studio's layout, which its weight inspection and tools read
         return Form("refused", f"a {type(module).__name__} keeps the studio's own quantized layout")
     return Form("torchao")
@@ -150,10 +170,7 @@ def write_torchao(module: Any, folder: Path, config: dict[str, Any]) -> None:
         for key in ("qweight", "scales", "zeros"):
             state.pop(f"{name}.{key}", None)
         state[f"{name}.weight"] = _torchao_weight(layer)
-    # safetensors holds one name per shared tensor: keep a tied head's name, as save_model does
-    for target, source in dict(getattr(module, "all_tied_weights_keys", None) or {}).items():
-        if target in state and source in state:
-            state.pop(source)
+    drop_tied_sources(module, state)
     tensors, metadata = flatten_tensor_state_dict(state)
     save_file(
         {k: v.contiguous() for k, v in tensors.items()},
@@ -174,6 +191,9 @@ def save_weights(module: Any, transforms: list[dict[str, Any]], folder: Path, co
     if form.kind == "torchao":
         write_torchao(module, folder, config)
         return True
+    if form.kind == "compressed":
+        write_compressed(module, quantized_layers(module), folder, config)
+        return True
     if form.kind == "refused":
         config[QUANTIZATION_KEY] = refusal(form.reason)
     return False
@@ -184,7 +204,7 @@ def save_weights(module: Any, transforms: list[dict[str, Any]], folder: Path, co
 
 def export_folder(folder: Path, studio_module: Any, transforms: list[dict[str, Any]], vid: str) -> None:
     """Make an exported copy of a variant loadable by plain transformers and prove it: a refused variant is
-    converted (4-bit weight-only layers) or refused with the reason; then `from_pretrained` must compute
+    converted (asymmetric 4-bit weight-only layers) or refused with the reason; then `from_pretrained` must compute
     the studio's logits."""
     config_file = folder / "config.json"
     data = json.loads(config_file.read_text())
@@ -197,6 +217,9 @@ def export_folder(folder: Path, studio_module: Any, transforms: list[dict[str, A
     if form.kind == "torchao" and not _is_torchao(data):
         (folder / "model.safetensors").unlink(missing_ok=True)
         write_torchao(studio_module, folder, data)
+    if form.kind == "compressed" and not is_compressed(data):
+        (folder / "model.safetensors").unlink(missing_ok=True)
+        write_compressed(studio_module, quantized_layers(studio_module), folder, data)
     data.pop("studio_transforms", None)
     config_file.write_text(json.dumps(data, indent=2, sort_keys=True, default=str))
     check_same_logits(folder, studio_module, vid)

@@ -1,8 +1,14 @@
-"""export.openvino: the ONNX graph as an OpenVINO IR (model.xml + model.bin), run by OpenVINO's runtime.
+"""export.openvino: the ONNX graph (or a torch model) as an OpenVINO IR (model.xml + model.bin), run by
+OpenVINO's runtime.
 
 `openvino.convert_model` reads the graph with OpenVINO's ONNX frontend; `openvino.save_model` writes the
 IR. The studio's ONNX metadata (family, pooling, config) is copied into the IR's runtime info, so the
-saved IR is judged like the graph it came from (studio/checkpoints/openvino_ir.py reads it back). Both
+saved IR is judged like the graph it came from (studio/checkpoints/openvino_ir.py reads it back).
+
+A torch model is exported to ONNX first, by export.onnx with its defaults, rather than handed to
+OpenVINO's PyTorch frontend: the graph then carries the same metadata, the same input names and the same
+compared output (last hidden state or logits) as the ONNX route, so the two IRs are one artifact, and
+the verification compares the IR with the torch model itself. Both
 files are written under temporary names and renamed into place, the weights first and the graph last, so
 a model.xml on disk always has its complete model.bin.
 
@@ -28,6 +34,7 @@ from studio.techniques.base import Params, RunContext, StageState, Technique, re
 
 IR_NAME = "model.xml"  # its weights: model.bin beside it (OpenVINO finds them by that name)
 QUANTIZED_OPS = ("FakeQuantize", "FakeConvert")
+ONNX_SHARE = 0.4  # of the step's progress, taken by the ONNX export when the input is a torch model
 
 
 class ExportOpenVinoParams(Params):
@@ -75,10 +82,11 @@ class ExportOpenVino(Technique[ExportOpenVinoParams]):
     title = "OpenVINO IR"
     category = "export"
     input_kind = "onnx"
+    also_accepts = ("torch",)
     output_kind = "openvino"
     description = (
-        "Converts the ONNX graph to an OpenVINO IR (model.xml + model.bin), run by OpenVINO's CPU runtime: "
-        "the OpenVINO peer, timed and judged like every other variant."
+        "Converts the ONNX graph (a torch model: exported to ONNX first) to an OpenVINO IR (model.xml + "
+        "model.bin), run by OpenVINO's CPU runtime: the OpenVINO peer, timed and judged like every other variant."
     )
     Params = ExportOpenVinoParams
 
@@ -89,11 +97,20 @@ class ExportOpenVino(Technique[ExportOpenVinoParams]):
         from studio.checkpoints.onnx_graph import read_metadata
 
         ov = import_openvino()
+        reference = state
+        done = 0.0  # the share of the step's progress already reported (the ONNX export's, from torch)
+        if state.kind == "torch":
+            state = onnx_of(state, ctx, share=ONNX_SHARE)
+            done = ONNX_SHARE
+
+        def progress(fraction: float, message: str) -> None:
+            ctx.progress(done + (1.0 - done) * fraction, message)
+
         if state.kind != "onnx" or state.path is None:
-            raise BadInput("export.openvino takes an ONNX graph: put export.onnx before it")
+            raise BadInput("export.openvino takes an ONNX graph or a torch model")
         onnx_path = Path(state.path)
         started = time.perf_counter()
-        ctx.progress(0.1, "converting the ONNX graph with OpenVINO")
+        progress(0.1, "converting the ONNX graph with OpenVINO")
         try:
             ov_model = ov.convert_model(str(onnx_path))
         except Exception as exc:  # the frontend raises its own OpConversionFailure / GeneralFailure types
@@ -102,7 +119,7 @@ class ExportOpenVino(Technique[ExportOpenVinoParams]):
             ) from exc
         set_metadata(ov_model, read_metadata(onnx_path))
         out_dir = ctx.step_dir("openvino")
-        ctx.progress(0.6, "writing the IR")
+        progress(0.6, "writing the IR")
         path = save_ir(ov_model, out_dir, params.compress_to_fp16)
         seconds = time.perf_counter() - started
         size = path.stat().st_size + path.with_suffix(".bin").stat().st_size
@@ -115,15 +132,37 @@ class ExportOpenVino(Technique[ExportOpenVinoParams]):
         )
         new = StageState(kind="openvino", model=state.model, path=path, info=dict(state.info))
         if params.verify and ctx.calibration:
-            ctx.progress(0.8, "verifying against ONNX Runtime")
-            verify_against(state, new, ctx)
+            progress(0.8, f"verifying against {'torch' if reference.kind == 'torch' else 'ONNX Runtime'}")
+            verify_against(reference, new, ctx)
         new.info["openvino"] = {
             "version": ov.__version__,
             "compress_to_fp16": params.compress_to_fp16,
             "onnx": str(onnx_path),
+            "from": reference.kind,
         }
-        ctx.progress(1.0, "exported")
+        progress(1.0, "exported")
         return new
+
+
+def onnx_of(state: StageState, ctx: RunContext, share: float) -> StageState:
+    """The torch model as export.onnx writes it (defaults, its own check against torch skipped: the IR is
+    checked against torch afterwards), in this step's folder; its progress fills the first `share` of the
+    step's."""
+    import dataclasses
+
+    from studio.events import Event, Progress
+    from studio.techniques.onnx.export import ExportOnnx, ExportOnnxParams
+
+    if state.module is None:
+        raise BadInput("export.openvino needs a torch module or an ONNX graph")
+
+    def emit(event: Event) -> None:
+        if isinstance(event, Progress):
+            event = dataclasses.replace(event, fraction=event.fraction * share)
+        ctx.emit(event)
+
+    ctx.log("exporting the torch model to ONNX first (export.onnx's defaults), then converting the graph")
+    return ExportOnnx().run(state, ExportOnnxParams(verify=False), dataclasses.replace(ctx, emit=emit))
 
 
 def verify_against(

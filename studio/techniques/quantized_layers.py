@@ -310,7 +310,11 @@ class WeightOnlyLinear(nn.Module):
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
-        # A variant written for transformers holds the weight as torchao's flattened
+        # A 4-bit variant written for transformers holds compressed-tensors' packed tensors instead
+        from studio.techniques.hf_compressed import read_layer
+
+        read_layer(self, state_dict, prefix)
+        # An 8-bit variant written for transformers holds the weight as torchao's flattened
         # IntxUnpackedToInt8Tensor (signed codes, int8 zero points); read it back into this layout.
         qdata = state_dict.pop(prefix + "_weight_qdata", None)
         if qdata is not None:
