@@ -266,7 +266,8 @@ def check_steps(
             problems.append(
                 (
                     i,
-                    f"{label}: needs {_a(cls.input_kind)} model but {previous} gives {_a(kind)} model"
+                    f"{label}: needs {' or '.join(_a(k) for k in (cls.input_kind, *cls.also_accepts))} model"
+                    f" but {previous} gives {_a(kind)} model"
                     + (" (torch steps must come before export.onnx)" if cls.input_kind == "torch" else ""),
                 )
             )
