@@ -13,8 +13,8 @@ fields carry `kind: "generate"` and a `generate` object (`GenerateRequest.to_dic
   one of each per side and context length;
 - `done` with everything above in one object.
 
-Decoding is greedy with a KV cache (evaluation.generation.GreedyLoop), so a side's text is the same on
-every run. A side ends at its tokenizer's end-of-sequence token or after `new_tokens`.
+Decoding is greedy with a KV cache (evaluation.generation.greedy_loop: torch, or ONNX Runtime for a graph
+exported with its cache), so a side's text is the same on every run. A side ends at its tokenizer's end-of-sequence token or after `new_tokens`.
 """
 
 from __future__ import annotations
@@ -153,13 +153,16 @@ class Stream:
     def __init__(self, side: Side, model: LoadedModel, prompt: str, new_tokens: int) -> None:
         import torch
 
-        from studio.evaluation.generation import GreedyLoop
+        from studio.checkpoints.stage import stage_of
+        from studio.evaluation.generation import greedy_loop
         from studio.families import context_length
 
         self.side = side
         self.model = model
         self.tokenizer = model.tokenizer
-        self.loop = GreedyLoop(model.module, model.family)
+        kind = stage_of(model)
+        # a torch module, or an ONNX graph exported with its cache (anything else was refused at loading)
+        self.loop = greedy_loop(kind, model.module if kind == "torch" else model.path, model.family)
         ids = list(self.tokenizer(prompt)["input_ids"])
         if not ids:
             raise BadInput(f"variant {side.label}: the tokenizer gives no tokens for the prompt")
@@ -300,20 +303,29 @@ def profile_point(stream: Stream, context: int, decode_steps: int) -> dict[str, 
 
 
 def load_side(side: Side, workspace: Any, trust: bool) -> LoadedModel:
-    """The checkpoint of one side, refused unless it is a torch model that generates text."""
+    """The checkpoint of one side, refused unless it is a model that generates text: a torch model, or an
+    ONNX graph exported with its KV cache (export.onnx `with_cache`), which generates on ONNX Runtime."""
     import studio.techniques  # noqa: F401  # registers the restorers that rebuild saved torch variants
     from studio.checkpoints import open_checkpoint
     from studio.compare import open_row
 
     if side.row is not None:
         row = workspace.get(side.row)
-        if row["kind"] not in ("torch", "baseline"):
+        if row["kind"] not in ("torch", "baseline", "onnx"):
             raise BadInput(
-                f"variant {side.label} ({row['id']}) is a {row['kind']} variant: only torch variants generate "
-                "here (an ONNX graph needs a cache-enabled export)"
+                f"variant {side.label} ({row['id']}) is a {row['kind']} variant: only torch variants and ONNX "
+                "graphs exported with their cache generate here"
             )
         model = open_row(row, trust=trust if row["kind"] == "baseline" else False)
         name = row["id"]
+        if row["kind"] == "onnx" and model.family in GENERATIVE_FAMILIES:
+            from studio.evaluation.generation import onnx_generates
+
+            if not onnx_generates(model.path, model.family):
+                raise BadInput(
+                    f"variant {side.label} ({row['id']}) is an ONNX graph without past key/values: it cannot "
+                    "generate token by token (export it with export.onnx `with_cache: true`)"
+                )
     else:
         assert side.source is not None
         model = open_checkpoint(side.source, trust=trust)

@@ -170,15 +170,15 @@ def test_bad_requests_are_bad_input_errors(tmp_path, generate, message):
     assert not any(isinstance(e, Token) for e in events)
 
 
-def test_an_onnx_variant_is_refused_with_the_reason(tmp_path):
+def test_a_variant_of_another_kind_is_refused_with_the_reason(tmp_path):
     from studio.variants import Workspace
 
     workspace = Workspace(tmp_path)
     staged = tmp_path / "staged"
     staged.mkdir()
-    (staged / "model.onnx").write_bytes(b"not read: the row's kind refuses it first")
+    (staged / "model.xml").write_bytes(b"not read: the row's kind refuses it first")
     row = workspace.commit_variant(
-        staged, kind="onnx", parent=None, model="builtin:tinylm", recipe={}, metrics={}
+        staged, kind="openvino", parent=None, model="builtin:tinylm", recipe={}, metrics={}
     )
     code, events = run(
         {
@@ -187,4 +187,4 @@ def test_an_onnx_variant_is_refused_with_the_reason(tmp_path):
             "generate": {"variants": [{"label": "B", "row": row["id"]}], "prompt": "x"},
         }
     )
-    assert code == 2 and "only torch variants generate here" in events[-1].message
+    assert code == 2 and "is a openvino variant: only torch variants and ONNX graphs" in events[-1].message

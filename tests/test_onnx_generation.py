@@ -267,3 +267,64 @@ def test_run_json_has_onnx_generation_metrics_and_match(tmp_path, llama):
     assert gen["kv_cache_bytes"] == 2 * 2 * 2 * 8 * 9 * 4  # layers, k+v, kv heads, head dim, positions
     assert 0.0 <= metrics["quality"]["generation_match"] <= 1.0 and metrics["quality"]["perplexity"] > 1.0
     assert metrics["baseline_quality"]["generation_match"] == 1.0
+
+
+def test_the_generate_job_streams_an_onnx_cache_variant_as_torch_does(exported, tmp_path):
+    """The Generate tab's job takes an ONNX variant exported with its cache: it decodes on ONNX Runtime,
+    token by token, the same greedy text as the torch model; a graph without the cache is refused saying
+    how to export one."""
+    import io
+
+    from studio.events import Done, Error, Token, from_json
+    from studio.pipeline import save_state
+    from studio.variants import Workspace
+    from studio.worker import run_job
+
+    model, state = exported["tinylm"]
+    workspace = Workspace(tmp_path / "ws")
+    rows = {}
+    plain, _ = run_step(initial_state(model), "export.onnx", tmp_path / "plain")
+    for name, staged_state in (("cache", state), ("plain", plain)):
+        staged = tmp_path / f"staged-{name}"
+        files = save_state(staged_state, staged, examples(), 32)  # as a run saves its variant
+        rows[name] = workspace.commit_variant(
+            staged,
+            kind="onnx",
+            parent=None,
+            model="builtin:tinylm",
+            recipe={"steps": []},
+            metrics={},
+            files=files,
+        )["id"]
+
+    def generate(sides):
+        out = io.StringIO()
+        code = run_job(
+            {
+                "kind": "generate",
+                "workspace": str(workspace.root),
+                "generate": {
+                    "variants": sides,
+                    "prompt": "The function returns",
+                    "new_tokens": 6,
+                    "context_lengths": [8],
+                },
+            },
+            out,
+        )
+        return code, [from_json(line) for line in out.getvalue().splitlines()]
+
+    code, events = generate(
+        [{"label": "A", "source": "builtin:tinylm"}, {"label": "B", "row": rows["cache"]}]
+    )
+    assert code == 0, events[-1]
+    done = events[-1]
+    assert isinstance(done, Done)
+    texts = {label: v["text"] for label, v in done.result["variants"].items()}
+    assert texts["A"] and texts["A"] == texts["B"]
+    assert [e.tokens for e in events if isinstance(e, Token) and e.variant == "B"][:2] == [1, 2]
+    assert done.result["profile"]["B"][0]["kv_cache_bytes"] > 0
+
+    code, events = generate([{"label": "B", "row": rows["plain"]}])
+    assert code == 2 and isinstance(events[-1], Error)
+    assert "without past key/values" in events[-1].message and "with_cache: true" in events[-1].message

@@ -231,14 +231,15 @@ class GenerateView(QWidget):
         return model is not None and model.family in GENERATIVE_FAMILIES
 
     def choices(self) -> list[tuple[str, str]]:
-        """What A and B can be, as (name, key): the open model's original, then its torch variants in the
-        workspace. A key is `Side.key`: "source:<checkpoint>" or "row:<variant id>"."""
+        """What A and B can be, as (name, key): the open model's original, then its variants in the workspace
+        that generate (torch ones, and ONNX graphs exported with their cache). A key is `Side.key`:
+        "source:<checkpoint>" or "row:<variant id>"."""
         if not self.generative():
             return []
         source = self.document.source
         out = [(f"original {model_names([source])[source]}", Side("", source=source).key)]
         for row in self.document.workspace.list():
-            if row.get("model") == source and row["kind"] == "torch" and not row.get("missing"):
+            if row.get("model") == source and not row.get("missing") and generates(row):
                 out.append((row_label(row), Side("", row=row["id"]).key))
         return out
 
@@ -423,3 +424,14 @@ class GenerateView(QWidget):
         """The plotted (context length, value) points of metric `name` for side `label`."""
         xs, ys = self._points.get((name, label), ([], []))
         return list(xs), list(ys)
+
+
+def generates(row: dict) -> bool:
+    """Whether a workspace row can decode token by token: a torch variant, or an ONNX one whose recipe
+    exported the graph with its KV cache (the worker checks the graph itself again)."""
+    if row["kind"] == "torch":
+        return True
+    steps = (row.get("recipe") or {}).get("steps") or []
+    return row["kind"] == "onnx" and any(
+        s.get("technique") == "export.onnx" and (s.get("params") or {}).get("with_cache") for s in steps
+    )
