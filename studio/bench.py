@@ -29,6 +29,8 @@ from studio.resources import resource
 
 REFERENCE = "01-torch-fp32"
 USUAL_INT8 = "06-onnx-optimized-int8"
+SEARCHED = "searched-best"  # the row of the best recipe `bench --search` found on this machine
+SEARCH_RECIPE = ("search", "minilm-bench.yaml")  # under resources/recipes/
 
 # Steps after which the linear layers multiply in INT8 (dynamic / static activation quantization, MatMulNBits
 # at accuracy level 4, QAT); weight-only storage alone dequantizes to float and multiplies in FP32.
@@ -49,6 +51,7 @@ TARGETS = {
     "low-latency": {"min_cosine": 0.995, "b1_speedup_vs_usual_int8": 1.6},
     "high-throughput": {"min_cosine": 0.995, "b32_speedup_vs_fp32": 5.0},
     "small": {"min_cosine": 0.99, "max_size_share_of_fp32": 0.20},
+    "tiny": {"min_cosine": 0.99, "max_size_share_of_fp32": ISSUE18["max_size_share_of_fp32"]},
 }
 
 
@@ -95,6 +98,42 @@ def recipe_files(include_studio: bool = True) -> list[Path]:
     return files
 
 
+def search_best(
+    workspace: Any,
+    trials: int,
+    *,
+    sequence_length: int,
+    examples: int,
+    toy: bool = False,
+    recipe_path: Path | None = None,
+) -> dict[str, Any]:
+    """Run the bench's search (resources/recipes/search/minilm-bench.yaml) in `workspace` and say where its
+    best recipe is: `search_recipe`, `trials_run`, `study`, `storage`, `best` (the trial's variant id),
+    `recipe` (None, with `closest`, when no trial met the constraints), `new_trials`, `seconds`. The trials
+    evaluate on as many sentences and tokens as the bench does, so the search's fidelity constraint is the
+    bench's floor on the same held-out sentences. `toy` (tests) also calibrates on 16 examples only, which
+    makes the mixed-precision measurement of a trial quick. A study already in the workspace is resumed."""
+    from studio.pipeline import load_recipe
+    from studio.search import run_search
+
+    path = recipe_path or resource("recipes", *SEARCH_RECIPE)
+    recipe = load_recipe(path)
+    data: dict[str, Any] = {"evaluation_examples": examples}
+    if toy:
+        data["calibration_examples"] = min(recipe.data.calibration_examples, 16)
+    recipe = recipe.model_copy(
+        update={
+            "evaluate": recipe.evaluate.model_copy(update={"sequence_length": sequence_length}),
+            "data": recipe.data.model_copy(update=data),
+        }
+    )
+    found = run_search(recipe, workspace, recipe_path=path, trials=trials, log=lambda _line: None)
+    out = {"search_recipe": str(path), "trials_run": len(found["trials"])}
+    keys = ("study", "storage", "best", "recipe", "closest", "new_trials", "seconds")
+    out.update({k: found.get(k) for k in keys})
+    return out
+
+
 def build(entry: Entry, workdir: Path, evaluation: list[Any], base: Any, seq_len: int, threads: int) -> None:
     """Run the recipe's steps, save the artifact (for its size), make its runner and measure its fidelity."""
     from studio.evaluation.measure import folder_weights_size, quality_batches, runner_for
@@ -138,8 +177,12 @@ def run_bench(
     only: list[str] | None = None,
     progress: Any = None,
     toy: bool = False,
+    search_trials: int | None = None,
+    workspace: Any = None,
 ) -> dict[str, Any]:
-    """`toy`: the machine limits at toy sizes (for tests; the numbers are then no limits)."""
+    """`toy`: the machine limits at toy sizes (for tests; the numbers are then no limits). `search_trials`:
+    first run that many trials of the bench's search in `workspace` (search_best), then time its best recipe
+    as the row `searched-best` beside the others."""
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples, timing_examples
     from studio.evaluation.machine_limits import machine_limits, toy_machine_limits
@@ -157,8 +200,22 @@ def run_bench(
     base = {"model": model, "runner": runner_for("torch", model.module, model, threads)}
     files = [p for p in recipe_files() if not only or any(o in p.stem for o in only)]
     entries = [Entry(p.stem, p) for p in files]
+    search = None
+    if search_trials:
+        if workspace is None:
+            raise ValueError("run_bench: search_trials needs the workspace the search keeps its study in")
+        report(0.0, f"searching ({search_trials} trials)")
+        search = search_best(
+            workspace, search_trials, sequence_length=sequence_length, examples=examples, toy=toy
+        )
+        searched = Entry(SEARCHED, Path(search["recipe"] or search["search_recipe"]))
+        if search["recipe"] is None:
+            searched.error = "the search found no trial that meets its constraints" + closest_text(search)
+        entries.append(searched)
     with tempfile.TemporaryDirectory(prefix="studio-bench-") as tmp:
         for i, entry in enumerate(entries):
+            if entry.error is not None:  # the search found nothing to build
+                continue
             report(i / len(entries) * 0.4, f"building {entry.name}")
             try:
                 build(entry, Path(tmp), evaluation, base, sequence_length, threads)
@@ -185,9 +242,19 @@ def run_bench(
                         e.runner(batches[b])
                         e.samples[b].append((time.perf_counter() - t0) * 1000.0)
     macs = linear_macs_per_token(model.module)
-    return summarise_bench(
+    result = summarise_bench(
         entries, batch_sizes, sequence_length, threads, rounds, environment(), limits=limits, linear_macs=macs
     )
+    if search is not None:
+        result["search"] = search
+    return result
+
+
+def closest_text(search: dict[str, Any]) -> str:
+    closest = search.get("closest")
+    if not closest:
+        return ""
+    return f" (closest: trial {closest['number']}, variant {closest['variant']}, off by {closest['violation']:.4g})"
 
 
 def summarise_bench(
@@ -438,6 +505,16 @@ def format_table(result: dict[str, Any]) -> str:
         for t in result["issue18_targets"]:
             mark = "MET" if t["met"] else "MISSED"
             lines.append(f"  {t['target']}: {mark} (need {t['need']}; got {t['got']})")
+    search = result.get("search")
+    if search:
+        lines += [
+            "",
+            f"search: {search['trials_run']} trials of {search['search_recipe']} (study {search['study']})",
+        ]
+        if search["recipe"]:
+            lines.append(f"  {SEARCHED}: trial variant {search['best']}, recipe {search['recipe']}")
+        else:
+            lines.append(f"  {SEARCHED}: no trial met the constraints{closest_text(search)}")
     return "\n".join(lines)
 
 

@@ -153,6 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny sizes for tests: machine limits on small arrays; causal-lm: a tiny synthetic Llama, "
         "4 new tokens, 1 round",
     )
+    p.add_argument(
+        "--search",
+        type=int,
+        nargs="?",
+        const=4,
+        metavar="TRIALS",
+        help="encoder: first run TRIALS trials (default 4) of resources/recipes/search/minilm-bench.yaml in "
+        "the workspace, then time its best recipe as `searched-best` beside the others",
+    )
     p.add_argument("--out", help="JSON results file (default: <workspace>/bench/bench-<time>.json)")
     p.add_argument(
         "--json",

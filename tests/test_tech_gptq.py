@@ -478,3 +478,14 @@ def test_awq_refuses_a_family_it_cannot_fold_into(gpt2):
     technique = get_technique("quantize.awq")()
     with pytest.raises(BadInput, match=r"quantize\.awq applies to Llama-style decoder blocks .* GPT2Block"):
         technique.check(technique.Params(group_size=16), model)
+
+
+def test_calibration_texts_take_both_sentences_of_a_pair():
+    # MiniLM's sentence pairs give twice the tokens this way: enough for its 1536-wide FFN output layers
+    from studio.evaluation.data import Example, load_examples
+    from studio.techniques.gptq import calibration_texts
+
+    pairs = [Example(text="a b", text_pair="c d"), Example(text="e"), Example(text="f", text_pair="g")]
+    assert [e.text for e in calibration_texts(pairs, 2)] == ["a b", "c d", "e"]
+    texts = calibration_texts(load_examples("builtin:sentence-pairs"), 128)
+    assert len(texts) == 240 and texts[1].text != texts[0].text and texts[1].text_pair is None

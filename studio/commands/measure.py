@@ -16,6 +16,9 @@ from studio.errors import BadInput, Cancelled
 def cmd_bench(args: argparse.Namespace) -> int:
     from studio.bench import write_result
 
+    if args.search is not None and (args.family == "causal-lm" or args.search < 1):
+        why = "is for the encoder bench" if args.family == "causal-lm" else "needs at least 1 trial"
+        raise BadInput(f"--search {why}")
     bar = ProgressLine("bench")
     if args.family == "causal-lm":
         from studio.bench_llm import format_table as llm_table
@@ -46,6 +49,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             only=args.only,
             progress=bar,
             toy=args.toy,
+            search_trials=args.search,
+            workspace=workspace_path(args) if args.search else None,
         )
     bar.done()
     out = args.out or (args.json if isinstance(args.json, str) else None)

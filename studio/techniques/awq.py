@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from studio.checkpoints.base import LoadedModel
 from studio.errors import BadInput
 from studio.techniques.base import RunContext, StageState, Technique, register
-from studio.techniques.gptq import CalibratedWeightParams, check_widths
+from studio.techniques.gptq import CalibratedWeightParams, calibration_texts, check_widths
 from studio.techniques.layer_swap import Selection, is_linear, select, set_submodule, weight_bytes
 from studio.techniques.quantize import (
     WeightOnly,
@@ -202,7 +202,7 @@ class AWQ(Technique[AWQParams]):
         sel, prefix, blocks = self._plan(root, p)
         chosen = set(sel.chosen)
         needed = max(int(root.get_submodule(n).weight.shape[1]) for n in sel.chosen)
-        examples = list(ctx.calibration)[: p.calibration_examples]
+        examples = calibration_texts(list(ctx.calibration), p.calibration_examples)
         windows = layerwise.calibration_windows(state.model, examples, ctx.sequence_length, needed, self.id)
         calls = layerwise.capture_first_block(root, blocks[0], windows)
         storage = p.storage()

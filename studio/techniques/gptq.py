@@ -276,6 +276,20 @@ class CalibratedWeightParams(WeightStorageParams):
         return self.model_copy(update={"exclude": [*self.exclude, *kept]})
 
 
+def calibration_texts(examples: list[Any], count: int) -> list[Any]:
+    """The first `count` calibration examples as texts, both sentences of a pair: the quantizers only need
+    the activations text produces, and a sentence-pair set (an encoder's usual calibration data) has about
+    twice the tokens that way, enough for a 1536-wide FFN layer's Hessian from 120 short pairs."""
+    from studio.evaluation.data import Example
+
+    texts: list[Any] = []
+    for example in examples[:count]:
+        texts.append(example)
+        if getattr(example, "text_pair", None):
+            texts.append(Example(text=example.text_pair))
+    return texts
+
+
 def check_widths(root: Any, names: list[str], p: CalibratedWeightParams, technique: str) -> None:
     """Every layer's input width fits the group size (and 4-bit pairs), checked before anything changes."""
     storage = p.storage()
@@ -355,7 +369,7 @@ class GPTQ(Technique[GPTQParams]):
         if not inside:
             raise BadInput(f"{self.id}: no Linear layer to quantize inside the model's decoder blocks")
         needed = max(int(float_weight(root.get_submodule(n)).shape[1]) for n in inside)
-        examples = list(ctx.calibration)[: p.calibration_examples]
+        examples = calibration_texts(list(ctx.calibration), p.calibration_examples)
         windows = layerwise.calibration_windows(state.model, examples, ctx.sequence_length, needed, self.id)
         ctx.log(
             f"{self.id}: calibrating on {sum(int(w.shape[1]) for w in windows)} tokens in {len(windows)} "
