@@ -231,7 +231,7 @@ class ModelView(QWidget):
         self.main_split = QSplitter(Qt.Orientation.Horizontal)
         self.main_split.addWidget(left)
         self.main_split.addWidget(self.right_split)
-        self.main_split.setSizes([430, 850])
+        self.main_split.setSizes([520, 760])  # room for layer names beside four columns
         self.main_split.setStretchFactor(1, 1)
 
         layout = QVBoxLayout(self)
