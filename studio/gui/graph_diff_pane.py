@@ -31,7 +31,7 @@ MAX_EXTRA_PANES = 2  # with A and B: four graphs side by side
 
 def diff_combo() -> QComboBox:
     combo = QComboBox()
-    combo.setMinimumContentsLength(16)
+    combo.setMinimumContentsLength(12)
     combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
     combo.setToolTip(
         "Diff: a second variant (A) drawn on the left; boxes are marked added, removed or changed"

@@ -92,7 +92,7 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
     def _build(self) -> None:
         self.banner = Banner("error")
         self.variant_combo = QComboBox()
-        self.variant_combo.setMinimumContentsLength(18)
+        self.variant_combo.setMinimumContentsLength(12)
         self.variant_combo.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
@@ -102,12 +102,12 @@ class GraphView(ChoicesMixin, OverlayMixin, DiffPaneMixin, DetailsMixin, ExportM
         self.search_edit = QLineEdit()
         self.search_edit.setPlaceholderText("Find a node by name…")
         self.search_edit.setClearButtonEnabled(True)
-        self.search_edit.setMinimumWidth(180)
+        self.search_edit.setMinimumWidth(100)
         self.fit_button = QPushButton("Fit")
         self.fit_button.setToolTip("Show the whole graph (a tall one fitted to its width)")
         self.collapse_button = QPushButton("Collapse all")
         self.pane_combo = QComboBox()
-        self.pane_combo.setMinimumContentsLength(12)
+        self.pane_combo.setMinimumContentsLength(9)
         self.pane_combo.setToolTip(
             "Up to two more variants on the right, diffed against the reference (A, or the shown graph), "
             "every canvas following the others by matched node"

@@ -34,8 +34,9 @@ from studio.inspection.stats import DEFAULT_BINS, as_float_array
 RESCALING_TECHNIQUES = ("quantize.awq", "quantize.smoothquant")
 RESCALE_ROUNDS = 4  # alternating least-squares rounds; the fit stops moving after two or three
 MANIFEST = "manifest.json"
-# A quantized layer's tensors that hold its weight (codes, or a float weight left as it was).
-WEIGHT_TENSORS = ("qweight", "weight_int8", "weight")
+# A quantized layer's tensors that hold its weight (codes, or a float weight left as it was); `weight_packed`
+# is the codes' name in a compressed-tensors folder (how 4-bit causal-LM variants are saved).
+WEIGHT_TENSORS = ("qweight", "weight_int8", "weight", "weight_packed")
 
 
 @dataclass(frozen=True)

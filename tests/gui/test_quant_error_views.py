@@ -119,10 +119,11 @@ def test_selecting_a_layer_shows_float_against_dequantized(model_view, qtbot):
     assert rows["relative L2 error ‖Ŵ − W‖ / ‖W‖"] == view.error_cells[LAYER].text()
     assert rows["compared with"] == f"{LAYER}.weight of builtin:tinylm"
     # the codes tensor stands for the layer too; its scales keep their own histogram
+    # (a 4-bit causal LM's folder is compressed-tensors': its codes are `weight_packed`, scales `weight_scale`)
     with qtbot.waitSignal(quant.layer_shown, timeout=60000):
-        assert view.select_tensor(f"{LAYER}.qweight")
+        assert view.select_tensor(f"{LAYER}.weight_packed")
     with qtbot.waitSignal(view.histogram_shown, timeout=60000):
-        assert view.select_tensor(f"{LAYER}.scales")
+        assert view.select_tensor(f"{LAYER}.weight_scale")
     assert view.plot_stack.currentWidget() is view.plot
     # more bins redraw the comparison with them
     with qtbot.waitSignal(quant.layer_shown, timeout=60000):
