@@ -59,5 +59,5 @@ def test_recipes_may_put_export_openvino_after_torch_steps():
     assert problems == []
     _planned, problems = check_steps([Step(technique="export.openvino")], "openvino")
     assert problems == [
-        (0, "step 1 (export.openvino): needs an onnx model but the model gives an openvino model")
+        (0, "step 1 (export.openvino): needs an onnx or a torch model but the model gives an openvino model")
     ]
