@@ -45,6 +45,7 @@ from studio.gui.widgets import (
     add_table_export_action,
     fill_table,
     fmt,
+    histogram_curve,
     human_count,
     make_table,
     plot_colors,
@@ -254,15 +255,7 @@ class ModelView(QWidget):
         item.setTitle("Histogram")
         self.legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt")
         style_legend(self.legend)
-        self.hist_curve = pg.PlotDataItem(
-            [0.0, 1.0],
-            [0],
-            stepMode="center",
-            fillLevel=0,
-            pen=pg.mkPen(colors["bars"], width=1),
-            brush=colors["bars_fill"],
-            name="values per bin",
-        )
+        self.hist_curve = histogram_curve(colors, "values per bin")
         item.addItem(self.hist_curve)
         mean_pen = pg.mkPen(colors["mean"], width=2)
         std_pen = pg.mkPen(colors["std"], width=1.5, style=Qt.PenStyle.DashLine)

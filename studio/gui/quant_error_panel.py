@@ -18,7 +18,15 @@ import pyqtgraph as pg
 from PySide6.QtCore import QObject, Signal
 from PySide6.QtGui import QColor
 
-from studio.gui.widgets import fill_table, fmt, plot_colors, run_task, style_legend, style_plot
+from studio.gui.widgets import (
+    fill_table,
+    fmt,
+    histogram_curve,
+    plot_colors,
+    run_task,
+    style_legend,
+    style_plot,
+)
 from studio.inspection.quant_error import LayerError, VariantQuantError, open_variant_quant_error
 
 if TYPE_CHECKING:
@@ -65,14 +73,7 @@ class QuantErrorPanel(QObject):
             item.getAxis(axis).enableAutoSIPrefix(False)
         item.showGrid(x=True, y=True, alpha=0.15)
         self.legend = item.addLegend(offset=(-10, 10), labelTextSize="9pt")
-        self.float_curve = pg.PlotDataItem(
-            [0.0, 1.0],
-            [0],
-            stepMode="center",
-            fillLevel=0,
-            pen=pg.mkPen(colors["bars"], width=1),
-            brush=colors["bars_fill"],
-        )
+        self.float_curve = histogram_curve(colors)
         self.dq_curve = pg.PlotDataItem(
             [0.0, 1.0], [0], stepMode="center", pen=pg.mkPen(colors["mean"], width=1.6)
         )

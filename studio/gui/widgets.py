@@ -167,6 +167,19 @@ def style_axis(axis: pg.AxisItem, dark: bool | None = None) -> None:
     axis.setTextPen(foreground)
 
 
+def histogram_curve(colors: dict[str, Any], name: str | None = None) -> pg.PlotDataItem:
+    """The filled step curve the studio draws a weight histogram with (edges, then counts per bin)."""
+    return pg.PlotDataItem(
+        [0.0, 1.0],
+        [0],
+        stepMode="center",
+        fillLevel=0,
+        pen=pg.mkPen(colors["bars"], width=1),
+        brush=colors["bars_fill"],
+        name=name,
+    )
+
+
 def style_legend(legend: pg.LegendItem, dark: bool | None = None) -> None:
     """A legend box that stays readable over data: the plot background, slightly see-through."""
     colors = plot_colors(dark)
