@@ -81,6 +81,8 @@ def compute_precision(recipe: Any) -> str:
             return "int8"
         if step.technique == "onnx.quantize_blockwise" and (step.params or {}).get("accuracy_level", 4) == 4:
             return "int8"
+        if step.technique == "export.executorch" and (step.params or {}).get("quantize") == "int8":
+            return "int8"
     return "fp32"
 
 
@@ -175,12 +177,16 @@ def run_bench(
     threads: int | None = None,
     examples: int = 64,
     only: list[str] | None = None,
+    extra_recipes: list[Path] | None = None,
     progress: Any = None,
     toy: bool = False,
     search_trials: int | None = None,
     workspace: Any = None,
 ) -> dict[str, Any]:
-    """`toy`: the machine limits at toy sizes (for tests; the numbers are then no limits). `search_trials`:
+    """`extra_recipes`: recipe files timed beside the bench's own (a user's recipes, or the ExecuTorch ones
+    with `batch_sizes=(1,)`), named `<folder>-<file>`; a row that cannot run one of the batch sizes (a
+    program exported for batch 1) gets that error instead of stopping the bench.
+    `toy`: the machine limits at toy sizes (for tests; the numbers are then no limits). `search_trials`:
     first run that many trials of the bench's search in `workspace` (search_best), then time its best recipe
     as the row `searched-best` beside the others."""
     from studio.checkpoints import open_checkpoint
@@ -200,6 +206,7 @@ def run_bench(
     base = {"model": model, "runner": runner_for("torch", model.module, model, threads)}
     files = [p for p in recipe_files() if not only or any(o in p.stem for o in only)]
     entries = [Entry(p.stem, p) for p in files]
+    entries += [Entry(f"{p.parent.name}-{p.stem}", p) for p in extra_recipes or []]
     search = None
     if search_trials:
         if workspace is None:
@@ -221,17 +228,23 @@ def run_bench(
                 build(entry, Path(tmp), evaluation, base, sequence_length, threads)
             except Exception as exc:  # one broken recipe must not hide the others' numbers
                 entry.error = f"{type(exc).__name__}: {exc}"
-        live = [e for e in entries if e.error is None]
         family = family_for(model)
         batches = {
             b: family.batch(model, timing_examples(evaluation, b, sequence_length), sequence_length)
             for b in batch_sizes
         }
-        for e in live:  # warm-up: first calls allocate, compile kernels, fill caches
-            for b in batch_sizes:
-                for _ in range(2):
-                    e.runner(batches[b])
+        for e in entries:  # warm-up: first calls allocate, compile kernels, fill caches
+            if e.error is not None:
+                continue
+            try:
+                for b in batch_sizes:
+                    for _ in range(2):
+                        e.runner(batches[b])
+            except Exception as exc:  # e.g. a program with a fixed batch size: its row says so
+                e.error = f"{type(exc).__name__} at batch {b}: {exc}"
+                continue
             e.samples = {b: [] for b in batch_sizes}
+        live = [e for e in entries if e.error is None]
         for r in range(rounds):
             report(0.4 + 0.6 * r / rounds, f"timing round {r + 1}/{rounds}")
             order = live[r % len(live) :] + live[: r % len(live)] if live else []

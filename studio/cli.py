@@ -148,6 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--examples", type=int, default=64, help="sentences for fidelity (default 64)")
     p.add_argument("--only", nargs="+", help="recipe name fragments to include (default: all)")
     p.add_argument(
+        "--recipes",
+        nargs="+",
+        metavar="FILE",
+        help="encoder: also time these recipe files beside the bench's (e.g. resources/recipes/executorch/"
+        "*.yaml, with --batch-sizes 1 for their batch-1 programs)",
+    )
+    p.add_argument(
         "--toy",
         action="store_true",
         help="tiny sizes for tests: machine limits on small arrays; causal-lm: a tiny synthetic Llama, "

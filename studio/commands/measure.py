@@ -19,6 +19,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.search is not None and (args.family == "causal-lm" or args.search < 1):
         why = "is for the encoder bench" if args.family == "causal-lm" else "needs at least 1 trial"
         raise BadInput(f"--search {why}")
+    if args.recipes and args.family == "causal-lm":
+        raise BadInput("--recipes is for the encoder bench (causal-lm times its own recipes)")
+    for name in args.recipes or []:
+        if not Path(name).is_file():
+            raise BadInput(f"--recipes: {name}: no such recipe file")
     bar = ProgressLine("bench")
     if args.family == "causal-lm":
         from studio.bench_llm import format_table as llm_table
@@ -47,6 +52,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             threads=args.threads,
             examples=args.examples,
             only=args.only,
+            extra_recipes=[Path(f) for f in args.recipes or []],
             progress=bar,
             toy=args.toy,
             search_trials=args.search,
