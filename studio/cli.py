@@ -151,8 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--recipes",
         nargs="+",
         metavar="FILE",
-        help="encoder: also time these recipe files beside the bench's (e.g. resources/recipes/executorch/"
-        "*.yaml, with --batch-sizes 1 for their batch-1 programs)",
+        help="encoder: also time these recipe files beside the bench's (e.g. resources/recipes/executorch/*.yaml)",
     )
     p.add_argument(
         "--toy",
