@@ -34,6 +34,10 @@ HOOKS_SOURCE = "module hooks"
 # The scope of the ops the family's forward runs on the model's output outside any module (an encoder's
 # pooling): `forward/mean`; ops in the model's root module are `/to`, `/arange` (the attention mask).
 FORWARD_SCOPE = "forward"
+# Ops returning their input unchanged when dtype, device and shape stay (`.to(float32)` of a float32
+# tensor, `x[:, -0:]`): their readers read the input, so a residual add reads the layer's input, not
+# the norm that cast it.
+ALIAS_OPS = ("to", "alias", "detach", "contiguous")
 
 
 def torch_graph(model: Any, examples: Sequence[Any] | None = None, sequence_length: int = 16) -> Graph:
@@ -125,6 +129,11 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
     call_of: dict[str, int] = {}  # nn_module_stack key of a leaf call -> its group
     per_scope: dict[str, int] = {}
     leaf_calls: dict[str, int] = {}
+    alias: dict[str, Any] = {}  # FX node -> the node whose tensor it returns unchanged
+
+    def resolve(node: Any) -> Any:
+        return alias.get(node.name, node)
+
     for n in fx_nodes:
         if n.op != "call_function":
             continue
@@ -134,6 +143,9 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
             continue
         if not n.users and not _is_tensor(n.meta.get("val")):
             continue  # runtime asserts and other bookkeeping without an output
+        if _is_alias(n):
+            alias[n.name] = resolve(n.all_input_nodes[0])  # `.to(float32)` of a float32 tensor is itself
+            continue
         stack = list((n.meta.get("nn_module_stack") or {}).items())
         leaf = next(((key, strip_root(path)) for key, (path, _) in stack if strip_root(path) in leaves), None)
         if leaf is not None:
@@ -164,7 +176,14 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
         member[n.name] = index
         groups[index]["fx"].append(n)
 
-    outputs_fx = [a for a in _flat(next(n for n in fx_nodes if n.op == "output").args) if hasattr(a, "name")]
+    outputs_fx = [
+        resolve(a) for a in _flat(next(n for n in fx_nodes if n.op == "output").args) if hasattr(a, "name")
+    ]
+    readers: dict[str, list[Any]] = {}  # FX node -> the grouped nodes reading it (through casts)
+    for n in fx_nodes:
+        if n.name in member:
+            for src in n.all_input_nodes:
+                readers.setdefault(resolve(src).name, []).append(n)
     for n in fx_nodes:
         if n.name in member:
             tensor_of[n.name] = n.name
@@ -180,7 +199,7 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
         weights: list[dict[str, Any]] = []
         outputs: list[str] = []
         for n in g["fx"]:
-            for src in n.all_input_nodes:
+            for src in map(resolve, n.all_input_nodes):
                 if member.get(src.name) == index:
                     continue
                 if src.name in weight_of:
@@ -200,7 +219,7 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
                         )
                 elif src.name in tensor_of and tensor_of[src.name] not in inputs:
                     inputs.append(tensor_of[src.name])
-            if n.name in wanted_outside or any(member.get(u.name) != index for u in n.users):
+            if n.name in wanted_outside or any(member.get(r.name) != index for r in readers.get(n.name, [])):
                 outputs.append(tensor_of[n.name])
         node = GraphNode(g["name"], g["op"], inputs, outputs, weights=weights)
         node.precision = torch_precision(g["module"], weights) if g["module"] is not None else None
@@ -230,6 +249,16 @@ def _op_name(target: Any) -> str:
     packet = getattr(target, "overloadpacket", None)
     name = getattr(packet, "__name__", None) or getattr(target, "__name__", None) or str(target)
     return name.split(".")[-1]
+
+
+def _is_alias(node: Any) -> bool:
+    """A `.to(...)` or alias returning its input's tensor: the same dtype, device and shape."""
+    if _op_name(node.target) not in ALIAS_OPS or len(node.all_input_nodes) != 1:
+        return False
+    out, src = node.meta.get("val"), node.all_input_nodes[0].meta.get("val")
+    if not (_is_tensor(out) and _is_tensor(src)):
+        return False
+    return bool(out.dtype == src.dtype and out.device == src.device and list(out.shape) == list(src.shape))
 
 
 def _is_tensor(value: Any) -> bool:
