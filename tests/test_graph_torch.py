@@ -97,3 +97,15 @@ def test_a_model_torch_export_cannot_capture_falls_back_to_module_hooks(bert_cla
     assert graph.node("bert.encoder.layer.1.attention.self.query").op == "Linear"
     assert not any("/" in n.name for n in graph.nodes)  # no functional ops: only the leaf calls
     assert torch_graph(model).source == "torch.export"  # without the hook it exports again
+
+
+def test_a_dynamic_int8_model_falls_back_and_shows_its_quantized_linears(bert_classifier):
+    import torch
+
+    model = open_checkpoint(bert_classifier)
+    model.module = torch.ao.quantization.quantize_dynamic(model.module, {torch.nn.Linear}, dtype=torch.qint8)
+    graph = torch_graph(model)  # FBGEMM's packed weights are opaque to torch.export
+    assert graph.source == "module hooks" and "torch.export could not capture" in graph.notes[0]
+    query = graph.node("bert.encoder.layer.0.attention.self.query")  # the Linear, not its _packed_params
+    assert query.op == "Linear" and query.precision == "int8"
+    assert not any(n.name.endswith("_packed_params") for n in graph.nodes)

@@ -103,11 +103,7 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
         warnings.simplefilter("ignore")
         program = torch.export.export(Forward(), args, strict=False)
 
-    leaves = {
-        name: m
-        for name, m in module.named_modules()
-        if name and (not list(m.children()) or "packed" in type(m).__name__.lower())
-    }
+    leaves = leaf_modules(module)
     weight_of: dict[str, str] = {}  # placeholder -> the torch parameter or buffer it is
     tensor_of: dict[str, str] = {}  # FX node -> the tensor name the graph calls it
     user_inputs: list[str] = []
@@ -237,6 +233,21 @@ def exported_graph(model: Any, batch: Batch) -> Graph:
     )
 
 
+def leaf_modules(module: Any) -> dict[str, Any]:
+    """Path -> module for the modules whose calls are graph nodes: those without children, and those
+    whose only children hold packed weights (a dynamic INT8 Linear's `_packed_params`: the Linear is the
+    layer, its packed parameters are never called)."""
+    return {
+        name: m
+        for name, m in module.named_modules()
+        if name and not _packed(m) and all(_packed(c) for c in m.children())
+    }
+
+
+def _packed(module: Any) -> bool:
+    return "packed" in type(module).__name__.lower()
+
+
 def strip_root(path: str) -> str:
     """A module path in the export wrapper (`model.encoder.layer.0`) as a path in the model."""
     if path == WRAPPER_ROOT:
@@ -329,9 +340,7 @@ def hooked_graph(model: Any, batch: Batch) -> Graph:
         return after
 
     handles = [
-        m.register_forward_hook(hook(name, m), with_kwargs=True)
-        for name, m in module.named_modules()
-        if name and (not list(m.children()) or "packed" in type(m).__name__.lower())
+        m.register_forward_hook(hook(name, m), with_kwargs=True) for name, m in leaf_modules(module).items()
     ]
     try:
         with torch.inference_mode():
