@@ -42,6 +42,12 @@ def test_torch_against_its_onnx_export_matches_the_linear_layers_and_calls_the_r
         "/model/encoder/layer.0/intermediate/intermediate_act_fn/Erf"
         in a_to_b["encoder.layer.0.intermediate.intermediate_act_fn"]
     )
+    # the functional ops between modules match the export's ops of the same module and kind
+    assert a_to_b["encoder.layer.0.attention.output/add"] == ["/model/encoder/layer.0/attention/output/Add"]
+    sdpa = "encoder.layer.0.attention.self/scaled_dot_product_attention"
+    assert a_to_b[sdpa] == ["/model/encoder/layer.0/attention/self/Softmax"]
+    assert a_to_b["/to"] == ["/model/Cast"]  # the mask arithmetic of the model's root module
+    assert "forward/div" in diff["removed"]  # the family's pooling runs after the exported graph
     # nothing is "added": the export's shape arithmetic has no torch module, it is plumbing
     assert diff["added"] == [] and diff["plumbing_side"] == "B"
     plumbing_ops = {exported.node(n).op for n in diff["plumbing"]}
