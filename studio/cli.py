@@ -311,6 +311,7 @@ def add_graph_verbs(sub: Any, ws: argparse.ArgumentParser, trust: argparse.Argum
     )
     p.add_argument("a", help="the reference: " + ref)
     p.add_argument("b", help="the model compared with it: " + ref)
+    p.add_argument("more", nargs="*", metavar="C", help="more models, each compared with A as B is")
     data_flags(p, 4)
     table_flags(p, "one row per layer compared and per node added, removed or changed")
     p.set_defaults(handler=cmd_diff)

@@ -1,13 +1,16 @@
 """The structural diff across kinds and of several graphs: MiniLM's torch original against its ONNX export
 (matched through the weight-name map and the module paths in ONNX node names; the exporter's glue is
 "plumbing"), and the N-way diff of the original, the export and the fused graph with counterparts found
-through the reference."""
+through the reference, and the `diff` verb with three models."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
 from studio.checkpoints import open_checkpoint
+from studio.cli import main
 from studio.inspection.graph import onnx_graph, torch_graph
 from studio.inspection.graph_diff import counterpart_in, counterparts, graph_diff, graph_diff_many
 from studio.inspection.graph_export import diff_marks, diff_rows
@@ -30,7 +33,8 @@ def test_torch_against_its_onnx_export_matches_the_linear_layers_and_calls_the_r
     linears = [n.name for n in minilm_torch.nodes if n.op == "Linear"]
     matched = [n for n in linears if a_to_b.get(n)]
     # all but the pooler, which the sentence encoder's export leaves out
-    assert len(matched) >= 0.9 * len(linears) and "pooler.dense" in diff["removed"]
+    assert minilm_torch.source == "torch.export"
+    assert len(linears) == 37 and len(matched) >= 36 and "pooler.dense" in diff["removed"]
     assert set(a_to_b[QUERY]) == {QUERY_MATMUL, "/model/encoder/layer.0/attention/self/query/Add"}
     assert b_to_a[QUERY_MATMUL] == [QUERY]
     # the GELU module is the Erf and its arithmetic, matched by the module path in their names
@@ -38,6 +42,12 @@ def test_torch_against_its_onnx_export_matches_the_linear_layers_and_calls_the_r
         "/model/encoder/layer.0/intermediate/intermediate_act_fn/Erf"
         in a_to_b["encoder.layer.0.intermediate.intermediate_act_fn"]
     )
+    # the functional ops between modules match the export's ops of the same module and kind
+    assert a_to_b["encoder.layer.0.attention.output/add"] == ["/model/encoder/layer.0/attention/output/Add"]
+    sdpa = "encoder.layer.0.attention.self/scaled_dot_product_attention"
+    assert a_to_b[sdpa] == ["/model/encoder/layer.0/attention/self/Softmax"]
+    assert a_to_b["/to"] == ["/model/Cast"]  # the mask arithmetic of the model's root module
+    assert "forward/div" in diff["removed"]  # the family's pooling runs after the exported graph
     # nothing is "added": the export's shape arithmetic has no torch module, it is plumbing
     assert diff["added"] == [] and diff["plumbing_side"] == "B"
     plumbing_ops = {exported.node(n).op for n in diff["plumbing"]}
@@ -78,3 +88,35 @@ def test_n_way_diff_links_every_graph_through_the_reference(minilm_torch, minilm
     assert counterpart_in(diffs, 1, 1, "Attention_0") == ["Attention_0"]
     with pytest.raises(ValueError, match="two or more"):
         graph_diff_many(graphs[:1])
+
+
+def test_diff_verb_with_three_models_diffs_each_against_the_first(minilm_onnx, tmp_path, capsys):
+    import shutil
+
+    exported = str(minilm_onnx["exported"])
+    copy = tmp_path / "copy" / "model.onnx"  # the same graph under another name: all unchanged against A
+    shutil.copytree(minilm_onnx["exported"].parent, copy.parent)
+    small = ["--examples", "2", "--sequence-length", "16", "--json"]
+    assert main(["diff", exported, "builtin:minilm", *small]) == 0
+    pair = json.loads(capsys.readouterr().out)
+    assert pair["a"] == exported and pair["b"] == "builtin:minilm" and "structure" in pair  # as it was
+    table = tmp_path / "rows.csv"
+    assert main(["diff", exported, "builtin:minilm", str(copy), *small, "--csv", str(table)]) == 0
+    many = json.loads(capsys.readouterr().out)
+    assert many["reference"] == exported and [d["b"] for d in many["diffs"]] == ["builtin:minilm", str(copy)]
+    assert many["diffs"][0]["structure"] == pair["structure"] and many["diffs"][0]["layers"] == pair["layers"]
+    assert many["diffs"][0]["structure"]["plumbing_side"] == "A"
+    same = many["diffs"][1]  # against A, the ONNX export, not against B, the torch model
+    assert same["a"] == exported and same["structure"]["plumbing_side"] is None
+    assert same["structure"]["added"] == same["structure"]["removed"] == same["structure"]["changed"] == []
+    assert same["structure"]["unchanged"] == len(onnx_graph(minilm_onnx["exported"]).nodes)
+    assert all(x["cosine"] > 0.9999 for x in same["layers"])
+    header, *rows = table.read_text().splitlines()
+    assert header.startswith("b,kind,name") and {r.split(",")[0] for r in rows} == {
+        "builtin:minilm",
+        str(copy),
+    }
+    assert (
+        main(["diff", exported, "builtin:minilm", "no-such-variant", "--workspace", str(tmp_path / "w")]) == 2
+    )
+    assert "no-such-variant" in capsys.readouterr().err

@@ -50,6 +50,11 @@ def test_module_block_names_the_module_a_node_sits_under():
     assert module_block("/model/embeddings/LayerNorm/LayerNormalization") == "embeddings"
     assert module_block("/model/Cast") == "model"
     assert module_block("pooler.dense") == "pooler"
+    # torch.export's graph: a functional op by the module it ran in; the root module's ops are `model`'s;
+    # a decoder's final norm is below a `model` root, as in ONNX names
+    assert module_block("embeddings/add") == "embeddings" and module_block("/to") == "model"
+    assert module_block("model.norm") == "norm" and module_block("model.embed_tokens") == "embed_tokens"
+    assert module_block("model/arange") == "model" and module_block("lm_head") == "lm_head"
     assert module_block("Constant_12") is None and module_block("Attention_0") is None
     assert node_label("/model/encoder/layer.0/attention/self/Softmax", "Softmax") == "Softmax"
     assert node_label("/model/encoder/layer.0/attention/self/query/MatMul", "MatMul") == "MatMul"

@@ -65,6 +65,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
             {
                 "variant": label,
                 "kind": graph.kind,
+                "source": graph.source,
+                "notes": graph.notes,
                 "inputs": graph.inputs,
                 "outputs": graph.outputs,
                 "nodes": nodes,
@@ -73,7 +75,12 @@ def cmd_graph(args: argparse.Namespace) -> int:
             }
         )
         return 0
-    print(f"{label}: {graph.kind} graph, {len(nodes)} nodes in {len(graph.groups())} repeated blocks")
+    print(
+        f"{label}: {graph.kind} graph ({graph.source}), {len(nodes)} nodes in {len(graph.groups())} "
+        "repeated blocks"
+    )
+    for note in graph.notes:
+        print(f"note: {note}")
     ranked = sorted(nodes, key=lambda r: -(r["time_share"] or 0.0))
     print(f"\n{'node':<64} {'op':<24} {'time':>6} {'precision':<16} {'error':>9}")
     for r in ranked[: args.top]:
@@ -89,34 +96,69 @@ def has_graph(model: Any) -> bool:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """`diff A B`: B against A. `diff A B C ...`: each against A, the reference (`diffs`, one entry per
+    model as `diff A X` prints it; the graph diffs are `graph_diff_many`'s, A's graph built once)."""
     from studio.inspection.layer_diff import layer_diff
 
     a_label, a = open_model(args, args.a)
-    b_label, b = open_model(args, args.b)
-    result = layer_diff(a, b, examples=examples_of(args), sequence_length=args.sequence_length)
-    out: dict[str, Any] = {"a": a_label, "b": b_label, **result}
-    if has_graph(a) and has_graph(b):
-        from studio.errors import BadInput
-        from studio.inspection.graph import graph_of
-        from studio.inspection.graph_diff import graph_diff
-
-        try:
-            out["structure"] = graph_diff(graph_of(a), graph_of(b))
-        except BadInput as exc:  # a module its hooks cannot trace: the layer-wise diff still stands
-            out["structure_error"] = exc.message
+    others = [open_model(args, ref) for ref in [args.b, *(getattr(args, "more", None) or [])]]
+    examples = examples_of(args)
+    outs: list[dict[str, Any]] = []
+    for label, model in others:
+        result = layer_diff(a, model, examples=examples, sequence_length=args.sequence_length)
+        outs.append({"a": a_label, "b": label, **result})
+    for out, (structure, error) in zip(outs, graph_structures(a, [m for _, m in others]), strict=True):
+        if structure is not None:
+            out["structure"] = structure
+        elif error is not None:
+            out["structure_error"] = error
     if args.csv or args.json_file:
         from studio.inspection.graph_export import DIFF_COLUMNS, diff_rows
 
-        save_tables(args, diff_rows(out.get("structure"), result["layers"]), DIFF_COLUMNS)
+        rows = []
+        for out in outs:
+            for row in diff_rows(out.get("structure"), out["layers"]):
+                rows.append(row if len(outs) == 1 else {"b": out["b"], **row})
+        save_tables(args, rows, DIFF_COLUMNS if len(outs) == 1 else ("b", *DIFF_COLUMNS))
     if args.json:
-        print_json(out)
+        print_json(outs[0] if len(outs) == 1 else {"reference": a_label, "diffs": outs})
         return 0
-    print(f"A = {a_label}\nB = {b_label}\n")
+    for i, out in enumerate(outs):
+        print(("\n" if i else "") + f"A = {a_label}\nB = {out['b']}\n")
+        print_diff(out)
+    return 0
+
+
+def graph_structures(a: Any, others: list[Any]) -> list[tuple[dict[str, Any] | None, str | None]]:
+    """Per model: its graph diff against `a` where both have a graph, or the message of the graph that
+    could not be built (a module its hooks cannot trace), or (None, None) where one has no graph."""
+    from studio.errors import BadInput
+    from studio.inspection.graph import graph_of
+    from studio.inspection.graph_diff import graph_diff
+
+    out: list[tuple[dict[str, Any] | None, str | None]] = [(None, None)] * len(others)
+    wanted = [i for i, model in enumerate(others) if has_graph(a) and has_graph(model)]
+    if not wanted:
+        return out
+    try:
+        reference = graph_of(a)
+    except BadInput as exc:  # the layer-wise diffs still stand
+        return [(None, exc.message) if i in wanted else (None, None) for i in range(len(others))]
+    for i in wanted:
+        try:
+            out[i] = (graph_diff(reference, graph_of(others[i])), None)
+        except BadInput as exc:
+            out[i] = (None, exc.message)
+    return out
+
+
+def print_diff(out: dict[str, Any]) -> None:
+    """One B's layers and graph diff against A, as `diff A B` prints them."""
     print(f"{'layer':<64} {'cosine':>9} {'rel. error':>11}")
-    for x in result["layers"]:
-        mark = "  <- first jump" if x["name"] == result["first_jump"] else ""
+    for x in out["layers"]:
+        mark = "  <- first jump" if x["name"] == out["first_jump"] else ""
         print(f"{x['name'][-64:]:<64} {x['cosine']:>9.5f} {x['relative_error']:>11.3g}{mark}")
-    print(f"\n{len(result['layers'])} layers matched; first jump: {result['first_jump'] or 'none'}")
+    print(f"\n{len(out['layers'])} layers matched; first jump: {out['first_jump'] or 'none'}")
     if "structure" in out:
         s = out["structure"]
         print(
@@ -128,7 +170,6 @@ def cmd_diff(args: argparse.Namespace) -> int:
                 else ""
             )
         )
-    return 0
 
 
 def cmd_diagnose(args: argparse.Namespace) -> int:

@@ -118,22 +118,61 @@ def module_scopes(name: str) -> list[str]:
 
 
 def _match_scopes(a: Graph, b: Graph, matches: dict[str, list[str]], link: Any) -> None:
-    """Match the unmatched ONNX nodes of one side to the torch leaf module their name says they are in."""
+    """Match the unmatched ONNX nodes of one side to the torch leaf module their name says they are in,
+    else to a functional op of the torch graph in the same module with the same op (`/model/encoder/
+    layer.0/attention/output/Add` is `encoder.layer.0.attention.output/add`), one for one in order."""
     onnx_side, torch_side = (a, b) if a.kind == "onnx" else (b, a)
     leaves = {n.name for n in torch_side.nodes}
+    functional: dict[tuple[str, str], list[str]] = {}  # (module, ONNX op) -> torch ops, in order
+    for n in torch_side.nodes:
+        if "/" in n.name:
+            functional.setdefault((n.name.rsplit("/", 1)[0], onnx_op_of(n.op)), []).append(n.name)
     matched_onnx = set(matches) if onnx_side is b else {x for xs in matches.values() for x in xs}
     for n in onnx_side.nodes:
         if n.name in matched_onnx:
             continue
-        module = next((s for s in module_scopes(n.name) if s in leaves), None)
+        scopes = module_scopes(n.name)
+        module = next((s for s in scopes if s in leaves), None)
         if module is None:
-            continue
+            # the exporter's root (`/model/Cast`) is the torch model's root module (`/to`)
+            queue = next(
+                (q for s in [*scopes, ""] if (q := functional.get((s, n.op.lower())))),
+                None,
+            )
+            if not queue:
+                continue
+            module = queue.pop(0)
         if onnx_side is b:
             link(n.name, [module])
         else:
             matches.setdefault(module, [])
             if n.name not in matches[module]:
                 link(module, [*matches[module], n.name])
+
+
+# ATen ops under the name of the ONNX op they are exported as (lowercase), where the two differ.
+_ONNX_OP_OF = {
+    "view": "reshape",
+    "_unsafe_view": "reshape",
+    "cat": "concat",
+    "to": "cast",
+    "permute": "transpose",
+    "__and__": "and",
+    "bitwise_and": "and",
+    "arange": "range",
+    "ge": "greaterorequal",
+    "eq": "equal",
+    "new_ones": "constantofshape",
+    "index": "gather",
+    "select": "gather",
+    "mean": "reducemean",
+    "scaled_dot_product_attention": "softmax",  # the attention product's core
+}
+
+
+def onnx_op_of(aten_op: str) -> str:
+    """The ONNX op (lowercase) an ATen op of a torch graph is exported as: `view` -> `reshape`."""
+    return _ONNX_OP_OF.get(aten_op, aten_op.lower())
 
 
 def _sizes(node: GraphNode) -> dict[str, int]:

@@ -79,20 +79,33 @@ class Layout:
 
 def module_block(name: str) -> str | None:
     """The module a node name sits under, as its first level below the exporter's `model` root:
-    `/model/embeddings/LayerNorm/LayerNormalization` -> `embeddings`, `/model/Cast` -> `model`;
-    a torch module path is its own first part (`pooler.dense` -> `pooler`). None for unnamed nodes."""
+    `/model/embeddings/LayerNorm/LayerNormalization` -> `embeddings`, `/model/Cast` and `/to` -> `model`;
+    a torch module path is its own first part (`pooler.dense` -> `pooler`, `model.norm` -> `norm`, and
+    an op in it `embeddings.x/add` -> `embeddings`). None for unnamed nodes."""
     if "/" in name:
         parts = [p for p in name.split("/") if p]
         if len(parts) < 2:
-            return None
+            # an op in a torch model's root module (`/to`: the mask arithmetic) is where the exporter's
+            # `/model/Cast` is
+            return "model" if name.startswith("/") and len(parts) == 1 else None
         modules = parts[:-1]
         if modules[0] == "model" and len(modules) > 1:
             return modules[1]
+        if not name.startswith("/") and len(modules) == 1:  # a torch op in a module: `embeddings/add`
+            return _torch_block(modules[0])
         return modules[0]
     if _OP_TAIL.match(name):  # `Attention_0`, `Constant_12`: named after its op, not a module
         return None
-    first = name.split(".")[0].split("#")[0]
-    return first or None
+    return _torch_block(name.split("#")[0])
+
+
+def _torch_block(path: str) -> str | None:
+    """A torch module path's first part, below a `model` root as for ONNX names (`model.norm` -> `norm`,
+    so a decoder's final norm is not in one box with its embeddings, above and below the layers)."""
+    parts = path.split(".")
+    if parts[0] == "model" and len(parts) > 1:
+        return parts[1]
+    return parts[0] or None
 
 
 def blocks_of(graph: Graph) -> dict[str, str | None]:
