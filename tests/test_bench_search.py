@@ -1,7 +1,7 @@
 """`model-studio bench --search`: the bench's shipped search runs in the bench's workspace first, and the
 best recipe it finds is timed interleaved with the other recipes as the row `searched-best` (toy sizes).
 
-The bench runs on a tiny randomly initialised BERT encoder here (studio/bench.py's test knob
+The bench runs on the tiny BERT encoder of tests/conftest.py here (studio/bench.py's test knob
 MODEL_STUDIO_BENCH_MODEL), not MiniLM: what is checked is the plumbing from the search to the timed row,
 and on MiniLM the search's mixed-precision step quantizes the graph once per layer, twice (in the trial and
 in the bench's build), which took minutes. tests/test_bench.py times the bench on MiniLM itself."""
@@ -9,44 +9,18 @@ in the bench's build), which took minutes. tests/test_bench.py times the bench o
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> Path:
-    """A 2-layer BERT feature-extraction checkpoint (like MiniLM: no head, mean pooling) with MiniLM's
-    tokenizer files."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    from tests.conftest import TOKENIZER_FILES, VOCAB, minilm_dir
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    folder = tmp_path_factory.mktemp("models") / "bert-encoder"
-    BertModel(cfg).eval().save_pretrained(folder)
-    for name in TOKENIZER_FILES:
-        shutil.copy(minilm_dir() / name, folder / name)
-    return folder
-
-
-def test_bench_search_times_the_best_recipe_found(tiny_encoder, tmp_path, capsys, monkeypatch):
+def test_bench_search_times_the_best_recipe_found(bert_encoder, tmp_path, capsys, monkeypatch):
     from studio.bench import MODEL_ENV
     from studio.cli import main
     from studio.pipeline import load_recipe
     from studio.variants import Workspace
 
-    monkeypatch.setenv(MODEL_ENV, str(tiny_encoder))
+    monkeypatch.setenv(MODEL_ENV, str(bert_encoder))
 
     out, ws = tmp_path / "bench.json", tmp_path / "ws"
     args = ["bench", "--only", "06-onnx-optimized-int8", "--search", "1", "--rounds", "2", "--examples", "4"]
@@ -82,7 +56,7 @@ def test_bench_search_times_the_best_recipe_found(tiny_encoder, tmp_path, capsys
     assert row["quality"]["fidelity_cosine"] >= 0.995  # the search's constraint, on the same sentences
     # the trial measured its variant on the bench's own sentences and tokens: the same fidelity again
     trial = Workspace(ws).get(search["best"])
-    assert trial["model"] == str(tiny_encoder) and result["model"] == str(tiny_encoder)
+    assert trial["model"] == str(bert_encoder) and result["model"] == str(bert_encoder)
     for key in ("fidelity_cosine", "fidelity_cosine_min"):
         assert row["quality"][key] == pytest.approx(trial["metrics"]["quality"][key], abs=1e-6)
     for b in ("1", "2"):
