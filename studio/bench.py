@@ -32,6 +32,17 @@ USUAL_INT8 = "06-onnx-optimized-int8"
 SEARCHED = "searched-best"  # the row of the best recipe `bench --search` found on this machine
 SEARCH_RECIPE = ("search", "minilm-bench.yaml")  # under resources/recipes/
 
+# A test knob, like MODEL_STUDIO_TIMING_SCALE: tests/test_bench_search.py sets it to a tiny encoder checkpoint
+# so that the bench's search (whose mixed-precision step quantizes the graph once per layer) and its builds
+# take seconds; every recipe, the search's included, then runs on that model. Unset (every real run):
+# builtin:minilm, the model all the bench's recipes are written for.
+MODEL_ENV = "MODEL_STUDIO_BENCH_MODEL"
+
+
+def bench_model() -> str:
+    return os.environ.get(MODEL_ENV) or "builtin:minilm"
+
+
 # Steps after which the linear layers multiply in INT8 (dynamic / static activation quantization, MatMulNBits
 # at accuracy level 4, QAT); weight-only storage alone dequantizes to float and multiplies in FP32.
 INT8_COMPUTE = ("quantize.dynamic_int8", "onnx.quantize_dynamic", "onnx.quantize_static", "quantize.qat")
@@ -125,6 +136,7 @@ def search_best(
         data["calibration_examples"] = min(recipe.data.calibration_examples, 16)
     recipe = recipe.model_copy(
         update={
+            "model": bench_model(),
             "evaluate": recipe.evaluate.model_copy(update={"sequence_length": sequence_length}),
             "data": recipe.data.model_copy(update=data),
         }
@@ -201,7 +213,7 @@ def run_bench(
     report(0.0, "machine limits")
     limits = toy_machine_limits(threads) if toy else machine_limits(threads)
     calls_per_round = calls_per_round or {b: (8 if b == 1 else 1) for b in batch_sizes}
-    model = open_checkpoint("builtin:minilm")
+    model = open_checkpoint(bench_model())
     evaluation = load_examples("builtin:sentences", examples)
     base = {"model": model, "runner": runner_for("torch", model.module, model, threads)}
     files = [p for p in recipe_files() if not only or any(o in p.stem for o in only)]
@@ -319,7 +331,7 @@ def summarise_bench(
             peak = limits["gemm"]["int8_peak_gops" if row["precision"] == "int8" else "fp32_peak_gops"]
             row["gemm_peak_share"] = {b: g / peak if peak else None for b, g in row["linear_gops"].items()}
     return {
-        "model": "builtin:minilm",
+        "model": bench_model(),
         "sequence_length": seq_len,
         "batch_sizes": list(batch_sizes),
         "threads": threads,
@@ -470,7 +482,7 @@ def format_table(result: dict[str, Any]) -> str:
     sizes = sorted(result.get("batch_sizes") or (1, 32))
     shown = [str(b) for b in dict.fromkeys((sizes[0], sizes[-1]))]  # the smallest and largest batch
     lines = [
-        f"builtin:minilm, sequence length {result['sequence_length']}, {result['threads']} threads, "
+        f"{result['model']}, sequence length {result['sequence_length']}, {result['threads']} threads, "
         f"{result['environment']['machine']['cpu']}; {result['method']}",
         "",
         f"{'variant':<40} "

@@ -63,6 +63,25 @@ def bert_classifier(models_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def bert_encoder(models_dir) -> Path:
+    """A 2-layer BERT feature-extraction checkpoint, like MiniLM (no head, mean pooling) but tiny: for tests
+    of plumbing that MiniLM would only make slow."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
+    return _save(BertModel(cfg).eval(), models_dir / "bert-encoder")
+
+
+@pytest.fixture(scope="session")
 def gpt2(models_dir) -> Path:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel

@@ -9,38 +9,33 @@ import json
 import pytest
 
 
-def test_bench_table_and_json(tmp_path, capsys):
-    from studio.bench import target_mark
+@pytest.fixture(scope="module")
+def bench(tmp_path_factory) -> tuple[str, dict]:
+    """(the table, the JSON result) of one toy bench of torch FP32, the usual ONNX INT8 and minilm-small:
+    built and timed once for this module's tests (each reads what it checks from the same run)."""
+    import contextlib
+    import io
+
     from studio.cli import main
 
-    out = tmp_path / "bench.json"
-    code = main(
-        [
-            "bench",
-            "--only",
-            "01-torch-fp32",
-            "06-onnx-optimized-int8",
-            "minilm-small",
-            "--rounds",
-            "2",
-            "--examples",
-            "4",
-            "--batch-sizes",
-            "1",
-            "2",
-            "--sequence-length",
-            "16",
-            "--out",
-            str(out),
-            "--workspace",
-            str(tmp_path / "ws"),
-            "--toy",
-        ]
-    )
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "bench.json"
+    args = ["bench", "--only", "01-torch-fp32", "06-onnx-optimized-int8", "minilm-small", "--rounds", "2"]
+    args += ["--examples", "4", "--batch-sizes", "1", "2", "--sequence-length", "16", "--toy"]
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        code = main([*args, "--json", str(out), "--workspace", str(tmp / "ws")])
     assert code == 0
-    table = capsys.readouterr().out
+    # --json FILE writes the JSON there and still prints the table (tests/test_bench_search.py uses --out)
+    assert f"results: {out}" in table.getvalue()
+    return table.getvalue(), json.loads(out.read_text())
+
+
+def test_bench_table_and_json(bench):
+    from studio.bench import target_mark
+
+    table, result = bench
     assert "b2 p50" in table and "x int8 b2" in table  # the columns follow the batch sizes measured
-    result = json.loads(out.read_text())
     assert result["batch_sizes"] == [1, 2] and result["threads"] >= 1
     rows = result["variants"]
     assert list(rows) == ["01-torch-fp32", "06-onnx-optimized-int8", "minilm-small"]
@@ -66,15 +61,8 @@ def test_bench_table_and_json(tmp_path, capsys):
     assert rows["01-torch-fp32"]["targets"] == {}  # the usual recipes have no target
 
 
-def test_bench_machine_limits_peak_shares_and_issue18_targets(tmp_path, capsys):
-    from studio.cli import main
-
-    out = tmp_path / "bench.json"
-    args = ["bench", "--only", "01-torch-fp32", "06-onnx-optimized-int8", "minilm-small", "--rounds", "2"]
-    args += ["--examples", "4", "--batch-sizes", "1", "2", "--sequence-length", "16", "--toy"]
-    assert main([*args, "--json", str(out), "--workspace", str(tmp_path / "ws")]) == 0
-    table = capsys.readouterr().out
-    result = json.loads(out.read_text())
+def test_bench_machine_limits_peak_shares_and_issue18_targets(bench):
+    table, result = bench
     limits = result["machine_limits"]
     assert limits["memory_bandwidth"]["triad_gb_per_s"] > 0 and limits["gemm"]["int8_peak_gops"] > 0
     assert "machine limits: memory" in table and "issue 18 targets:" in table

@@ -1,6 +1,6 @@
 """export.openvino, quantize.nncf and the OpenVINO runner on builtin:minilm: real IRs converted from the
 studio's ONNX export, quantized by NNCF, run by OpenVINO's CPU runtime, judged against torch, saved,
-reopened, loaded by plain OpenVINO, and one full `model-studio run` through the CLI."""
+reopened, loaded by plain OpenVINO, and one full `model-studio run` through the CLI (on a tiny encoder)."""
 
 from __future__ import annotations
 
@@ -223,13 +223,16 @@ def test_missing_openvino_or_nncf_says_so(tmp_path):
     assert ids["export.openvino"]["output_kind"] == ids["quantize.nncf"]["input_kind"] == "openvino"
 
 
-def test_model_studio_run_exports_quantizes_measures_and_reloads(minilm, tmp_path):
+def test_model_studio_run_exports_quantizes_measures_and_reloads(bert_encoder, tmp_path):
+    """The CLI's whole path (worker, measurement, workspace, reopening, export) on the tiny BERT encoder of
+    tests/conftest.py: the tests above convert and quantize MiniLM itself; here MiniLM only made it slow."""
+    encoder = open_checkpoint(str(bert_encoder))
     recipe = tmp_path / "peer.yaml"
     recipe.write_text(
         textwrap.dedent(
             f"""
             version: 1
-            model: builtin:minilm
+            model: {bert_encoder}
             data: {{evaluation_examples: 6, calibration_examples: 8}}
             steps:
               - technique: export.onnx
@@ -256,10 +259,10 @@ def test_model_studio_run_exports_quantizes_measures_and_reloads(minilm, tmp_pat
     row = Workspace(ws).get(variant["id"])
     reopened = open_checkpoint(row["artifact"])
     runner = make_runner("openvino", reopened)
-    acc = QualityAccumulator(minilm.family, _examples(6))
-    for b in quality_batches(minilm, _examples(6), SEQ):
+    acc = QualityAccumulator(encoder.family, _examples(6))
+    for b in quality_batches(encoder, _examples(6), SEQ):
         with torch.no_grad():
-            acc.add(b, family_for(minilm).forward(minilm.module, b), runner(b))
+            acc.add(b, family_for(encoder).forward(encoder.module, b), runner(b))
     again = acc.results()[1]["fidelity_cosine"]
     assert again == pytest.approx(metrics["quality"]["fidelity_cosine"], abs=1e-4)
 
