@@ -1,0 +1,88 @@
+"""distill with around_quantized: after weight-only quantization, the float parameters left beside the
+quantized layers (biases, LayerNorms) train toward the original while the stored codes and scales stay."""
+
+from __future__ import annotations
+
+import pytest
+
+from studio.errors import BadInput
+
+
+def _ctx(model, examples, tmp_path):
+    from studio.techniques.base import RunContext
+
+    events: list[dict] = []
+    ctx = RunContext(
+        original=model,
+        workdir=tmp_path,
+        calibration=examples,
+        sequence_length=32,
+        step_index=2,
+        emit=events.append,
+    )
+    return ctx, events
+
+
+def _quantized(model, tmp_path, technique: str, **params):
+    from studio.techniques.base import get_technique, initial_state
+
+    block = get_technique(technique)
+    ctx, _ = _ctx(model, [], tmp_path)
+    return block().run(initial_state(model), block.Params(**params), ctx)
+
+
+def test_trains_the_float_parameters_around_4bit_layers(bert_classifier, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.families import family_for
+    from studio.techniques.base import get_technique
+
+    model = open_checkpoint(bert_classifier)
+    family = family_for(model)
+    data = load_examples("builtin:sentences", 160)
+    train, held_out = data[:96], data[96:160]
+    state = _quantized(model, tmp_path, "quantize.weight_only", bits=4, group_size=16, embeddings=True)
+    codes_before = {
+        k: v.clone() for k, v in state.module.state_dict().items() if k.endswith(("qweight", "scales"))
+    }
+    assert codes_before  # the classifier really holds 4-bit layers
+    held = family.batch(model, held_out, 32)
+
+    def kl(module) -> float:  # of the held-out logits, original -> variant
+        with torch.no_grad():
+            ref = family.forward(model.module, held).log_softmax(-1)
+            out = family.forward(module, held).log_softmax(-1)
+        return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
+
+    before = kl(state.module)
+    technique = get_technique("distill")
+    ctx, _ = _ctx(model, train, tmp_path)
+    params = technique.Params(steps=40, learning_rate=3e-3, batch_size=16, alpha=1.0, around_quantized=True)
+    out = technique().run(state, params, ctx)
+    after = kl(out.module)
+    assert after < before * 0.9, (before, after)  # held-out sentences, not the ones trained on
+    for k, v in out.module.state_dict().items():
+        if k in codes_before:
+            assert torch.equal(v, codes_before[k]), k  # codes and scales as stored
+    layer = out.module.bert.encoder.layer[0].output.dense
+    assert type(layer).__name__ == "WeightOnlyLinear"
+    assert not torch.equal(layer.bias, model.module.bert.encoder.layer[0].output.dense.bias)
+    assert not layer.bias.requires_grad  # flags restored as the quantization left them
+
+
+def test_refuses_layers_that_pass_no_gradients(bert_classifier, tmp_path):
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.techniques.base import get_technique
+
+    model = open_checkpoint(bert_classifier)
+    state = _quantized(model, tmp_path, "quantize.dynamic_int8")
+    technique = get_technique("distill")
+    ctx, _ = _ctx(model, load_examples("builtin:sentences", 8), tmp_path)
+    with pytest.raises(BadInput, match=r"pass no gradients \(bert\.encoder"):
+        technique().run(state, technique.Params(steps=1, around_quantized=True), ctx)
+    with pytest.raises(BadInput, match="distill before quantizing"):
+        technique().run(state, technique.Params(steps=1), ctx)
