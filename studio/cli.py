@@ -135,9 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--family",
-        choices=["encoder", "causal-lm"],
+        choices=["encoder", "causal-lm", "kv-cache"],
         default="encoder",
-        help="encoder: builtin:minilm (default); causal-lm: builtin:tinylm and a 0.5B-class Llama, decoding",
+        help="encoder: builtin:minilm (default); causal-lm: builtin:tinylm and a 0.5B-class Llama, decoding "
+        "(and the KV-cache section); kv-cache: only that section, tinylm's cache quantized at its full context",
     )
     p.add_argument("--batch-sizes", type=int, nargs="+", help="default: 1 32 (encoder), 1 8 (causal-lm)")
     p.add_argument("--sequence-length", type=int, default=128)

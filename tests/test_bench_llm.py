@@ -132,3 +132,58 @@ def test_bench_causal_lm_toy_prints_the_table_and_writes_every_field(tmp_path, c
     best = tiny["variants"][ppl["variant"]]
     assert ppl["ratio"] == pytest.approx(best["perplexity"] / tiny["variants"][REFERENCE]["perplexity"])
     assert {t["target"]: t for t in toy["targets"]}["perplexity"]["got"] == "not measured (random weights)"
+    # the KV-cache section runs with the causal-lm bench too (its own test below checks its fields)
+    assert set(result["kv_cache"]["rows"]) >= {"float16", "turboquant 4", "quanto 4"}
+    assert "target KV cache: " in table
+
+
+def test_bench_kv_cache_toy_prints_the_table_and_writes_every_field(tmp_path, capsys):
+    from studio.bench_kv import QUANTIZED, REFERENCE, TOY_CONTEXT
+    from studio.cli import main
+
+    out = tmp_path / "kv.json"
+    code = main(["bench", "--family", "kv-cache", "--toy", "--json", str(out), "--workspace", str(tmp_path)])
+    assert code == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["family"] == "kv-cache" and result["toy"] is True and "models" not in result
+    kv = result["kv_cache"]
+    assert kv["model"] == "builtin:tinylm" and kv["max_position_embeddings"] == 512
+    assert kv["context"] == TOY_CONTEXT and kv["prompt_tokens"] + kv["new_tokens"] == kv["context"]
+    assert kv["perplexity_window"] == kv["context"] and kv["perplexity_tokens"] == 2 * kv["context"]
+    names = [REFERENCE, *(f"{m} {b:g}" for m, b in QUANTIZED)]
+    assert list(kv["rows"]) == names
+    assert {"turboquant 4", "turboquant 3", "turboquant 2.5", "quanto 4"} <= set(names)
+    # tinylm runs in float32: the reference is the float cache's elements x 2 bytes, and the table says so
+    head = 192 // 6
+    elements = 2 * 4 * 2 * head * kv["context"]  # keys and values, 4 layers, 2 KV heads
+    assert kv["model_dtype"] == "float32" and kv["float_cache_elements"] == elements
+    assert kv["float_cache_bytes"] == elements * 4 and kv["fp16_reference_bytes"] == elements * 2
+    assert "elements x 2" in table and "float32" in table
+    base = kv["rows"][REFERENCE]
+    assert base["cache_bytes"] == elements * 2 and base["fp16_share"] == 1.0
+    assert base["perplexity_ratio"] == 1.0 and base["generation_match"] == 1.0
+    for name, row in kv["rows"].items():
+        assert "error" not in row, (name, row.get("error"))
+        for field in ("cache_bytes", "fp16_share", "perplexity", "perplexity_ratio", "generation_match"):
+            assert row[field] is not None, (name, field)
+        assert row["decode_tokens_per_s"] == pytest.approx(1000.0 / row["tpot_ms"]["p50"])
+        assert row["tpot_ms"]["runs"] == kv["new_tokens"] - 1  # one round of the new tokens after the first
+        assert row["fp16_share"] == pytest.approx(row["cache_bytes"] / kv["fp16_reference_bytes"])
+        assert row["perplexity_ratio"] == pytest.approx(row["perplexity"] / base["perplexity"])
+        assert 0.0 <= row["generation_match"] <= 1.0
+        assert name in table
+    # every quantized cache holds fewer bytes than the float one; TurboQuant 4 fewer than float16's too
+    for method, bits in QUANTIZED:
+        row = kv["rows"][f"{method} {bits:g}"]
+        assert row["method"] == method and row["key_bits"] == bits and row["residual_length"] == 16
+        assert row["held_bytes"] == row["cache_bytes"] < kv["float_cache_bytes"]
+    assert kv["rows"]["turboquant 4"]["cache_bytes"] < kv["fp16_reference_bytes"]
+    tq = [kv["rows"][f"turboquant {b:g}"]["cache_bytes"] for b in (4, 3, 2.5)]
+    assert tq == sorted(tq, reverse=True) and len(set(tq)) == 3  # fewer bits, fewer bytes
+    target = kv["target"]
+    at4 = [r for r in kv["rows"].values() if r["key_bits"] == 4]
+    expected = any(r["fp16_share"] <= 0.30 and r["perplexity_ratio"] <= 1.02 for r in at4)
+    assert target["met"] == expected
+    assert f"target KV cache: {'MET' if target['met'] else 'MISSED'} (need <= 30% of fp16 bytes" in table
+    assert "turboquant 2.5:" in target["got"] and "turboquant 3:" in target["got"]

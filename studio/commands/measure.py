@@ -16,8 +16,8 @@ from studio.errors import BadInput, Cancelled
 def cmd_bench(args: argparse.Namespace) -> int:
     from studio.bench import write_result
 
-    if args.search is not None and (args.family == "causal-lm" or args.search < 1):
-        why = "is for the encoder bench" if args.family == "causal-lm" else "needs at least 1 trial"
+    if args.search is not None and (args.family != "encoder" or args.search < 1):
+        why = "is for the encoder bench" if args.family != "encoder" else "needs at least 1 trial"
         raise BadInput(f"--search {why}")
     if args.recipes and args.family == "causal-lm":
         raise BadInput("--recipes is for the encoder bench (causal-lm times its own recipes)")
@@ -25,8 +25,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not Path(name).is_file():
             raise BadInput(f"--recipes: {name}: no such recipe file")
     bar = ProgressLine("bench")
-    if args.family == "causal-lm":
-        from studio.bench_llm import format_table as llm_table
+    if args.family == "kv-cache":
+        from studio.bench_kv import format_table as kv_table
+        from studio.bench_kv import run_kv_bench
+
+        render = kv_table
+        result = run_kv_bench(
+            toy=args.toy,
+            new_tokens=args.new_tokens,
+            rounds=args.rounds or 3,
+            threads=args.threads,
+            progress=bar,
+        )
+    elif args.family == "causal-lm":
+        from studio.bench_kv import format_table as llm_table
+        from studio.bench_kv import with_kv_section
         from studio.bench_llm import run_llm_bench
 
         render = llm_table
@@ -41,6 +54,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             only=args.only,
             progress=bar,
         )
+        result = with_kv_section(result, toy=args.toy, progress=bar)
     else:
         from studio.bench import format_table, run_bench
 
