@@ -44,4 +44,4 @@ def test_missing_recipe_file_and_wrong_family_are_refused(tmp_path, capsys):
     assert main(["bench", "--recipes", str(tmp_path / "nope.yaml"), *ws]) == 2
     assert "nope.yaml: no such recipe file" in capsys.readouterr().err
     assert main(["bench", "--family", "causal-lm", "--recipes", str(tmp_path / "nope.yaml"), *ws]) == 2
-    assert "--recipes is for the encoder bench" in capsys.readouterr().err
+    assert "--recipes is for the encoder bench (causal-lm" in capsys.readouterr().err

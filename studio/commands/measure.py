@@ -19,8 +19,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.search is not None and (args.family != "encoder" or args.search < 1):
         why = "is for the encoder bench" if args.family != "encoder" else "needs at least 1 trial"
         raise BadInput(f"--search {why}")
-    if args.recipes and args.family == "causal-lm":
-        raise BadInput("--recipes is for the encoder bench (causal-lm times its own recipes)")
+    if args.recipes and args.family != "encoder":
+        raise BadInput(f"--recipes is for the encoder bench ({args.family} times its own recipes)")
     for name in args.recipes or []:
         if not Path(name).is_file():
             raise BadInput(f"--recipes: {name}: no such recipe file")
