@@ -26,6 +26,16 @@ MIN_COST = 0.01
 # Causes shown whatever they cost: where the error jumps, and how near the GEMMs run to the peak (at the
 # peak it costs nothing, and that the run is compute-bound is the news).
 ALWAYS_SHOWN = ("error-jump", "gemm-peak")
+# ONNX Runtime's transformer fusions (onnx.optimize): a graph holding these is fused already
+FUSED_OPS = frozenset(
+    {
+        "Attention",
+        "MultiHeadAttention",
+        "GroupQueryAttention",
+        "SkipLayerNormalization",
+        "EmbedLayerNormalization",
+    }
+)
 # Linear layers: matrix products with a weight, in float or integer, fused (Attention's QKV) or not.
 LINEAR_OPS = (MATMUL_OPS - {"Conv", "Conv2d"}) | {
     "MatMulInteger",
@@ -283,6 +293,9 @@ def _gemm_fix(graph: Graph, precision: str, verdict: str) -> dict[str, Any]:
             "technique": "onnx.quantize_blockwise",
             "params": {"bits": 4, "block_size": 32, "accuracy_level": 4},
         }
+    if any(n.op in FUSED_OPS for n in graph.nodes):
+        # already fused: what is left is fewer (smaller) products, the one lever a pipeline step adds
+        return {"technique": "prune.structured", "params": {"fraction": 0.3}, "before": "export.onnx"}
     return {"technique": "onnx.optimize", "params": {}}
 
 

@@ -77,3 +77,17 @@ def test_no_gemm_cause_without_timed_linear_layers():
     graph = Graph(kind="onnx", nodes=[_linear("a", 8, 8, "int8")])
     limits = {"gemm": {"int8_peak_gops": 1.0, "fp32_peak_gops": 1.0}}
     assert gemm_cause(graph, {}, total_ms=1.0, batch=1, tokens=8, limits=limits) is None
+
+
+def test_overhead_fix_is_fusion_unless_the_graph_is_fused_already():
+    limits = {"gemm": {"int8_peak_gops": 1000.0, "fp32_peak_gops": 1.0}, "memory_bandwidth": {}}
+    limits["memory_bandwidth"]["triad_gb_per_s"] = 1e6  # bound by overhead, as in the table above
+    nodes = [_linear("a", 1000, 500, "int8"), _linear("b", 500, 1000, "int8")]
+    shares = {"a": 0.4, "b": 0.4}
+    plain = gemm_cause(
+        Graph(kind="onnx", nodes=nodes), shares, total_ms=50.0, batch=32, tokens=1000, limits=limits
+    )
+    assert plain is not None and plain["fix"]["technique"] == "onnx.optimize"
+    fused = Graph(kind="onnx", nodes=[*nodes, GraphNode("Attention_0", "Attention", [], [])])
+    cause = gemm_cause(fused, shares, total_ms=50.0, batch=32, tokens=1000, limits=limits)
+    assert cause is not None and cause["fix"]["technique"] == "prune.structured"  # fusing again adds nothing
