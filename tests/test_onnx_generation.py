@@ -148,7 +148,7 @@ def test_runners_feed_the_cache_graph_a_zero_length_past(exported):
 
 def test_quantize_dynamic_keeps_the_cache_working(exported, tmp_path):
     """INT8 weights, the same cache interface: the quantized graph generating with its cache gives what
-    it gives recomputing the whole sequence every token (its cache path is right), and its cache holds
+    it gives recomputing the whole sequence every token, up to near ties (its cache path is right), and its cache holds
     float32 keys and values as before."""
     import torch
 
@@ -165,7 +165,14 @@ def test_quantize_dynamic_keeps_the_cache_working(exported, tmp_path):
     for _ in range(NEW):  # no cache: every token from a prefill of the whole sequence
         token, _ = loop.prefill(ids)
         ids = torch.cat([ids, token[:, None]], dim=1)
-    assert cached.tolist() == ids[:, PROMPT:].tolist()
+    # Activations are quantized per call, so a one-token step and a whole-sequence prefill round them
+    # differently and a near tie may flip (seen on an AVX-512 VNNI CPU: one prompt of two split at token 3).
+    # A broken cache path (positions, a stale cache) splits every prompt at the second token.
+    agree = []
+    for a, b in zip(cached.tolist(), ids[:, PROMPT:].tolist(), strict=True):
+        same = next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), NEW)
+        agree.append(same / NEW)
+    assert cached[:, 0].tolist() == ids[:, PROMPT].tolist() and sum(agree) / len(agree) >= 0.5, agree
     float_bytes = measure_generation("onnx", state.path, model, examples(), spec([1]), policy=FAST)
     int8_bytes = measure_generation("onnx", quantized.path, model, examples(), spec([1]), policy=FAST)
     assert int8_bytes["kv_cache_bytes"] == float_bytes["kv_cache_bytes"] > 0
