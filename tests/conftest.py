@@ -44,21 +44,24 @@ def models_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("models")
 
 
+# The tiny BERT of the classifier and encoder fixtures (2 layers, hidden 32).
+TINY_BERT = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=128,
+)
+
+
 @pytest.fixture(scope="session")
 def bert_classifier(models_dir) -> Path:
     import torch
     from transformers import BertConfig, BertForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        num_labels=2,
-        max_position_embeddings=128,
-    )
+    cfg = BertConfig(**TINY_BERT, num_labels=2)
     return _save(BertForSequenceClassification(cfg).eval(), models_dir / "bert-classifier")
 
 
@@ -70,15 +73,7 @@ def bert_encoder(models_dir) -> Path:
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    return _save(BertModel(cfg).eval(), models_dir / "bert-encoder")
+    return _save(BertModel(BertConfig(**TINY_BERT)).eval(), models_dir / "bert-encoder")
 
 
 @pytest.fixture(scope="session")
