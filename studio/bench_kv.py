@@ -3,7 +3,7 @@ causal-lm`): builtin:tinylm decoding with its float cache and with the quantized
 `kv_cache.quantize` (studio/evaluation/kv_quant.py), at the longest context the model allows.
 
 Rows: the float16 reference, TurboQuant 4 / 3 / 2.5 bits and quanto 4 / 2 bits, each with the technique's
-defaults (the newest 16 tokens kept in the model's precision). Every row is the same module with the cache
+defaults (quanto keeps the newest 16 tokens in the model's precision, TurboQuant none). Every row is the same module with the cache
 choice a saved `kv_cache.quantize` variant carries (restored the way a variant is), so decoding, the cache
 bytes and perplexity go through the studio's own code:
 

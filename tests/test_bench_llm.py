@@ -140,6 +140,7 @@ def test_bench_causal_lm_toy_prints_the_table_and_writes_every_field(tmp_path, c
 def test_bench_kv_cache_toy_prints_the_table_and_writes_every_field(tmp_path, capsys):
     from studio.bench_kv import QUANTIZED, REFERENCE, TOY_CONTEXT
     from studio.cli import main
+    from studio.evaluation.kv_quant import DEFAULT_RESIDUAL
 
     out = tmp_path / "kv.json"
     code = main(["bench", "--family", "kv-cache", "--toy", "--json", str(out), "--workspace", str(tmp_path)])
@@ -176,7 +177,8 @@ def test_bench_kv_cache_toy_prints_the_table_and_writes_every_field(tmp_path, ca
     # every quantized cache holds fewer bytes than the float one; TurboQuant 4 fewer than float16's too
     for method, bits in QUANTIZED:
         row = kv["rows"][f"{method} {bits:g}"]
-        assert row["method"] == method and row["key_bits"] == bits and row["residual_length"] == 16
+        assert row["method"] == method and row["key_bits"] == bits
+        assert row["residual_length"] == DEFAULT_RESIDUAL[method]  # the technique's defaults
         assert row["held_bytes"] == row["cache_bytes"] < kv["float_cache_bytes"]
     assert kv["rows"]["turboquant 4"]["cache_bytes"] < kv["fp16_reference_bytes"]
     tq = [kv["rows"][f"turboquant {b:g}"]["cache_bytes"] for b in (4, 3, 2.5)]

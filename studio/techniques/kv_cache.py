@@ -38,11 +38,13 @@ class KVCacheParams(Params):
     value_bits: float | None = Field(
         None, description="bits per value coordinate, same choices as bits (empty: the same as bits)"
     )
-    residual_length: int = Field(
-        16,
+    residual_length: int | None = Field(
+        None,
         ge=0,
         le=4096,
-        description="the most recent tokens kept in the model's precision; older ones are quantized",
+        description="the most recent tokens kept in the model's precision; older ones are quantized (empty: "
+        "16 for quanto, whose key scales span a block of tokens; 0 for turboquant, which quantizes each token "
+        "alone)",
     )
     group_size: int = Field(
         32,
@@ -70,7 +72,7 @@ class KVCacheParams(Params):
             method=self.method,
             bits=float(self.bits),
             value_bits=float(self.bits if self.value_bits is None else self.value_bits),
-            residual_length=self.residual_length,
+            residual_length=-1 if self.residual_length is None else self.residual_length,
             group_size=self.group_size,
             float_layers=tuple(self.float_layers),
         )
