@@ -86,3 +86,46 @@ def test_refuses_layers_that_pass_no_gradients(bert_classifier, tmp_path):
         technique().run(state, technique.Params(steps=1, around_quantized=True), ctx)
     with pytest.raises(BadInput, match="distill before quantizing"):
         technique().run(state, technique.Params(steps=1), ctx)
+
+
+def test_train_scales_tunes_the_scales_and_keeps_the_codes(bert_classifier, tmp_path):
+    import torch
+    import torch.nn.functional as F
+
+    from studio.checkpoints import open_checkpoint
+    from studio.evaluation.data import load_examples
+    from studio.families import family_for
+    from studio.techniques.base import get_technique
+
+    model = open_checkpoint(bert_classifier)
+    family = family_for(model)
+    data = load_examples("builtin:sentences", 160)
+    train, held = data[:96], family.batch(model, data[96:160], 32)
+    state = _quantized(model, tmp_path, "quantize.weight_only", bits=4, group_size=16, embeddings=True)
+    stored = {k: v.clone() for k, v in state.module.state_dict().items() if k.endswith(("qweight", "scales"))}
+
+    def kl(module) -> float:
+        with torch.no_grad():
+            ref = family.forward(model.module, held).log_softmax(-1)
+            out = family.forward(module, held).log_softmax(-1)
+        return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
+
+    before = kl(state.module)
+    technique = get_technique("distill")
+    ctx, _ = _ctx(model, train, tmp_path)
+    params = technique.Params(
+        steps=40, learning_rate=3e-3, batch_size=16, alpha=1.0, around_quantized=True, train_scales=True
+    )
+    out = technique().run(state, params, ctx)
+    assert kl(out.module) < before * 0.9
+    after = out.module.state_dict()
+    codes = [k for k in stored if k.endswith("qweight")]
+    scales = [k for k in stored if k.endswith("scales")]
+    assert codes and scales
+    assert all(torch.equal(after[k], stored[k]) for k in codes)  # the integer codes as stored
+    changed = [k for k in scales if not torch.equal(after[k], stored[k])]
+    assert "bert.embeddings.word_embeddings.scales" in changed and len(changed) == len(scales)
+    assert all(after[k].dtype == stored[k].dtype and after[k].shape == stored[k].shape for k in scales)
+    assert not any(t.requires_grad for t in after.values())
+    with pytest.raises(ValueError, match="needs around_quantized"):
+        technique.Params(train_scales=True)

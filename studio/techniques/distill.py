@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from studio.errors import BadInput
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
@@ -64,11 +64,31 @@ class DistillParams(Params):
         "quantized layers (biases, LayerNorms, layers kept float) toward the original; the codes and "
         "scales stay as stored. Recovers part of what 4-bit weights lose (MiniLM: mean cosine +0.004-0.006)",
     )
+    train_scales: bool = Field(
+        False,
+        description="with around_quantized: also train the weight-only layers' scales (one per group of "
+        "weights), the integer codes fixed (PEQA, Kim et al. 2023): the stored size does not change",
+    )
+
+    @model_validator(mode="after")
+    def _scales_need_around(self) -> DistillParams:
+        if self.train_scales and not self.around_quantized:
+            raise ValueError("train_scales trains a quantized model's scales: it needs around_quantized")
+        return self
 
 
 # Quantized layers whose forward passes gradients on to their inputs (weights dequantized in float, or a
 # table lookup): `around_quantized` trains the float parameters around them. FBGEMM's int8 kernels do not.
 TRAINABLE_AROUND = ("WeightOnlyLinear", "WeightOnlyEmbedding", "Int8Embedding")
+SCALES_OF = {"WeightOnlyLinear": "scales", "WeightOnlyEmbedding": "scales", "Int8Embedding": "weight_scale"}
+
+
+def quantized_scales(module: Any) -> list[Any]:
+    """The float scale buffers of a module's weight-only layers, the tensors `train_scales` trains."""
+    found = (
+        getattr(m, SCALES_OF[type(m).__name__]) for m in module.modules() if type(m).__name__ in SCALES_OF
+    )
+    return [t for t in found if t is not None and t.is_floating_point()]
 
 
 def passes_gradients(module: Any, name: str) -> bool:
@@ -341,11 +361,26 @@ class Distill(Technique[DistillParams]):
                     if bool(zero.any()):
                         masks.append((p, ~zero))
         kept_zeros = sum(int((~m).sum()) for _, m in masks)
+        scales = quantized_scales(student) if params.train_scales else []
+        if params.train_scales and not scales:
+            raise BadInput(
+                "train_scales: the model holds no weight-only layers (quantize.weight_only) to tune"
+            )
 
         student.eval()  # dropout off: the student is trained deterministically toward the teacher
         for p in every:
             p.requires_grad_(id(p) not in frozen)
-        optimizer = torch.optim.AdamW(params_list, lr=params.learning_rate, weight_decay=0.0)
+        for t in scales:
+            t.requires_grad_(True)
+        # Adam moves every element by about its learning rate per step; a scale moves by that share of
+        # its tensor's mean magnitude, so a 4-bit scale of 0.01 and a bias of 0.5 change alike relatively
+        groups: list[dict[str, Any]] = [{"params": params_list}]
+        groups += [
+            {"params": [t], "lr": params.learning_rate * max(float(t.detach().abs().mean()), 1e-12)}
+            for t in scales
+        ]
+        params_list = params_list + scales
+        optimizer = torch.optim.AdamW(groups, lr=params.learning_rate, weight_decay=0.0)
         output_name = (
             "1 - cosine + relative MSE of pooled embeddings"
             if is_embedding
@@ -354,7 +389,8 @@ class Distill(Technique[DistillParams]):
         ctx.log(
             f"distilling for {params.steps} steps on {len(examples)} examples "
             f"({len(batches)} batches of about {size}); output term: {output_name}; "
-            f"{sum(p.numel() for p in params_list):,} weights trained; "
+            f"{sum(p.numel() for p in params_list):,} weights trained"
+            f"{f' ({sum(t.numel() for t in scales):,} of them quantization scales)' if scales else ''}; "
             f"{'keeping ' + str(kept_zeros) + ' pruned weights at zero' if kept_zeros else 'no pruned weights'}"
         )
 
@@ -407,6 +443,8 @@ class Distill(Technique[DistillParams]):
             teacher_outputs.clear()
             for p, g in zip(every, old_grad, strict=True):
                 p.requires_grad_(g)
+            for t in scales:
+                t.requires_grad_(False)
             student.eval()
             student.to(torch.device("cpu"))
 
