@@ -47,4 +47,6 @@ def requantize_clipped(layer: Any, weight: Any) -> Any:
     """A weight-only layer (`WeightOnlyLinear` or `WeightOnlyEmbedding`) like `layer`, its codes rounded
     from `weight` (the float weight it was built from) on the best clipped ranges."""
     clipped = clipped_weight(weight, layer.bits, layer.group_size, layer.symmetric)
-    return type(layer).from_float(clipped, layer.bias, layer.bits, layer.group_size, layer.symmetric)
+    return type(layer).from_float(
+        clipped.to(layer.dtype), layer.bias, layer.bits, layer.group_size, layer.symmetric, layer.scales.dtype
+    )

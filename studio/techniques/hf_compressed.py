@@ -56,7 +56,9 @@ def layer_tensors(layer: Any) -> dict[str, Any]:
 
     return {
         "weight_packed": pack_to_int32(signed_codes(layer), layer.bits),
-        "weight_scale": layer.scales.detach().clone().contiguous(),
+        # in the layer's compute dtype: transformers reads the scales as the model's dtype (an up-cast of
+        # float16 scales is exact)
+        "weight_scale": layer.scales.detach().to(layer.dtype).contiguous(),
         "weight_shape": torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64),
     }
 

@@ -131,11 +131,11 @@ def _torchao_weight(layer: Any) -> Any:
         zero = layer.zeros.to(torch.int16) - offset
     return IntxUnpackedToInt8Tensor(
         qdata.to(torch.int8).contiguous(),
-        layer.scales.detach().clone(),
+        layer.scales.detach().to(layer.dtype),  # float16 scales up-cast exactly to the model's dtype
         zero.to(torch.int8).contiguous(),
         getattr(torch, f"int{layer.bits}"),
         (1, layer.group_size),
-        layer.scales.dtype,
+        layer.dtype,
         None,
     )
 

@@ -188,6 +188,7 @@ class LayerScheme:
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = True
+    scale_float16: bool = False  # weight-only: scales stored as float16 instead of the weight's dtype
 
     def __post_init__(self) -> None:
         if self.kind not in ("int8", "weight-only"):
@@ -199,6 +200,12 @@ class LayerScheme:
 
     def group_for(self, width: int) -> int:
         return group_width(self.bits, self.group_size, width)
+
+    def scale_dtype(self) -> Any:
+        """The dtype weight-only scales are stored in: float16 where asked, else None (the weight's)."""
+        import torch
+
+        return torch.float16 if self.scale_float16 else None
 
     def misfit(self, module: Any) -> Literal["indivisible", "odd"] | None:
         """Why this layer cannot be quantized by the scheme (weight-only group layout), or None."""
@@ -227,9 +234,11 @@ def quantized_layer(old: Any, scheme: LayerScheme) -> Any:
         group = scheme.group_for(input_width(old))
         if is_linear(old):
             return WeightOnlyLinear.from_float(
-                float_weight(old), old.bias, scheme.bits, group, scheme.symmetric
+                float_weight(old), old.bias, scheme.bits, group, scheme.symmetric, scheme.scale_dtype()
             )
-        return WeightOnlyEmbedding.from_float(old.weight, None, scheme.bits, group, scheme.symmetric)
+        return WeightOnlyEmbedding.from_float(
+            old.weight, None, scheme.bits, group, scheme.symmetric, scheme.scale_dtype()
+        )
 
 
 def empty_layer(old: Any, scheme: LayerScheme) -> Any:
@@ -255,12 +264,20 @@ def empty_layer(old: Any, scheme: LayerScheme) -> Any:
             scheme.group_for(in_features),
             scheme.symmetric,
             dtype,
+            scheme.scale_dtype(),
         )
     if scheme.kind == "int8":
         return Int8Embedding(old.num_embeddings, old.embedding_dim, dtype)
     width = old.embedding_dim
     return WeightOnlyEmbedding(
-        width, old.num_embeddings, False, scheme.bits, scheme.group_for(width), scheme.symmetric, dtype
+        width,
+        old.num_embeddings,
+        False,
+        scheme.bits,
+        scheme.group_for(width),
+        scheme.symmetric,
+        dtype,
+        scheme.scale_dtype(),
     )
 
 

@@ -293,13 +293,23 @@ class WeightOnlyParams(WeightStorageParams):
         "0.5) whose codes are closest to the float weights, instead of the full range; stored the same "
         "way. MiniLM, 4-bit encoder layers: fewer of the FFNs' outliers stretch a whole group's step",
     )
+    scale_float16: bool = Field(
+        default=False,
+        description="store the scales as float16 instead of the weights' float32: half their bytes (a "
+        "float16 scale is within 0.05% of the float32 one, far below a 4-bit step; the codes are rounded "
+        "against the stored scale). MiniLM's 4-bit vocabulary with groups of 128: 0.37 MB -> 0.18 MB",
+    )
 
     def group_for(self, in_features: int) -> int:
         return group_width(self.bits, self.group_size, in_features)
 
     def layer_scheme(self) -> LayerScheme:
         return LayerScheme(
-            "weight-only", bits=self.bits, group_size=self.group_size, symmetric=self.symmetric
+            "weight-only",
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            scale_float16=self.scale_float16,
         )
 
 
@@ -412,6 +422,8 @@ class WeightOnly(Technique[WeightOnlyParams]):
             "symmetric": p.symmetric,
             "modules": linears,
         }
+        if p.scale_float16:  # absent otherwise: records written before it read the same
+            record["scale_float16"] = True
         if embeddings:
             record["embeddings"] = embeddings
         return dataclasses.replace(state, module=root, transforms=[*state.transforms, record])
@@ -422,5 +434,6 @@ class WeightOnly(Technique[WeightOnlyParams]):
             bits=record.get("bits", 4),
             group_size=record.get("group_size"),
             symmetric=record.get("symmetric", True),
+            scale_float16=bool(record.get("scale_float16", False)),
         )
         return _restore(module, record, params.layer_scheme(), cls.id)

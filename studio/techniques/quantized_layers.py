@@ -219,8 +219,10 @@ class WeightOnlyLinear(nn.Module):
 
     Buffers: `qweight` (int8 [out, in] for symmetric 8 bit, uint8 [out, in] for asymmetric 8 bit,
     uint8 [out, in/2] for 4 bit: column 2j in the low nibble, 2j+1 in the high one), `scales`
-    [out, in/group] in the weight's float dtype, `zeros` uint8 [out, in/group] (asymmetric only).
-    Symmetric 4-bit codes are stored with an offset of 8; symmetric scales may be negative.
+    [out, in/group] in the weight's float dtype or in `scale_dtype` (float16 scales halve their bytes;
+    the codes are rounded against the stored scale), `zeros` uint8 [out, in/group] (asymmetric only).
+    Symmetric 4-bit codes are stored with an offset of 8; symmetric scales may be negative. `dtype` is the
+    layer's compute dtype (its bias and what it returns).
     """
 
     qweight: torch.Tensor
@@ -237,8 +239,12 @@ class WeightOnlyLinear(nn.Module):
         group_size: int,
         symmetric: bool,
         dtype: torch.dtype = torch.float32,
+        scale_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        # float16 scales kept beside wider weights: the dtype the layer computes in (a later module.to()
+        # casting the scales to another dtype makes that the compute dtype again)
+        self.scales_beside = dtype if scale_dtype is not None and scale_dtype != dtype else None
         if bits not in (4, 8):
             raise ValueError(f"bits must be 8 or 4, not {bits}")
         if group_size <= 0 or in_features % group_size:
@@ -256,7 +262,7 @@ class WeightOnlyLinear(nn.Module):
         else:
             qweight = torch.zeros(out_features, in_features, dtype=torch.int8 if symmetric else torch.uint8)
         self.register_buffer("qweight", qweight)
-        self.register_buffer("scales", torch.ones(out_features, groups, dtype=dtype))
+        self.register_buffer("scales", torch.ones(out_features, groups, dtype=scale_dtype or dtype))
         if symmetric:
             self.register_buffer("zeros", None)
         else:
@@ -267,12 +273,21 @@ class WeightOnlyLinear(nn.Module):
 
     @classmethod
     def from_float(
-        cls, weight: torch.Tensor, bias: torch.Tensor | None, bits: int, group_size: int, symmetric: bool
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        bits: int,
+        group_size: int,
+        symmetric: bool,
+        scale_dtype: torch.dtype | None = None,
     ) -> WeightOnlyLinear:
         """Round-to-nearest quantization of a float weight [out, in], group by group."""
         out_features, in_features = weight.shape
         dtype = weight.dtype
-        layer = cls(in_features, out_features, bias is not None, bits, group_size, symmetric, dtype)
+        layer = cls(
+            in_features, out_features, bias is not None, bits, group_size, symmetric, dtype, scale_dtype
+        )
+        dtype = layer.scales.dtype  # the scales' own: the codes are rounded against the stored scale
         tiny = torch.finfo(dtype).tiny
         w = weight.detach().to(torch.float32).reshape(out_features, -1, group_size)
         if symmetric:
@@ -304,8 +319,15 @@ class WeightOnlyLinear(nn.Module):
             layer.qweight.copy_(codes.to(layer.qweight.dtype))
         layer.scales.copy_(scales)
         if bias is not None and layer.bias is not None:
-            layer.bias.data.copy_(bias.detach().to(dtype))
+            layer.bias.data.copy_(bias.detach().to(layer.dtype))
         return layer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the layer computes in: its bias and what it returns."""
+        if self.scales_beside is not None and self.scales.dtype == torch.float16:
+            return self.scales_beside
+        return self.scales.dtype
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
@@ -353,7 +375,7 @@ class WeightOnlyLinear(nn.Module):
         elif self.bits == 4:
             q = q - 8
         w = (q * scales.to(torch.float32).unsqueeze(-1)).reshape(n, self.in_features)
-        return w.to(dtype or self.scales.dtype)
+        return w.to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
@@ -386,7 +408,7 @@ class WeightOnlyEmbedding(WeightOnlyLinear):
         return self.in_features
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = self.dequantize(self.scales.dtype, rows=ids.reshape(-1))
+        rows = self.dequantize(self.dtype, rows=ids.reshape(-1))
         return rows.reshape(*ids.shape, self.in_features)
 
     def extra_repr(self) -> str:
