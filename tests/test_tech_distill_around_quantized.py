@@ -88,7 +88,8 @@ def test_refuses_layers_that_pass_no_gradients(bert_classifier, tmp_path):
         technique().run(state, technique.Params(steps=1), ctx)
 
 
-def test_train_scales_tunes_the_scales_and_keeps_the_codes(bert_classifier, tmp_path):
+@pytest.mark.parametrize("half", [False, True])  # float16 scales train as float32 and are stored back
+def test_train_scales_tunes_the_scales_and_keeps_the_codes(bert_classifier, tmp_path, half):
     import torch
     import torch.nn.functional as F
 
@@ -101,7 +102,9 @@ def test_train_scales_tunes_the_scales_and_keeps_the_codes(bert_classifier, tmp_
     family = family_for(model)
     data = load_examples("builtin:sentences", 160)
     train, held = data[:96], family.batch(model, data[96:160], 32)
-    state = _quantized(model, tmp_path, "quantize.weight_only", bits=4, group_size=16, embeddings=True)
+    state = _quantized(
+        model, tmp_path, "quantize.weight_only", bits=4, group_size=16, embeddings=True, scale_float16=half
+    )
     stored = {k: v.clone() for k, v in state.module.state_dict().items() if k.endswith(("qweight", "scales"))}
 
     def kl(module) -> float:

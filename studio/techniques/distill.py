@@ -83,12 +83,32 @@ TRAINABLE_AROUND = ("WeightOnlyLinear", "WeightOnlyEmbedding", "Int8Embedding")
 SCALES_OF = {"WeightOnlyLinear": "scales", "WeightOnlyEmbedding": "scales", "Int8Embedding": "weight_scale"}
 
 
-def quantized_scales(module: Any) -> list[Any]:
-    """The float scale buffers of a module's weight-only layers, the tensors `train_scales` trains."""
-    found = (
-        getattr(m, SCALES_OF[type(m).__name__]) for m in module.modules() if type(m).__name__ in SCALES_OF
-    )
-    return [t for t in found if t is not None and t.is_floating_point()]
+def quantized_scales(module: Any) -> list[tuple[Any, str]]:
+    """(layer, buffer name) of the float scales of a module's weight-only layers: what `train_scales`
+    trains."""
+    found = ((m, SCALES_OF[type(m).__name__]) for m in module.modules() if type(m).__name__ in SCALES_OF)
+    return [
+        (m, name)
+        for m, name in found
+        if getattr(m, name) is not None and getattr(m, name).is_floating_point()
+    ]
+
+
+def train_in_float32(layers: list[tuple[Any, str]]) -> tuple[list[Any], Any]:
+    """The scale buffers as float32 tensors to train (float16 scales would take Adam's updates, a
+    thousandth of a scale, at the edge of their precision), and a function that stores them back in
+    their own dtypes (a float16 scale rounded once, at the end)."""
+    import torch
+
+    dtypes = [getattr(m, name).dtype for m, name in layers]
+    for m, name in layers:
+        setattr(m, name, getattr(m, name).detach().to(torch.float32).requires_grad_(True))
+
+    def store() -> None:
+        for (m, name), dtype in zip(layers, dtypes, strict=True):
+            setattr(m, name, getattr(m, name).detach().to(dtype))
+
+    return [getattr(m, name) for m, name in layers], store
 
 
 def passes_gradients(module: Any, name: str) -> bool:
@@ -361,17 +381,16 @@ class Distill(Technique[DistillParams]):
                     if bool(zero.any()):
                         masks.append((p, ~zero))
         kept_zeros = sum(int((~m).sum()) for _, m in masks)
-        scales = quantized_scales(student) if params.train_scales else []
-        if params.train_scales and not scales:
+        scale_layers = quantized_scales(student) if params.train_scales else []
+        if params.train_scales and not scale_layers:
             raise BadInput(
                 "train_scales: the model holds no weight-only layers (quantize.weight_only) to tune"
             )
+        scales, store_scales = train_in_float32(scale_layers)
 
         student.eval()  # dropout off: the student is trained deterministically toward the teacher
         for p in every:
             p.requires_grad_(id(p) not in frozen)
-        for t in scales:
-            t.requires_grad_(True)
         # Adam moves every element by about its learning rate per step; a scale moves by that share of
         # its tensor's mean magnitude, so a 4-bit scale of 0.01 and a bias of 0.5 change alike relatively
         groups: list[dict[str, Any]] = [{"params": params_list}]
@@ -443,8 +462,7 @@ class Distill(Technique[DistillParams]):
             teacher_outputs.clear()
             for p, g in zip(every, old_grad, strict=True):
                 p.requires_grad_(g)
-            for t in scales:
-                t.requires_grad_(False)
+            store_scales()
             student.eval()
             student.to(torch.device("cpu"))
 
