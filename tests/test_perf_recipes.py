@@ -23,9 +23,9 @@ from studio.resources import resource
 
 SEQ = 32
 STUDIO_RECIPES = sorted(resource("recipes").glob("*.yaml"))
-# Recipes whose full build misses its cosine target (the bench reports it MISSED) are held small to what
-# they measure instead: minilm-tiny, 0.9864 at full size (64 sentences, sequence 128; 0.981 before its
-# distillation, which runs 8 steps here).
+# Recipes whose full build meets its cosine target only after training that runs 8 steps here are held
+# small to a floor of their own: minilm-tiny, 0.9901 at full size (64 sentences, sequence 128, 100 steps
+# of distillation; the 0.99 target is met by 0.0001, so a small run cannot be held to it).
 SMALL_RUN_FLOOR = {"tiny": 0.975}
 TRAINING_STEPS = ("distill", "quantize.qat", "train.lora")
 
