@@ -41,13 +41,10 @@ def test_ortgenai_runner_on_a_tiny_model_its_builder_made(tmp_path):
         out = build_model(hf, tmp_path / "int4", precision="int4")
     except BuilderFailed as exc:
         pytest.skip(f"the onnxruntime-genai builder does not build a tiny Llama here: {exc}")
-    loop = OrtGenaiLoop(out, threads=1, max_new_tokens=4)
-    assert (
-        json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"][
-            "intra_op_num_threads"
-        ]
-        == 1
-    )
+    loop = OrtGenaiLoop(out, threads=1, max_new_tokens=4)  # loads with the entries below, or raises
+    options = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    assert options["intra_op_num_threads"] == 1
+    assert options["session.intra_op.allow_spinning"] == options["session.inter_op.allow_spinning"] == "0"
     prompts = torch.tensor([[5, 17, 300, 42, 9, 11, 250, 7]] * 2)
     tokens, state = loop.generate(prompts, 4)
     assert tokens.shape == (2, 4) and torch.equal(tokens[0], tokens[1])  # the same prompt, the same tokens

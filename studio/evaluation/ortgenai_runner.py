@@ -66,14 +66,22 @@ def build_model(hf_folder: Path, out: Path, *, precision: str = "int4", timeout_
     return out
 
 
+# Session config entries the peer runs with, as every ONNX Runtime session the studio times does
+# (studio/evaluation/runners.py): no idle spinning, whose busy-waiting after a run steals the cores from the
+# variant timed next in an interleaved round (seen: torch FP32's prefill right after this peer 48 ms, 12 ms
+# when it came first). genai_config.json passes unknown session_options keys on as config entries.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
+
+
 def set_threads(folder: Path, threads: int) -> None:
     """Pin the session's intra-op threads in genai_config.json (the library reads them only from there),
-    so the peer runs on the same threads as every other variant."""
+    so the peer runs on the same threads as every other variant, and without idle spinning."""
     path = Path(folder) / "genai_config.json"
     config = json.loads(path.read_text())
     options = config["model"]["decoder"].setdefault("session_options", {})
     options["intra_op_num_threads"] = int(threads)
     options["inter_op_num_threads"] = 1
+    options.update(NO_SPINNING)
     path.write_text(json.dumps(config, indent=4))
 
 
