@@ -3,9 +3,9 @@ causal-lm`): builtin:tinylm decoding with its float cache and with the quantized
 `kv_cache.quantize` (studio/evaluation/kv_quant.py), at the longest context the model allows.
 
 Rows: the float16 reference, TurboQuant 4 / 3 / 2.5 bits and quanto 4 / 2 bits, each with the technique's
-defaults (quanto keeps the newest 16 tokens in the model's precision, TurboQuant none). Every row is the same module with the cache
-choice a saved `kv_cache.quantize` variant carries (restored the way a variant is), so decoding, the cache
-bytes and perplexity go through the studio's own code:
+defaults (quanto keeps the newest 16 tokens in the model's precision, TurboQuant none). Every row is the
+same module with the cache choice a saved `kv_cache.quantize` variant carries (restored the way a variant
+is), so decoding, the cache bytes and perplexity go through the studio's own code:
 
 - cache bytes: what the cache holds after prompt + new tokens = the model's `max_position_embeddings`, at
   batch 1 (`generation.cache_bytes`: codes, scales, norms, sketch bits and the float window). tinylm runs in
