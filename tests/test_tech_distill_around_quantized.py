@@ -23,6 +23,17 @@ def _ctx(model, examples, tmp_path):
     return ctx, events
 
 
+def _held_out_kl(model, family, held, module) -> float:
+    """KL divergence of the held-out logits, original -> `module`."""
+    import torch
+    import torch.nn.functional as F
+
+    with torch.no_grad():
+        ref = family.forward(model.module, held).log_softmax(-1)
+        out = family.forward(module, held).log_softmax(-1)
+    return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
+
+
 def _quantized(model, tmp_path, technique: str, **params):
     from studio.techniques.base import get_technique, initial_state
 
@@ -33,7 +44,6 @@ def _quantized(model, tmp_path, technique: str, **params):
 
 def test_trains_the_float_parameters_around_4bit_layers(bert_classifier, tmp_path):
     import torch
-    import torch.nn.functional as F
 
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples
@@ -50,19 +60,12 @@ def test_trains_the_float_parameters_around_4bit_layers(bert_classifier, tmp_pat
     }
     assert codes_before  # the classifier really holds 4-bit layers
     held = family.batch(model, held_out, 32)
-
-    def kl(module) -> float:  # of the held-out logits, original -> variant
-        with torch.no_grad():
-            ref = family.forward(model.module, held).log_softmax(-1)
-            out = family.forward(module, held).log_softmax(-1)
-        return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
-
-    before = kl(state.module)
+    before = _held_out_kl(model, family, held, state.module)
     technique = get_technique("distill")
     ctx, _ = _ctx(model, train, tmp_path)
     params = technique.Params(steps=40, learning_rate=3e-3, batch_size=16, alpha=1.0, around_quantized=True)
     out = technique().run(state, params, ctx)
-    after = kl(out.module)
+    after = _held_out_kl(model, family, held, out.module)
     assert after < before * 0.9, (before, after)  # held-out sentences, not the ones trained on
     for k, v in out.module.state_dict().items():
         if k in codes_before:
@@ -91,7 +94,6 @@ def test_refuses_layers_that_pass_no_gradients(bert_classifier, tmp_path):
 @pytest.mark.parametrize("half", [False, True])  # float16 scales train as float32 and are stored back
 def test_train_scales_tunes_the_scales_and_keeps_the_codes(bert_classifier, tmp_path, half):
     import torch
-    import torch.nn.functional as F
 
     from studio.checkpoints import open_checkpoint
     from studio.evaluation.data import load_examples
@@ -106,21 +108,14 @@ def test_train_scales_tunes_the_scales_and_keeps_the_codes(bert_classifier, tmp_
         model, tmp_path, "quantize.weight_only", bits=4, group_size=16, embeddings=True, scale_float16=half
     )
     stored = {k: v.clone() for k, v in state.module.state_dict().items() if k.endswith(("qweight", "scales"))}
-
-    def kl(module) -> float:
-        with torch.no_grad():
-            ref = family.forward(model.module, held).log_softmax(-1)
-            out = family.forward(module, held).log_softmax(-1)
-        return float(F.kl_div(out, ref, log_target=True, reduction="batchmean"))
-
-    before = kl(state.module)
+    before = _held_out_kl(model, family, held, state.module)
     technique = get_technique("distill")
     ctx, _ = _ctx(model, train, tmp_path)
     params = technique.Params(
         steps=40, learning_rate=3e-3, batch_size=16, alpha=1.0, around_quantized=True, train_scales=True
     )
     out = technique().run(state, params, ctx)
-    assert kl(out.module) < before * 0.9
+    assert _held_out_kl(model, family, held, out.module) < before * 0.9
     after = out.module.state_dict()
     codes = [k for k in stored if k.endswith("qweight")]
     scales = [k for k in stored if k.endswith("scales")]

@@ -6,9 +6,9 @@ change the statistics of a group most). quanto keeps 16 by default: a key channe
 tokens, so the newest ones wait in float until a block is full. TurboQuant keeps none by default, as in the
 paper: it quantizes each token's vectors alone, with no statistics to wait for (on builtin:tinylm at its full
 512-token context a 16-token float window costs 6 points of the fp16 bytes and buys 1 point of perplexity).
-Why our own classes and not `transformers.QuantizedCache`: its backends need optimum-quanto or hqq, which are not installed here, and it re-quantizes the whole
-dequantized history at every flush, so old tokens accumulate rounding error; these layers quantize each
-token once, in blocks, and only append.
+Why our own classes and not `transformers.QuantizedCache`: its backends need optimum-quanto or hqq, which
+are not installed here, and it re-quantizes the whole dequantized history at every flush, so old tokens
+accumulate rounding error; these layers quantize each token once, in blocks, and only append.
 
 - `quanto`: asymmetric min-max integer codes. Keys per channel (one scale and zero point per channel over
   a block of `group_size` tokens: key outliers sit in fixed channels), values per token (one scale and zero

@@ -79,19 +79,16 @@ class DistillParams(Params):
 
 # Quantized layers whose forward passes gradients on to their inputs (weights dequantized in float, or a
 # table lookup): `around_quantized` trains the float parameters around them. FBGEMM's int8 kernels do not.
-TRAINABLE_AROUND = ("WeightOnlyLinear", "WeightOnlyEmbedding", "Int8Embedding")
+# Each with the buffer of its float scales (what `train_scales` trains).
 SCALES_OF = {"WeightOnlyLinear": "scales", "WeightOnlyEmbedding": "scales", "Int8Embedding": "weight_scale"}
+TRAINABLE_AROUND = tuple(SCALES_OF)
 
 
 def quantized_scales(module: Any) -> list[tuple[Any, str]]:
     """(layer, buffer name) of the float scales of a module's weight-only layers: what `train_scales`
     trains."""
     found = ((m, SCALES_OF[type(m).__name__]) for m in module.modules() if type(m).__name__ in SCALES_OF)
-    return [
-        (m, name)
-        for m, name in found
-        if getattr(m, name) is not None and getattr(m, name).is_floating_point()
-    ]
+    return [(m, name) for m, name in found if getattr(m, name).is_floating_point()]
 
 
 def train_in_float32(layers: list[tuple[Any, str]]) -> tuple[list[Any], Any]:

@@ -283,12 +283,18 @@ class WeightOnlyLinear(nn.Module):
     ) -> WeightOnlyLinear:
         """Round-to-nearest quantization of a float weight [out, in], group by group."""
         out_features, in_features = weight.shape
-        dtype = weight.dtype
         layer = cls(
-            in_features, out_features, bias is not None, bits, group_size, symmetric, dtype, scale_dtype
+            in_features,
+            out_features,
+            bias is not None,
+            bits,
+            group_size,
+            symmetric,
+            weight.dtype,
+            scale_dtype,
         )
-        dtype = layer.scales.dtype  # the scales' own: the codes are rounded against the stored scale
-        tiny = torch.finfo(dtype).tiny
+        stored = layer.scales.dtype  # the codes are rounded against the scale as stored
+        tiny = torch.finfo(stored).tiny
         w = weight.detach().to(torch.float32).reshape(out_features, -1, group_size)
         if symmetric:
             # The group's largest-magnitude weight maps to the code -2^(bits-1) exactly (the scale takes
@@ -297,7 +303,7 @@ class WeightOnlyLinear(nn.Module):
             qmin = -(2 ** (bits - 1))
             extreme = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
             magnitude = (extreme.abs() / -qmin).clamp(min=tiny)
-            scales = torch.where(extreme > 0, -magnitude, magnitude).to(dtype)
+            scales = torch.where(extreme > 0, -magnitude, magnitude).to(stored)
             codes = torch.round(w / scales.to(torch.float32).unsqueeze(-1)).clamp(qmin, -qmin - 1)
             if bits == 4:
                 codes = codes + 8
@@ -305,7 +311,7 @@ class WeightOnlyLinear(nn.Module):
             levels = 2**bits - 1
             lo = w.amin(dim=-1).clamp(max=0)  # the range holds 0, so zero weights stay exact
             hi = w.amax(dim=-1).clamp(min=0)
-            scales = ((hi - lo) / levels).clamp(min=tiny).to(dtype)
+            scales = ((hi - lo) / levels).clamp(min=tiny).to(stored)
             s = scales.to(torch.float32)
             zeros = torch.round(-lo / s).clamp(0, levels)
             codes = (torch.round(w / s.unsqueeze(-1)) + zeros.unsqueeze(-1)).clamp(0, levels)
