@@ -29,7 +29,15 @@ from typing import Any
 
 from studio.errors import BadInput
 from studio.search_runner import LocalTrials, Outcome, TrialRunner, Trials, default_parallel
-from studio.search_space import metric_of, parse_constraint, trial_steps, validate_search, violation
+from studio.search_space import (
+    ALTERNATIVE_PARAM,
+    alternative_data,
+    metric_of,
+    parse_constraint,
+    trial_steps,
+    validate_search,
+    violation,
+)
 
 Log = Callable[[str], None]
 STOPPED_KEY = "stopped_trials"  # study user attribute: numbers of the trials a stop cut short
@@ -62,6 +70,28 @@ def trial_recipe(recipe: Any, trial: Any) -> Any:
     from studio.pipeline import parse_recipe
 
     return parse_recipe(trial_steps(recipe, trial))
+
+
+def plan_search(recipe: Any, recipe_path: str | Path | None, trust: bool) -> Any:
+    """Validate the recipe's pipelines before any trial runs and return the Plan whose opened model every
+    trial's check reuses: the recipe itself, or, with `search.alternatives`, each alternative's pipeline
+    (the others' steps removed), a problem naming the alternative."""
+    from studio.pipeline import parse_recipe, plan
+
+    spec = recipe.search
+    if not spec.alternatives:
+        return plan(recipe, path=recipe_path, trust=trust)
+    planned = None
+    for name in spec.alternatives:
+        try:
+            planned = plan(
+                parse_recipe(alternative_data(recipe, name)),
+                None if planned is None else planned.model,
+                trust=trust,
+            )
+        except BadInput as exc:
+            raise BadInput(f"search alternative '{name}': {exc.problem}", path=recipe_path) from None
+    return planned
 
 
 def _sampler(kind: str, seed: int | None, concurrent: bool = False) -> Any:
@@ -212,7 +242,7 @@ def run_search(
     from studio.pipeline import plan
 
     spec = validate_search(recipe, recipe_path)
-    planned = plan(recipe, path=recipe_path, trust=trust)  # the recipe itself must be valid before any trial
+    planned = plan_search(recipe, recipe_path, trust)  # the pipelines must be valid before any trial
     total = spec.trials if trials is None else trials
     if total < 1:
         raise BadInput(f"--trials must be at least 1, got {total}")
@@ -261,6 +291,11 @@ def run_search(
         stopped.add(stale.number)
         log(f"search: trial {stale.number} of an earlier search never finished: recorded as stopped")
     study.set_user_attr(STOPPED_KEY, sorted(stopped))
+    if spec.alternatives and not study.get_trials(deepcopy=False):
+        # a new study tries every alternative once first (the rest of each trial sampled), so that even a
+        # search shorter than the sampler's random start measures each runtime on this machine
+        for alternative in spec.alternatives:
+            study.enqueue_trial({ALTERNATIVE_PARAM: alternative})
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
     done = sum(t.number not in stopped for t in study.get_trials(deepcopy=False, states=finished))
     if done:

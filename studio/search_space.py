@@ -9,11 +9,19 @@ search:
   space:                            # by step position in `steps`, from 1
     2: {optional: true}             # the step may be left out
     3: {per_channel: [true, false], mixed_precision: {float: [0.99, 0.999]}}
+  alternatives:                     # optional: a trial keeps one group of steps and drops the others
+    onnxruntime: [2, 3]
+    openvino: [4, 5]
 ```
 
 Objectives are metric names as `model-studio compare --json` writes them; each is minimized unless it has
 the `max:` prefix. A list is a choice, `{int: [lo, hi]}` / `{float: [lo, hi]}` a range (both ends
-included; `log: true` samples on a log scale), `optional: true` a step a trial may drop.
+included; `log: true` samples on a log scale), `optional: true` a step a trial may drop. `alternatives`
+names groups of steps of which a trial keeps exactly one (the Optuna parameter `alternative`), for example
+two runtimes after one export, each with its own steps: the steps of the other groups are left out and their
+parameters not sampled. A new study tries every alternative once first (its other parameters sampled), so
+even a short search measures each; which one wins depends on the machine (OpenVINO + NNCF on CPUs with
+VNNI, ONNX Runtime's INT8 on some without), so the recipe need not hard-wire it.
 
 The section is validated completely before any trial runs (a step position out of range, a parameter the
 technique does not have, a value or range outside its bounds, an unknown objective), each problem naming
@@ -37,6 +45,8 @@ if TYPE_CHECKING:
 
 MAXIMIZE_PREFIX = "max:"
 OPTIONAL_KEY = "optional"
+ALTERNATIVE_PARAM = "alternative"  # the Optuna parameter that picks one of `search.alternatives`
+_ALTERNATIVE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 _CONSTRAINT = re.compile(r"^\s*(>=|<=)\s*([-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?)\s*$")
 _LATENCY = re.compile(r"^latency_ms\.b(\d+)\.(p50|p95|p99|mean)$")
 _THROUGHPUT = re.compile(r"^throughput_per_s\.b(\d+)$")
@@ -60,8 +70,14 @@ class SearchSpec(BaseModel):
     sampler: Literal["tpe", "nsga2"] = Field("tpe", description="tpe (default) or nsga2 (NSGA-II)")
     seed: int | None = Field(None, description="sampler seed, for a reproducible sequence of trials")
     space: dict[int, dict[str, Any]] = Field(
+        default_factory=dict,
         description="step position (from 1) -> {param: [choices] | {int: [lo, hi]} | {float: [lo, hi]}, "
-        "optional: true}"
+        "optional: true}",
+    )
+    alternatives: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="name -> step positions (from 1): a trial keeps the steps of one alternative and "
+        "drops the other alternatives' steps (at least two alternatives, no step in two)",
     )
 
     @field_validator("objectives")
@@ -72,13 +88,6 @@ class SearchSpec(BaseModel):
         names = [metric_of(o) for o in v]
         if len(set(names)) != len(names):
             raise ValueError("an objective is listed twice")
-        return v
-
-    @field_validator("space")
-    @classmethod
-    def _some_space(cls, v: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-        if not v:
-            raise ValueError("the space is empty: name at least one step parameter or optional step")
         return v
 
 
@@ -174,6 +183,33 @@ def _check_param(params_cls: Any, base: dict[str, Any], name: str, spec: Any, fi
         _check_value(params_cls, base, name, end, f"{field}.{kind}")
 
 
+def _check_alternatives(alternatives: dict[str, list[int]], steps: int) -> None:
+    if not alternatives:
+        return
+    if len(alternatives) < 2:
+        raise BadInput(
+            f"field 'search.alternatives': name at least two alternatives (got {len(alternatives)}); a "
+            "step a trial may leave out is `optional: true` in the space"
+        )
+    owner: dict[int, str] = {}
+    for name, positions in alternatives.items():
+        field = f"search.alternatives.{name}"
+        if not _ALTERNATIVE_NAME.match(name):
+            raise BadInput(f"field '{field}': a name is a letter, then letters, digits, '-' or '_'")
+        if not positions:
+            raise BadInput(f"field '{field}': no steps (list the step positions, from 1)")
+        for position in positions:
+            if not 1 <= position <= steps:
+                raise BadInput(
+                    f"field '{field}': no step {position} (the recipe has {steps} steps, numbered from 1)"
+                )
+            if position in owner:
+                raise BadInput(
+                    f"field '{field}': step {position} is already in alternative '{owner[position]}'"
+                )
+            owner[position] = name
+
+
 def validate_search(recipe: Recipe, path: str | Path | None = None) -> SearchSpec:
     """Check the recipe's search section against its steps and techniques; returns it, or raises BadInput."""
     from studio.techniques.base import get_technique
@@ -199,6 +235,12 @@ def validate_search(recipe: Recipe, path: str | Path | None = None) -> SearchSpe
                 parse_constraint(text)
             except ValueError as exc:
                 raise BadInput(f"field '{field}': {exc}") from None
+        _check_alternatives(spec.alternatives, len(recipe.steps))
+        if not spec.space and not spec.alternatives:
+            raise BadInput(
+                "field 'search.space': the space is empty: name at least one step parameter, optional step "
+                "or alternatives"
+            )
         for position, entry in spec.space.items():
             field = f"search.space.{position}"
             if not 1 <= position <= len(recipe.steps):
@@ -247,14 +289,39 @@ def _suggest(trial: Any, key: str, spec: Any) -> Any:
     return trial.suggest_float(key, float(lo), float(hi), log=bool(spec.get("log")))
 
 
-def trial_steps(recipe: Recipe, trial: Any) -> dict[str, Any]:
-    """The concrete recipe data of one Optuna trial (an `optuna.Trial` or `FixedTrial`): the searched
-    parameters filled in, dropped optional steps removed, and no `search:` section. `studio.search` parses it
-    into a Recipe (this module sits below the pipeline and does not import it)."""
+def left_out(spec: SearchSpec, alternative: str | None) -> set[int]:
+    """The step positions a trial that keeps `alternative` drops: those of every other alternative."""
+    return {p for name, positions in spec.alternatives.items() if name != alternative for p in positions}
+
+
+def alternative_data(recipe: Recipe, alternative: str) -> dict[str, Any]:
+    """The recipe data of one alternative as written (the other alternatives' steps removed, every other
+    step kept with its written parameters, no `search:` section): what is checked before any trial runs,
+    since the whole recipe, every alternative's steps in a row, need not be a valid pipeline."""
     spec = recipe.search
     assert spec is not None
+    dropped = left_out(spec, alternative)
+    data = recipe.model_dump(mode="json")
+    data.pop("search", None)
+    data["steps"] = [s for i, s in enumerate(data["steps"], 1) if i not in dropped]
+    return data
+
+
+def trial_steps(recipe: Recipe, trial: Any) -> dict[str, Any]:
+    """The concrete recipe data of one Optuna trial (an `optuna.Trial` or `FixedTrial`): the alternative
+    chosen (the others' steps removed), the searched parameters filled in, dropped optional steps removed,
+    and no `search:` section. `studio.search` parses it into a Recipe (this module sits below the pipeline
+    and does not import it)."""
+    spec = recipe.search
+    assert spec is not None
+    chosen = (
+        trial.suggest_categorical(ALTERNATIVE_PARAM, list(spec.alternatives)) if spec.alternatives else None
+    )
+    dropped = left_out(spec, chosen)
     steps = []
     for position, step in enumerate(recipe.steps, 1):
+        if position in dropped:
+            continue
         entry = spec.space.get(position, {})
         if entry.get(OPTIONAL_KEY) and not trial.suggest_categorical(
             param_name(position, "keep"), [True, False]

@@ -81,6 +81,11 @@ BAD_SPACES = [
     ({"space": {3: {}}}, "search.space.3", "nothing to search"),
     ({"space": {2: {"optional": "yes"}}}, "search.space.2.optional", "true or false"),
     ({"space": {}}, "search.space", "empty"),
+    ({"alternatives": {"only": [2, 3]}}, "search.alternatives", "at least two"),
+    ({"alternatives": {"a": [2], "b": [4]}}, "search.alternatives.b", "no step 4"),
+    ({"alternatives": {"a": [2, 3], "b": [3]}}, "search.alternatives.b", "already in alternative 'a'"),
+    ({"alternatives": {"a": [2], "b": []}}, "search.alternatives.b", "no steps"),
+    ({"alternatives": {"a": [2], "2b": [3]}}, "search.alternatives.2b", "a name is a letter"),
     ({"objectives": []}, "search.objectives", "at least one"),
     ({"objectives": ["speed"]}, "search.objectives.0", "unknown metric 'speed'"),
     ({"objectives": ["size_mb", "latency_ms.b32.p50"]}, "search.objectives.1", "batch 32 is not timed"),
@@ -187,6 +192,71 @@ def test_concrete_recipe_of_a_fixed_trial():
     assert kept.steps[1].params == {"opt_level": 2}
     assert kept.steps[2].params["op_types"] == ["MatMul", "Gather"]
     assert parse_recipe(yaml.safe_load(kept.to_yaml())) == kept  # round-trips as a recipe file
+
+
+# export.onnx, then ONNX Runtime's INT8 or OpenVINO + NNCF: the two runtimes of the bench's search
+RUNTIMES = [
+    {"technique": "export.onnx", "params": {"verify": False}},
+    {"technique": "onnx.optimize"},
+    {"technique": "onnx.quantize_dynamic"},
+    {"technique": "export.openvino"},
+    {"technique": "quantize.nncf", "params": {"subset_size": 4}},
+]
+ALTERNATIVES = {"onnxruntime": [2, 3], "openvino": [4, 5]}
+
+
+def test_an_alternative_keeps_its_steps_and_drops_the_others():
+    search = {
+        **SEARCH,
+        "alternatives": ALTERNATIVES,
+        "space": {2: {"optional": True}, 3: {"per_channel": [True, False]}, 5: {"preset": ["mixed"]}},
+    }
+    recipe = parse_recipe(_recipe(search, steps=RUNTIMES))
+    validate_search(recipe)
+    ov = trial_recipe(recipe, optuna.trial.FixedTrial({"alternative": "openvino", "5.preset": "mixed"}))
+    assert [s.technique for s in ov.steps] == ["export.onnx", "export.openvino", "quantize.nncf"]
+    assert ov.steps[2].params == {"subset_size": 4, "preset": "mixed"}
+    assert check_steps(ov.steps, "torch")[1] == []
+    # the ONNX Runtime alternative samples its own parameters only (FixedTrial refuses one not given)
+    ort = trial_recipe(
+        recipe,
+        optuna.trial.FixedTrial({"alternative": "onnxruntime", "2.keep": False, "3.per_channel": True}),
+    )
+    assert [s.technique for s in ort.steps] == ["export.onnx", "onnx.quantize_dynamic"]
+    assert ort.steps[1].params == {"per_channel": True}
+    # alternatives alone are a space
+    validate_search(
+        parse_recipe(_recipe({**SEARCH, "alternatives": ALTERNATIVES, "space": {}}, steps=RUNTIMES))
+    )
+
+
+def test_an_alternative_that_is_no_pipeline_is_refused_naming_it(tmp_path, capsys):
+    steps = [RUNTIMES[0], RUNTIMES[2], RUNTIMES[4]]  # NNCF straight after the ONNX export: no IR to quantize
+    search = {**SEARCH, "alternatives": {"onnxruntime": [2], "nncf": [3]}, "space": {2: {"optional": True}}}
+    data = _recipe(search, steps=steps)
+    path = tmp_path / "alt.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["search", str(path), "--workspace", str(tmp_path / "ws")]) == 2
+    err = capsys.readouterr().err
+    assert "alt.yaml" in err and "search alternative 'nncf'" in err and "openvino" in err
+
+
+def test_a_new_study_tries_every_alternative_first(bert_classifier, tmp_path, capsys):
+    """Two trials on the tiny BERT: whatever the sampler would pick, one per runtime, each a real variant."""
+    data = yaml.safe_load(
+        _tiny_search(bert_classifier, tmp_path, {3: {"per_channel": [True, False]}}).read_text()
+    )
+    data["steps"] = RUNTIMES
+    data["search"]["alternatives"] = ALTERNATIVES
+    path = tmp_path / "runtimes.yaml"
+    path.write_text(yaml.safe_dump(data))
+    code, result = _search(capsys, str(path), "--workspace", str(tmp_path / "ws"))
+    assert code == 0, result
+    assert [t["params"]["alternative"] for t in result["trials"]] == ["onnxruntime", "openvino"]
+    assert "3.per_channel" in result["trials"][0]["params"]
+    assert set(result["trials"][1]["params"]) == {"alternative"}
+    kinds = {r["id"]: r["kind"] for r in Workspace(tmp_path / "ws").list()}
+    assert [kinds[t["variant"]] for t in result["trials"]] == ["onnx", "openvino"]
 
 
 def test_a_bad_combination_is_a_concrete_recipe_that_validation_refuses():
