@@ -16,6 +16,7 @@ recorded as failed with its error and the search goes on.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import re
@@ -41,6 +42,11 @@ from studio.search_space import (
 
 Log = Callable[[str], None]
 STOPPED_KEY = "stopped_trials"  # study user attribute: numbers of the trials a stop cut short
+REPEAT_KEY = "repeat_of"  # trial user attribute: the earlier trial with the same concrete recipe
+# The search ends early when the sampler proposes only combinations already tried this many times in a row
+# (a small, categorical space is exhausted before the budget is).
+MAX_REPEATS = 50
+_REUSED_ATTRS = ("variant", "metrics", "constraint_values", "timing_window", "error")
 SEARCHES_FOLDER = "searches"  # under the workspace root: one Optuna SQLite file per study
 
 
@@ -145,6 +151,45 @@ def _row(trial: Any, stopped: set[int]) -> dict[str, Any]:
         "error": attrs.get("error"),
         "timing_window": attrs.get("timing_window"),
     }
+
+
+def recipe_key(concrete: Any) -> str:
+    return json.dumps(concrete.model_dump(mode="json"), sort_keys=True)
+
+
+def counted(trial: Any, stopped: set[int]) -> bool:
+    """Whether a finished trial counts towards the budget: not cut short by a stop, not a repeat."""
+    return trial.number not in stopped and REPEAT_KEY not in trial.user_attrs
+
+
+def tried_recipes(recipe: Any, study: Any, stopped: set[int]) -> dict[str, int]:
+    """Concrete recipe (as recipe_key) -> the trial that ran it, over the study's counted finished trials."""
+    from optuna.trial import FixedTrial, TrialState
+
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
+        if not counted(t, stopped):
+            continue
+        with contextlib.suppress(BadInput):  # an invalid combination has no concrete recipe to repeat
+            out.setdefault(recipe_key(trial_recipe(recipe, FixedTrial(t.params, t.number))), t.number)
+    return out
+
+
+def repeat(study: Any, trial: Any, earlier: Any, log: Log) -> None:
+    """Record `trial`, whose concrete recipe `earlier` already ran, with the earlier trial's result: the
+    sampler learns the point is known, no worker runs it again, and it does not count towards the budget
+    (a TPE search of a small categorical space draws the same combination often)."""
+    from optuna.trial import TrialState
+
+    for key in _REUSED_ATTRS:
+        if key in earlier.user_attrs:
+            trial.set_user_attr(key, earlier.user_attrs[key])
+    trial.set_user_attr(REPEAT_KEY, earlier.number)
+    if earlier.state == TrialState.COMPLETE:
+        study.tell(trial, list(earlier.values))
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+    log(f"search: trial {trial.number} repeats trial {earlier.number}: its result reused, not run again")
 
 
 def _tell(
@@ -297,7 +342,8 @@ def run_search(
         for alternative in spec.alternatives:
             study.enqueue_trial({ALTERNATIVE_PARAM: alternative})
     finished = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
-    done = sum(t.number not in stopped for t in study.get_trials(deepcopy=False, states=finished))
+    done = sum(counted(t, stopped) for t in study.get_trials(deepcopy=False, states=finished))
+    tried = tried_recipes(recipe, study, stopped)
     if done:
         log(f"search: resuming {name} ({done} trials done, {max(0, total - done)} to go)")
     backend = _backend(workspace, recipe_path, trust, parallel, ray_address, ray_cpus_per_trial)
@@ -310,6 +356,10 @@ def run_search(
         nonlocal done, new
         label = f"trial {trial.number} ({done + 1}/{total})"
         told = _tell(study, trial, variant, error, objectives, constraints, wanted, recipe_path)
+        with contextlib.suppress(BadInput):  # an invalid combination has no concrete recipe to repeat
+            tried.setdefault(
+                recipe_key(trial_recipe(recipe, FixedTrial(trial.params, trial.number))), trial.number
+            )
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
         took = time.perf_counter() - t0
         if error is not None:
@@ -325,13 +375,24 @@ def run_search(
         if on_trial is not None:
             on_trial(_row(study.trials[trial.number], stopped))
 
+    repeats = 0
     try:
-        while done < total:
-            while done + len(pending) < total and len(pending) < backend.slots:
+        while done < total and repeats < MAX_REPEATS:
+            while done + len(pending) < total and len(pending) < backend.slots and repeats < MAX_REPEATS:
                 trial = study.ask()
                 t0 = time.perf_counter()
                 try:
                     concrete = trial_recipe(recipe, trial)
+                except BadInput as exc:
+                    record(trial, None, f"invalid combination: {exc.problem}", t0)
+                    continue
+                key = recipe_key(concrete)
+                if key in tried:  # the same concrete recipe again: its result, not another run
+                    repeat(study, trial, study.get_trials(deepcopy=False)[tried[key]], log)
+                    repeats += 1
+                    continue
+                repeats = 0
+                try:
                     plan(concrete, planned.model, trust=trust)
                 except BadInput as exc:
                     record(trial, None, f"invalid combination: {exc.problem}", t0)
@@ -359,8 +420,14 @@ def run_search(
             study.tell(trial, state=TrialState.FAIL)
         raise
     backend.close()
+    if repeats >= MAX_REPEATS:
+        log(
+            f"search: the last {MAX_REPEATS} trials the sampler proposed were all combinations already "
+            f"tried: stopping after {done} trials (the space holds no other)"
+        )
 
-    rows = [_row(t, stopped) for t in study.get_trials(deepcopy=False, states=finished)]
+    trials_done = study.get_trials(deepcopy=False, states=finished)
+    rows = [_row(t, stopped) for t in trials_done if REPEAT_KEY not in t.user_attrs]
     front = pareto_front(rows, objectives, signs)
     best = min(front, key=lambda r: signs[0] * r["values"][metric_of(objectives[0])]) if front else None
     out: dict[str, Any] = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from studio.errors import BadInput
-from studio.search import STOPPED_KEY, study_path
+from studio.search import REPEAT_KEY, STOPPED_KEY, study_path
 from studio.search_space import MAXIMIZE_PREFIX
 
 BUSY_TIMEOUT_S = 0.5  # how long one poll waits for the search's write lock before giving up until the next
@@ -159,7 +159,8 @@ class StudyReader:
             ) from exc
         self._study = study
         directions = tuple(d.name.lower() for d in study.directions)
-        rows = [_trial(t, stopped) for t in trials]
+        # a repeat (a combination tried before, its result reused) is no trial of its own for the user
+        rows = [_trial(t, stopped) for t in trials if REPEAT_KEY not in t.user_attrs]
         ok = [r for r in rows if r.feasible and r.values is not None]
         front = pareto_indices([r.values for r in ok if r.values is not None], directions)
         progress = SearchProgress(

@@ -375,7 +375,10 @@ def test_search_end_to_end_then_resume(tiny_search, tmp_path, capsys):
     code, again = _search(capsys, str(path), "--workspace", str(ws), "--trials", "4")
     assert code == 0
     assert again["study"] == result["study"] and again["new_trials"] == 1
-    assert [t["number"] for t in again["trials"]] == [0, 1, 2, 3]
+    # (the sampler may first propose combinations already tried: they are repeats, not trials, and take
+    # trial numbers the rows skip)
+    numbers = [t["number"] for t in again["trials"]]
+    assert numbers[:3] == [0, 1, 2] and len(numbers) == 4 and numbers[3] >= 3
     assert again["trials"][:3] == result["trials"]
     assert len(Workspace(ws).list()) == len(variants) + (again["trials"][3]["state"] == "COMPLETE")
 
@@ -407,7 +410,9 @@ def test_ctrl_c_keeps_the_study_and_leaves_no_half_variant(bert_classifier, tmp_
     code, result = _search(capsys, str(path), "--workspace", str(ws), "--trials", "2")
     assert code == 0
     states = [(t["number"], t["state"]) for t in result["trials"]]
-    assert states[:2] == [(0, "COMPLETE"), (1, "FAIL")] and len(states) == 3 and result["new_trials"] == 1
+    # (numbers the rows skip were repeats of trial 0: recorded with its result, never run)
+    assert states[0] == (0, "COMPLETE") and [s for _, s in states[:2]] == ["COMPLETE", "FAIL"]
+    assert len(states) == 3 and result["new_trials"] == 1
     assert result["trials"][1]["error"] == "stopped before the trial finished"
     assert result["trials"][0]["variant"] == kept[0]["id"]
 
@@ -422,3 +427,30 @@ def test_a_damaged_study_file_is_bad_input(bert_classifier, tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"{name}.db" in err and "damaged or not an Optuna study" in err
     assert Workspace(ws).list() == []
+
+
+def test_a_combination_tried_before_is_not_run_again(bert_classifier, tmp_path, capsys):
+    """A one-point space: the first trial runs; every later proposal repeats it, reuses its result without
+    a worker and does not count, and the search stops once the sampler proposes nothing new."""
+    from studio.search import MAX_REPEATS, REPEAT_KEY
+    from studio.search_progress import load_progress
+
+    path = _tiny_search(bert_classifier, tmp_path, {3: {"per_channel": [True]}}, trials=3)
+    ws = tmp_path / "ws"
+    capsys.readouterr()
+    code = main(["search", str(path), "--workspace", str(ws), "--json"])
+    captured = capsys.readouterr()
+    result, err = json.loads(captured.out), captured.err
+    assert code == 0
+    assert [t["number"] for t in result["trials"]] == [0] and result["new_trials"] == 1
+    assert f"the last {MAX_REPEATS} trials the sampler proposed were all combinations already tried" in err
+    assert [r["kind"] for r in Workspace(ws).list()] == ["baseline", "onnx"]  # the repeats ran nothing
+    name = study_name(load_recipe(path), path)
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{ws}/searches/{name}.db")
+    repeats = study.trials[1:]
+    assert len(repeats) == MAX_REPEATS
+    assert all(t.user_attrs[REPEAT_KEY] == 0 and t.values == study.trials[0].values for t in repeats)
+    assert [t.number for t in load_progress(ws, name).trials] == [0]  # the GUI shows the one real trial
+    # resumed with a larger budget: still nothing new to run, and the repeats still do not count
+    code, again = _search(capsys, str(path), "--workspace", str(ws), "--trials", "4")
+    assert code == 0 and again["new_trials"] == 0 and [t["number"] for t in again["trials"]] == [0]

@@ -141,7 +141,8 @@ def test_parallel_trials_overlap_but_their_timings_never_do(bert_classifier, tmp
     # a resumed study continues its count, in parallel too
     code, again = _search(capsys, str(path), "--workspace", str(ws), "--parallel", "2", "--trials", "3")
     assert code == 0, again
-    assert again["new_trials"] == 1 and [t["number"] for t in again["trials"]] == [0, 1, 2]
+    numbers = [t["number"] for t in again["trials"]]  # (a skipped number: a repeat, never run)
+    assert again["new_trials"] == 1 and numbers[:2] == [0, 1] and len(numbers) == 3 and numbers[2] >= 2
     assert again["trials"][:2] == result["trials"]
     _assert_windows_apart([t for t in again["trials"] if t["state"] == "COMPLETE"])
 
