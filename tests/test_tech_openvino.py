@@ -115,6 +115,22 @@ def test_nncf_int8_is_quantized_close_and_not_larger(states, batch, reference):
     assert int8.info["nncf"]["calibration_examples"] == 8
 
 
+def test_nncf_writes_nothing_on_standard_output(minilm, states, tmp_path, capfd):
+    """NNCF's log lines and progress bars go to stderr: stdout is where `bench --json` and `run --json` write."""
+    from nncf.common.logging import nncf_logger
+
+    def streams():
+        return [h.stream for h in nncf_logger.handlers if type(h).__name__ == "StreamHandler"]
+
+    fp32, before = states[0]["fp32"], streams()
+    capfd.readouterr()
+    _step("quantize.nncf", fp32, _ctx(minilm, tmp_path, []), subset_size=4, verify=False)
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert "Statistics collection" in err  # NNCF's own progress, kept for the person watching
+    assert streams() == before  # its logger writes where it did once the call is over
+
+
 def test_saved_ir_reopens_with_the_same_outputs(minilm, states, batch, tmp_path):
     found, _events = states
     int8 = found["int8"]

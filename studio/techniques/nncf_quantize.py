@@ -10,7 +10,11 @@ chooses for every text family unless told otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import sys
 import time
+from collections.abc import Iterator
 from typing import Any, Literal
 
 from pydantic import Field
@@ -97,6 +101,24 @@ def calibration_items(state: StageState, ov_model: Any, ctx: RunContext, limit: 
     ]
 
 
+@contextlib.contextmanager
+def output_to_stderr() -> Iterator[None]:
+    """NNCF logs (its logger's handler holds sys.stdout) and draws its progress bars (rich, on sys.stdout)
+    on standard output, where `model-studio bench --json` and `run --json` write their JSON: for the call,
+    both go to standard error instead, beside the studio's own progress."""
+    from nncf.common.logging import nncf_logger
+
+    handlers = [h for h in nncf_logger.handlers if type(h) is logging.StreamHandler]
+    previous = [h.setStream(sys.stderr) for h in handlers]
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        for handler, stream in zip(handlers, previous, strict=True):
+            if stream is not None:  # None: it wrote to stderr already
+                handler.setStream(stream)
+
+
 @register
 class QuantizeNncf(Technique[NncfParams]):
     id = "quantize.nncf"
@@ -144,7 +166,8 @@ class QuantizeNncf(Technique[NncfParams]):
         ctx.progress(0.1, f"NNCF: calibrating on {len(items)} examples ({scheme} scheme)")
         started = time.perf_counter()
         try:
-            quantized = nncf.quantize(ov_model, nncf.Dataset(items), **options)
+            with output_to_stderr():
+                quantized = nncf.quantize(ov_model, nncf.Dataset(items), **options)
         except nncf.ValidationError as exc:  # an ignored scope naming what the IR does not have
             raise BadInput(f"quantize.nncf: {openvino_message(exc)}") from exc
         seconds = time.perf_counter() - started
