@@ -115,6 +115,20 @@ def test_nncf_int8_is_quantized_close_and_not_larger(states, batch, reference):
     assert int8.info["nncf"]["calibration_examples"] == 8
 
 
+def test_smooth_quant_alpha_reaches_nncf(minilm, states, tmp_path):
+    """smooth_quant_alpha -1 turns NNCF's SmoothQuant off: none of the scales it inserts by default."""
+
+    def smoothed(state):
+        ir = ov.Core().read_model(str(state.path))
+        return sum("nncf_smooth_quant" in op.get_friendly_name() for op in ir.get_ops())
+
+    plain = _step(
+        "quantize.nncf", states[0]["fp32"], _ctx(minilm, tmp_path, []), subset_size=8, smooth_quant_alpha=-1
+    )
+    assert smoothed(states[0]["int8"]) > 0 and smoothed(plain) == 0
+    assert plain.info["nncf"]["settings"]["smooth_quant_alpha"] == -1
+
+
 def test_nncf_writes_nothing_on_standard_output(minilm, states, tmp_path, capfd):
     """NNCF's log lines and progress bars go to stderr: stdout is where `bench --json` and `run --json` write."""
     from nncf.common.logging import nncf_logger

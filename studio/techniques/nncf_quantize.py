@@ -56,6 +56,14 @@ class NncfParams(Params):
     fast_bias_correction: bool = Field(
         True, description="the fast bias correction (off: the slower, more exact one)"
     )
+    smooth_quant_alpha: float | None = Field(
+        None,
+        ge=-1.0,
+        le=1.0,
+        description="transformer scheme: SmoothQuant's migration strength for matrix products (how much of "
+        "the activations' outliers move into the weights, 0-1; -1 turns SmoothQuant off); empty: NNCF's "
+        "default (0.95)",
+    )
     ignored_names: list[str] = Field(
         default_factory=list, description="names of IR operations kept in float (all must exist)"
     )
@@ -156,6 +164,10 @@ class QuantizeNncf(Technique[NncfParams]):
         }
         if transformer:
             options["model_type"] = nncf.ModelType.TRANSFORMER
+        if params.smooth_quant_alpha is not None:
+            options["advanced_parameters"] = nncf.AdvancedQuantizationParameters(
+                smooth_quant_alphas=nncf.AdvancedSmoothQuantParameters(matmul=params.smooth_quant_alpha)
+            )
         if params.preset != "default":
             options["preset"] = nncf.QuantizationPreset(params.preset)
         if params.ignored_names or params.ignored_patterns or params.ignored_types:
