@@ -170,7 +170,7 @@ def tried_recipes(recipe: Any, study: Any, stopped: set[int]) -> dict[str, int]:
     for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.FAIL)):
         if not counted(t, stopped):
             continue
-        with contextlib.suppress(BadInput):  # an invalid combination has no concrete recipe to repeat
+        with contextlib.suppress(BadInput, ValueError):  # an invalid combination: no recipe to repeat
             out.setdefault(recipe_key(trial_recipe(recipe, FixedTrial(t.params, t.number))), t.number)
     return out
 
@@ -356,7 +356,7 @@ def run_search(
         nonlocal done, new
         label = f"trial {trial.number} ({done + 1}/{total})"
         told = _tell(study, trial, variant, error, objectives, constraints, wanted, recipe_path)
-        with contextlib.suppress(BadInput):  # an invalid combination has no concrete recipe to repeat
+        with contextlib.suppress(BadInput, ValueError):  # an invalid combination: no recipe to repeat
             tried.setdefault(
                 recipe_key(trial_recipe(recipe, FixedTrial(trial.params, trial.number))), trial.number
             )
