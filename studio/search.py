@@ -350,16 +350,18 @@ def run_search(
     log_start(backend.slots, ray_address, log)
     started = time.perf_counter()
     new = 0
-    pending: dict[Future[Outcome], tuple[Any, float]] = {}
+    pending: dict[Future[Outcome], tuple[Any, float, str]] = {}
 
-    def record(trial: Any, variant: dict[str, Any] | None, error: str | None, t0: float) -> None:
+    def record(
+        trial: Any, variant: dict[str, Any] | None, error: str | None, t0: float, key: str | None = None
+    ) -> None:
+        """Tell the study a finished trial; `key` (its concrete recipe's recipe_key, None when it has
+        none) makes a later proposal of the same recipe a repeat of this trial."""
         nonlocal done, new
         label = f"trial {trial.number} ({done + 1}/{total})"
         told = _tell(study, trial, variant, error, objectives, constraints, wanted, recipe_path)
-        with contextlib.suppress(BadInput, ValueError):  # an invalid combination: no recipe to repeat
-            tried.setdefault(
-                recipe_key(trial_recipe(recipe, FixedTrial(trial.params, trial.number))), trial.number
-            )
+        if key is not None:
+            tried.setdefault(key, trial.number)
         params = " ".join(f"{k}={v}" for k, v in trial.params.items())
         took = time.perf_counter() - t0
         if error is not None:
@@ -395,25 +397,25 @@ def run_search(
                 try:
                     plan(concrete, planned.model, trust=trust)
                 except BadInput as exc:
-                    record(trial, None, f"invalid combination: {exc.problem}", t0)
+                    record(trial, None, f"invalid combination: {exc.problem}", t0, key)
                     continue
-                pending[backend.submit(concrete.model_dump(mode="json"))] = (trial, t0)
+                pending[backend.submit(concrete.model_dump(mode="json"))] = (trial, t0, key)
             if not pending:
                 continue
             ready, _ = wait(pending, return_when=FIRST_COMPLETED)
             for future in ready:
-                trial, t0 = pending.pop(future)
+                trial, t0, key = pending.pop(future)
                 variant, error = future.result()  # DiskFull (a full disk stops the search) raises here
-                record(trial, variant, error, t0)
+                record(trial, variant, error, t0, key)
     except BaseException:
         # Ctrl+C or a bug: stop the running trials (workers and folders go), keep the study sound
         backend.cancel_all()
         backend.close()
-        for future, (trial, t0) in pending.items():
+        for future, (trial, t0, key) in pending.items():
             ok = future.done() and not future.cancelled() and future.exception() is None
             outcome = future.result() if ok else None
             if outcome is not None and outcome[0] is not None:  # it finished before the stop: keep it
-                record(trial, outcome[0], None, t0)
+                record(trial, outcome[0], None, t0, key)
                 continue
             stopped.add(trial.number)
             study.set_user_attr(STOPPED_KEY, sorted(stopped))
@@ -426,8 +428,11 @@ def run_search(
             f"tried: stopping after {done} trials (the space holds no other)"
         )
 
-    trials_done = study.get_trials(deepcopy=False, states=finished)
-    rows = [_row(t, stopped) for t in trials_done if REPEAT_KEY not in t.user_attrs]
+    rows = [
+        _row(t, stopped)
+        for t in study.get_trials(deepcopy=False, states=finished)
+        if REPEAT_KEY not in t.user_attrs
+    ]
     front = pareto_front(rows, objectives, signs)
     best = min(front, key=lambda r: signs[0] * r["values"][metric_of(objectives[0])]) if front else None
     out: dict[str, Any] = {
