@@ -420,6 +420,12 @@ def run_search(
             stopped.add(trial.number)
             study.set_user_attr(STOPPED_KEY, sorted(stopped))
             study.tell(trial, state=TrialState.FAIL)
+        # a stop between study.ask() and the submit leaves a trial RUNNING that no future holds: this
+        # process owns the study while it searches, so every trial still running is one it stopped
+        for left in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            stopped.add(left.number)
+            study.set_user_attr(STOPPED_KEY, sorted(stopped))
+            study.tell(left.number, state=TrialState.FAIL)
         raise
     backend.close()
     if repeats >= MAX_REPEATS:

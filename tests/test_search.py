@@ -20,7 +20,7 @@ import yaml
 from studio.cli import main
 from studio.errors import BadInput
 from studio.pipeline import check_steps, load_recipe, parse_recipe
-from studio.search import pareto_front, study_name, trial_recipe
+from studio.search import STOPPED_KEY, pareto_front, study_name, trial_recipe
 from studio.search_space import validate_search
 from studio.variants import Workspace
 
@@ -415,6 +415,33 @@ def test_ctrl_c_keeps_the_study_and_leaves_no_half_variant(bert_classifier, tmp_
     assert len(states) == 3 and result["new_trials"] == 1
     assert result["trials"][1]["error"] == "stopped before the trial finished"
     assert result["trials"][0]["variant"] == kept[0]["id"]
+
+
+def test_a_stop_before_the_submit_leaves_no_trial_running(bert_classifier, tmp_path):
+    """Ctrl+C between study.ask() and the worker's submit: no future holds that trial, yet it must not stay
+    RUNNING (the GUI would show it running for ever, and the next search would call it an earlier search's)."""
+    from studio.search import run_search, study_path
+
+    path = _tiny_search(bert_classifier, tmp_path, {3: {"per_channel": [True, False]}}, trials=3)
+    recipe = load_recipe(path)
+    ws = Workspace(tmp_path / "ws")
+    name = study_name(recipe, path)
+    asked: list[int] = []
+
+    def stop_after_an_ask(_row: dict) -> None:  # the search's own next ask, then the stop that cuts it off
+        storage = f"sqlite:///{study_path(ws, name).resolve()}"
+        asked.append(optuna.load_study(study_name=name, storage=storage).ask().number)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_search(
+            recipe, ws, recipe_path=path, parallel=1, log=lambda _line: None, on_trial=stop_after_an_ask
+        )
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{study_path(ws, name).resolve()}")
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert asked and states[asked[0]] == optuna.trial.TrialState.FAIL
+    assert optuna.trial.TrialState.RUNNING not in states.values()
+    assert asked[0] in study.user_attrs[STOPPED_KEY]  # recorded as stopped: it does not count
 
 
 def test_a_damaged_study_file_is_bad_input(bert_classifier, tmp_path, capsys):
