@@ -4,9 +4,10 @@ A graph without the cache can only generate by running the whole sequence again 
 it, ONNX Runtime generates like transformers does (prefill once, then one position per step), so the ONNX
 variant gets its own TTFT, TPOT and KV-cache bytes (studio/evaluation/onnx_generation.py).
 
-The maintained exporters do not fit here: optimum-onnx requires transformers<4.58 and the studio pins
-transformers 5, and onnxruntime-genai's builder writes its own graph format, not one the studio's ONNX
-passes take. So the decoder is exported by torch.onnx through a small wrapper that takes the cache as flat
+The maintained exporters do not fit every model: optimum-onnx requires transformers<4.58 and the studio
+pins transformers 5, and onnxruntime-genai's builder (export.onnx_genai, export_genai.py: the faster graph
+where it applies) knows only its own list of architectures and only float weights. So this decoder is
+exported by torch.onnx through a small wrapper that takes the cache as flat
 tensors, fills a transformers `DynamicCache` with them, and returns the logits and the grown cache as flat
 tensors: the graph's interface is what studio/evaluation/onnx_cache.py describes. The graph is verified
 against torch on the prefill (the generic check, fed a zero-length past) and on one decode step.
@@ -138,7 +139,8 @@ def verify_decode_step(
         "attention_mask": mask.numpy(),
         **empty_past(past_inputs(session), len(ids)),
     }
-    prefill = session.run(None, feeds)
+    wanted = ["logits", *layout.outputs]  # by name: a graph may order its outputs otherwise (keys first)
+    prefill = session.run(wanted, feeds)
     cache = DynamicCache(config=module.config)
     with torch.no_grad():
         ref = module(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
@@ -146,7 +148,7 @@ def verify_decode_step(
     mask = torch.cat([mask, torch.ones_like(token)], dim=1)
     step_feeds = {"input_ids": token.numpy(), "attention_mask": mask.numpy()}
     step_feeds.update(dict(zip(layout.inputs, prefill[1:], strict=True)))
-    logits, *presents = session.run(None, step_feeds)
+    logits, *presents = session.run(wanted, step_feeds)
     with torch.no_grad():
         ref = module(input_ids=token, attention_mask=mask, past_key_values=cache, use_cache=True).logits
     expected = list(cache_tensors(cache))
