@@ -20,6 +20,7 @@ from studio.techniques import (  # noqa: F401  (imported to register)
 from studio.techniques.onnx import (  # noqa: F401  (imported to register)
     blockwise,
     export,
+    export_genai,
     half,
     optimize,
     quantize_dynamic,

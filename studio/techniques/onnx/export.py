@@ -190,7 +190,7 @@ class ExportOnnx(Technique[ExportOnnxParams]):
                 level="warning",
             )
 
-        props = metadata_for(model, info, params)
+        props = metadata_for(model, info, params.exporter)
         props["studio.weight_names"] = json.dumps(weight_names(module, path), sort_keys=True)
         if layout is not None:
             props[LAYOUT_KEY] = layout.to_metadata()
@@ -506,7 +506,7 @@ def verify_export(
 # ---------------------------------------------------------------------------------------------- shared
 
 
-def metadata_for(model: LoadedModel, info: dict[str, Any], params: ExportOnnxParams) -> dict[str, str]:
+def metadata_for(model: LoadedModel, info: dict[str, Any], exporter: str) -> dict[str, str]:
     """What a reopened graph needs to be fed and judged like the original (read by the ONNX loader)."""
     props = {
         "studio.family": model.family,
@@ -514,7 +514,7 @@ def metadata_for(model: LoadedModel, info: dict[str, Any], params: ExportOnnxPar
         "studio.pooling": model.pooling or "",
         "studio.normalize": "true" if model.normalize else "false",
         "studio.dtype": str(info.get("dtype", "float32")),
-        "studio.exporter": params.exporter,
+        "studio.exporter": exporter,
     }
     if model.config is not None and hasattr(model.config, "to_dict"):
         props["studio.config"] = json.dumps(model.config.to_dict(), default=str, sort_keys=True)

@@ -37,6 +37,8 @@ from studio.techniques.base import RunContext, StageState
 if TYPE_CHECKING:
     from studio.checkpoints.base import LoadedModel
 
+GENAI_CONFIG = "genai_config.json"  # onnxruntime-genai's description of the graph (export.onnx_genai)
+
 
 @dataclass
 class GraphPass:
@@ -177,6 +179,19 @@ def follow_weight_names(src: Path, out: Path, names: dict[str, Any]) -> dict[str
     return out_names
 
 
+def carry_genai_config(src_dir: Path, out: Path) -> None:
+    """onnxruntime-genai's genai_config.json (export.onnx_genai) goes with the graph, naming the pass's
+    output file, so every later graph still loads in onnxruntime-genai's Generator."""
+    config = src_dir / GENAI_CONFIG
+    if not config.is_file():
+        return
+    data = json.loads(config.read_text())
+    decoder = data.get("model", {}).get("decoder")
+    if isinstance(decoder, dict):
+        decoder["filename"] = out.name
+    (out.parent / GENAI_CONFIG).write_text(json.dumps(data, indent=4))
+
+
 def finish_pass(src: Path, out: Path, ctx: RunContext, extra: dict[str, str] | None = None) -> None:
     """Carry the input graph's studio metadata and side files to the output; report the size change."""
     from studio.techniques.torch_io import copy_side_files
@@ -189,6 +204,7 @@ def finish_pass(src: Path, out: Path, ctx: RunContext, extra: dict[str, str] | N
         props["studio.weight_names"] = json.dumps(names, sort_keys=True)
     set_metadata(out, {**props, **(extra or {})})
     copy_side_files(src.parent, out.parent)
+    carry_genai_config(src.parent, out)
     before, after = onnx_size(src), onnx_size(out)
     ctx.metric("onnx_size_bytes", after)
     ctx.log(f"{out.name}: {after / 1e6:.1f} MB ({after / before:.0%} of the input's {before / 1e6:.1f} MB)")
