@@ -6,8 +6,8 @@ Llama made from a config with random weights, the size of a 0.5B model (Qwen2.5-
 what matters, since decoding speed does not depend on the weights' values. `toy` makes it tiny for tests.
 
 Variants: the recipes in resources/recipes/bench-llm/ (torch FP32, BF16, INT8 and INT4 weight-only, GPTQ
-INT4, ONNX Runtime with a KV cache, FP32 and INT4 blockwise), built with the same code `model-studio run`
-uses, and the peer: onnxruntime-genai's own INT4 model, made by its builder and decoded by its Generator
+INT4, ONNX Runtime with a KV cache, FP32 and INT4 blockwise, and INT4 blockwise of onnxruntime-genai's
+builder graph through export.onnx_genai), built with the same code `model-studio run` uses, and the peer: onnxruntime-genai's own INT4 model, made by its builder and decoded by its Generator
 (studio/evaluation/ortgenai_runner.py). A model the builder refuses gets a row saying why.
 
 Timing is interleaved like the encoder bench: round after round every variant runs one complete greedy
@@ -66,6 +66,8 @@ TOY_CONFIG: dict[str, Any] = {
 # `toy` leaves GPTQ out on tinylm: its column-by-column loop takes a minute there on a busy 2-core machine
 # (it still runs on the tiny synthetic model, whose layers are a tenth as wide).
 TOY_SKIP = {"builtin:tinylm": ("05-torch-int4-gptq",)}
+
+LAYOUT_OPS = ("Transpose", "Cast", "Identity", "Reshape")  # between a table and its lookup, read once
 
 TARGETS = {"min_bandwidth_share": 0.80, "min_speedup_vs_peer": 1.2, "max_perplexity_increase": 0.03}
 
@@ -161,7 +163,10 @@ def module_bytes_per_token(module: Any) -> int:
 
 
 def onnx_bytes_per_token(path: Path) -> int:
-    """The same for an ONNX graph: its initializers, less a table only gathered from by the token ids."""
+    """The same for an ONNX graph: its initializers, less a table only gathered from by the token ids
+    (directly, or through a layout change such as the Transpose onnxruntime-genai's builder puts between a
+    tied output layer's weight and the embedding lookup; ONNX Runtime folds it into a table when the
+    session starts)."""
     import numpy as np
     import onnx
     from onnx import helper
@@ -171,14 +176,18 @@ def onnx_bytes_per_token(path: Path) -> int:
     for node in graph.node:
         for name in node.input:
             users.setdefault(name, []).append(node)
-    total = 0
-    for init in graph.initializer:
-        nodes = users.get(init.name, [])
-        lookup_only = bool(nodes) and all(
-            n.op_type.startswith("Gather") and "input_ids" in n.input and n.input[0] == init.name
+
+    def lookup_only(name: str) -> bool:
+        nodes = users.get(name, [])
+        return bool(nodes) and all(
+            (n.op_type.startswith("Gather") and "input_ids" in n.input and n.input[0] == name)
+            or (n.op_type in LAYOUT_OPS and n.input[0] == name and all(lookup_only(o) for o in n.output))
             for n in nodes
         )
-        if lookup_only:
+
+    total = 0
+    for init in graph.initializer:
+        if lookup_only(init.name):
             continue
         count = int(np.prod(init.dims)) if len(init.dims) else 1
         total += count * np.dtype(helper.tensor_dtype_to_np_dtype(init.data_type)).itemsize

@@ -186,3 +186,34 @@ def test_bench_kv_cache_toy_prints_the_table_and_writes_every_field(tmp_path, ca
     assert target["met"] == expected
     assert f"target KV cache: {'MET' if target['met'] else 'MISSED'} (need <= 30% of fp16 bytes" in table
     assert "turboquant 2.5:" in target["got"] and "turboquant 3:" in target["got"]
+
+
+def test_bytes_per_token_leave_out_a_table_only_looked_up_even_through_a_transpose(tmp_path):
+    """onnxruntime-genai's builder gathers a tied embedding through Transpose(output weight): that table is
+    read one row per token, so only the matrix products' weights count (a wrong count misstates bw share)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from studio.bench_llm import onnx_bytes_per_token
+
+    table = numpy_helper.from_array(np.zeros((4, 10), np.float32), "lm_head.weight")  # [hidden, vocab]
+    weight = numpy_helper.from_array(np.zeros((4, 4), np.float32), "proj.weight")
+    nodes = [
+        helper.make_node("Transpose", ["lm_head.weight"], ["table"], perm=[1, 0]),
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"]),
+        helper.make_node("MatMul", ["embedded", "proj.weight"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 4])],
+        [table, weight],
+    )
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    assert onnx_bytes_per_token(tmp_path / "m.onnx") == 4 * 4 * 4  # proj.weight only
+    nodes[2] = helper.make_node("MatMul", ["embedded", "lm_head.weight"], ["logits"])  # tied: read whole
+    graph = helper.make_graph(nodes, "g", graph.input, graph.output, [table, weight])
+    onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
+    assert onnx_bytes_per_token(tmp_path / "m.onnx") == (4 * 10 + 4 * 4) * 4
