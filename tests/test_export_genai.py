@@ -55,6 +55,11 @@ def test_the_builder_graph_is_fused_verified_and_decodes_like_torch(built):
     ops = [n.op_type for n in graph.node]
     layers = model.module.config.num_hidden_layers
     assert ops.count("GroupQueryAttention") == layers  # the builder's fused attention, one per layer
+    weights = {init.name for init in graph.initializer}
+    # tinylm ties its embeddings: the builder's Transpose of the output weight became the table itself
+    assert model.module.config.tie_word_embeddings
+    assert not [n for n in graph.node if n.op_type == "Transpose" and n.input[0] in weights]
+    assert any(n.op_type == "Gather" and n.input[0] in weights and "input_ids" in n.input for n in graph.node)
     assert metric(events, "onnx_max_abs_diff") < 1e-4  # the prefill against torch
     assert metric(events, "onnx_decode_max_abs_diff") < 1e-4  # one step through the cache
     head_dim = model.module.config.hidden_size // model.module.config.num_attention_heads
@@ -101,3 +106,12 @@ def test_a_quantized_torch_model_is_refused_naming_the_block(tmp_path):
     state, _ = run_step(initial_state(model), "quantize.weight_only", tmp_path, bits=8)
     with pytest.raises(BadInput, match=r"quantize\.weight_only came before it.*onnx\.quantize_blockwise"):
         run_step(state, "export.onnx_genai", tmp_path, index=1)
+
+
+def test_an_architecture_the_builder_lacks_is_a_clear_error(gpt2, tmp_path):
+    model = open_checkpoint(str(gpt2))
+    with pytest.raises(
+        BadInput, match=r"export\.onnx_genai: the onnxruntime-genai builder failed.*not .*supported"
+    ):
+        run_step(initial_state(model), "export.onnx_genai", tmp_path)
+    assert not list(tmp_path.rglob("hf-input"))  # the folder saved for the builder is gone
