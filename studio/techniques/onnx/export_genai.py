@@ -26,15 +26,14 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
-from studio.checkpoints.onnx_graph import graph_opset, onnx_size, set_metadata
+from studio.checkpoints.onnx_graph import graph_opset, onnx_size, save_onnx, set_metadata
 from studio.errors import BadInput
-from studio.evaluation.onnx_cache import LAYOUT_KEY, PAST_PREFIX, PRESENT_PREFIX
+from studio.evaluation.onnx_cache import LAYOUT_KEY, PAST_PREFIX, PRESENT_PREFIX, CacheLayout
 from studio.evaluation.openvino_runner import installed
 from studio.techniques.base import Params, RunContext, StageState, Technique, register
 from studio.techniques.onnx.graph_pass import GENAI_CONFIG
 
 if TYPE_CHECKING:
-    from studio.evaluation.onnx_cache import CacheLayout
     from studio.families import Batch
 
 NO_GENAI = "onnxruntime-genai is not installed (pip install onnxruntime-genai==0.18.0): its builder writes this graph"
@@ -180,8 +179,6 @@ def finish_graph(built: Path, folder: Path, layout: CacheLayout) -> Path:
     import numpy as np
     import onnx
     from onnx import numpy_helper
-
-    from studio.checkpoints.onnx_graph import save_onnx
 
     proto = onnx.load(str(built / GRAPH))
     graph = proto.graph
