@@ -8,11 +8,11 @@ node profile of this machine and the precision of every node of the graph.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from studio.cpus import usable_cores
 from studio.errors import BadInput
 from studio.inspection.graph import MATMUL_OPS, QDQ_OPS, Graph, GraphNode
 
@@ -59,14 +59,6 @@ def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str]:
     except OSError:
         pass
     return set()
-
-
-def cores() -> int:
-    """The cores this process may run on (a container's or taskset's limit, not the machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def float_matmul_cause(graph: Graph, shares: dict[str, float]) -> dict[str, Any] | None:
@@ -327,7 +319,7 @@ def diagnose(
     causes = [
         float_matmul_cause(graph, shares),
         qdq_cause(graph, shares),
-        threads_cause(profile.threads_used, cores()),
+        threads_cause(profile.threads_used, usable_cores()),
         bf16_cause(graph, shares, cpu_flags() if flags is None else flags),
     ]
     if gemm_batch and examples:
@@ -355,7 +347,7 @@ def diagnose(
             causes.append(error_cause(diff, graph, shares))
     kept = [c for c in causes if c is not None and (c["cost"] >= MIN_COST or c["kind"] in ALWAYS_SHOWN)]
     ranked = sorted(kept, key=lambda c: -c["cost"])
-    summary = {"total_ms": profile.total_ms, "threads_used": profile.threads_used, "cores": cores()}
+    summary = {"total_ms": profile.total_ms, "threads_used": profile.threads_used, "cores": usable_cores()}
     out: dict[str, Any] = {"causes": ranked, "profile": summary}
     if diff is not None:
         out["first_jump"] = diff["first_jump"]

@@ -27,6 +27,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from studio.cpus import usable_cores
 from studio.errors import BadInput, DiskFull, Unavailable
 from studio.evaluation.timing_lock import LOCK_NAME
 from studio.search_runner import Outcome, TrialRunner, timing_lock_env
@@ -77,7 +78,7 @@ def connect(address: str) -> Any:
     if address == LOCAL:
         # small: trials send back rows, not models; no dashboard to serve
         kwargs: dict[str, Any] = {
-            "num_cpus": os.cpu_count() or 1,
+            "num_cpus": usable_cores(),
             "object_store_memory": 100 * 2**20,
             "include_dashboard": False,
         }

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
+from studio.cpus import usable_cores
 from studio.errors import DiskFull
 from studio.evaluation.timing_lock import LOCK_ENV, workspace_lock
 
@@ -28,8 +29,8 @@ Outcome = tuple[dict[str, Any] | None, str | None]  # (the saved variant's row, 
 def default_parallel(cpus: int | None = None) -> int:
     """Two trials at a time from 4 cores up (one can export or quantize while the other times), else one:
     on fewer cores a second trial's work would slow the first one's timing more than it saves."""
-    n = os.cpu_count() if cpus is None else cpus
-    return 2 if (n or 1) >= 4 else 1
+    n = usable_cores() if cpus is None else cpus
+    return 2 if n >= 4 else 1
 
 
 @contextlib.contextmanager

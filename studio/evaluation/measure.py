@@ -22,6 +22,7 @@ from typing import Any
 
 from studio.checkpoints.base import LoadedModel
 from studio.checkpoints.stage import stage_of
+from studio.cpus import usable_cores
 from studio.evaluation.data import Example, timing_examples
 from studio.evaluation.latency import TimingPolicy, summarise
 from studio.evaluation.quality import (
@@ -66,7 +67,7 @@ def module_of(runner: Runner) -> Any:
 def set_threads(threads: int | None) -> int:
     import torch
 
-    n = threads or os.cpu_count() or 1
+    n = threads or usable_cores()
     torch.set_num_threads(n)
     return n
 

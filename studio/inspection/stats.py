@@ -8,7 +8,6 @@ An outlier is a finite value with |x - mean| > 6 std. Non-finite values are coun
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -16,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from studio.checkpoints.base import LoadedModel, TensorRef
+from studio.cpus import usable_cores
 
 DEFAULT_BINS = 128
 DTYPE_BYTES = {
@@ -283,7 +283,7 @@ def iter_weight_stats(
     import torch
 
     started = time.perf_counter()
-    n_workers = max(1, min(4, workers or os.cpu_count() or 1))
+    n_workers = max(1, min(4, workers or usable_cores()))
     pending: deque[tuple[TensorRef, Future[TensorStats]]] = deque()
     # One torch thread per worker: torch's own threads on top of ours (or of any other load) oversubscribe
     # the cores, and its spinning threads then make every reduction several times slower (measured on a
