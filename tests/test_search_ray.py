@@ -1,7 +1,8 @@
 """`model-studio search --ray`: an address nothing answers at, and a real search on a private local Ray.
 
-The local Ray is small (the machine's cores, a 100 MB object store, no dashboard) and shut down when the
-search ends; the trials are real worker runs on a tiny BERT classifier with a tiny evaluation.
+The local Ray is small (the cores this process may use, one under the suite's per-worker pinning; a 100 MB
+object store; no dashboard) and shut down when the search ends; the trials are real worker runs on a tiny
+BERT classifier with a tiny evaluation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import pytest
 import yaml
 
 from studio.cli import main
+from studio.cpus import usable_cores
 from studio.search_ray import node_lock
 from studio.variants import Workspace
 
@@ -73,7 +75,8 @@ def test_a_search_on_a_local_ray_lands_in_the_workspace(bert_classifier, tmp_pat
     assert code == 0, captured.err
     result = json.loads(captured.out)
     assert not ray.is_initialized()  # the search shut its private Ray down
-    assert "up to 2 trials at a time on the Ray cluster at local" in captured.err
+    slots = usable_cores()  # the private Ray gets this process's cores, one per trial
+    assert f"up to {slots} trials at a time on the Ray cluster at local" in captured.err
     assert [t["state"] for t in result["trials"]] == ["COMPLETE", "COMPLETE"], result["trials"]
     variants = {r["id"]: r for r in Workspace(ws).list()}
     assert {t["variant"] for t in result["trials"]} <= set(variants)
