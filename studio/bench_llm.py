@@ -7,7 +7,9 @@ what matters, since decoding speed does not depend on the weights' values. `toy`
 
 Variants: the recipes in resources/recipes/bench-llm/ (torch FP32, BF16, INT8 and INT4 weight-only, GPTQ
 INT4, ONNX Runtime with a KV cache, FP32 and INT4 blockwise, and INT4 blockwise of onnxruntime-genai's
-builder graph through export.onnx_genai), built with the same code `model-studio run` uses, and the peer: onnxruntime-genai's own INT4 model, made by its builder and decoded by its Generator
+builder graph through export.onnx_genai, decoded by the studio's loop or, after runtime.onnxruntime_genai, by
+onnxruntime-genai's Generator), built with the same code `model-studio run` uses, and the peer:
+onnxruntime-genai's own INT4 model, made by its builder and decoded by its Generator
 (studio/evaluation/ortgenai_runner.py). A model the builder refuses gets a row saying why.
 
 Timing is interleaved like the encoder bench: round after round every variant runs one complete greedy
@@ -232,7 +234,7 @@ def build_recipe(
         entry.bytes_per_token = module_bytes_per_token(state.module)
     else:
         graph = artifact / state.path.name
-        entry.loop = greedy_loop(state.kind, graph, FAMILY)
+        entry.loop = greedy_loop(state.kind, graph, FAMILY, max_new_tokens=new_tokens)
         entry.bytes_per_token = onnx_bytes_per_token(graph)
 
 

@@ -34,15 +34,23 @@ def test_machine_limits_at_toy_sizes():
 def test_ortgenai_runner_on_a_tiny_model_its_builder_made(tmp_path):
     import torch
 
-    from studio.evaluation.ortgenai_runner import BuilderFailed, OrtGenaiLoop, build_model, weight_bytes
+    from studio.evaluation.ortgenai_runner import (
+        BuilderFailed,
+        OrtGenaiLoop,
+        build_model,
+        thread_overlay,
+        weight_bytes,
+    )
 
     hf = synthetic_llama(tmp_path / "hf", TOY_CONFIG)
     try:
         out = build_model(hf, tmp_path / "int4", precision="int4")
     except BuilderFailed as exc:
         pytest.skip(f"the onnxruntime-genai builder does not build a tiny Llama here: {exc}")
-    loop = OrtGenaiLoop(out, threads=1, max_new_tokens=4)  # loads with the entries below, or raises
-    options = json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["session_options"]
+    written = (out / "genai_config.json").read_text()
+    loop = OrtGenaiLoop(out, threads=1, max_new_tokens=4)  # loads with the overlay below, or raises
+    assert (out / "genai_config.json").read_text() == written  # the builder's file is left as it wrote it
+    options = json.loads(thread_overlay(1))["model"]["decoder"]["session_options"]
     assert options["intra_op_num_threads"] == 1
     assert options["session.intra_op.allow_spinning"] == options["session.inter_op.allow_spinning"] == "0"
     prompts = torch.tensor([[5, 17, 300, 42, 9, 11, 250, 7]] * 2)

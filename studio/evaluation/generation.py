@@ -36,6 +36,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from studio.errors import BadInput
@@ -283,11 +284,12 @@ def greedy_tokens(
 
 
 def greedy_loop(
-    kind: str, target: Any, family: str, spec: Any = None
-) -> GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop:
+    kind: str, target: Any, family: str, spec: Any = None, *, max_new_tokens: int | None = None
+) -> GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop:
     """The greedy loop of a runnable: a torch module, or an ONNX graph with a KV cache (any other kind, or
-    a graph without the cache, raises BadInput saying why). `spec` (GenerationSpec) gives a torch loop its
-    attention and cache options."""
+    a graph without the cache, raises BadInput saying why); a graph runtime.onnxruntime_genai marked runs in
+    onnxruntime-genai's Generator. `spec` (GenerationSpec) gives a torch loop its attention and cache
+    options; its new_tokens (or `max_new_tokens`) size the Generator's buffers."""
     if kind == "torch":
         if spec is None:
             return GreedyLoop(target, family)
@@ -309,14 +311,42 @@ def greedy_loop(
 
     if family == "seq2seq":
         return OnnxSeq2SeqLoop(target, threads=torch.get_num_threads())
+    settings = genai_runtime(target)
+    if settings is not None:
+        from studio.evaluation.ortgenai_runner import OrtGenaiLoop
+
+        threads = settings.get("intra_op_threads") or torch.get_num_threads()
+        new = getattr(spec, "new_tokens", None) or max_new_tokens
+        return OrtGenaiLoop(Path(target).parent, threads=int(threads), max_new_tokens=new)
     return OnnxGreedyLoop(target, threads=torch.get_num_threads())
+
+
+def genai_runtime(path: Any) -> dict[str, Any] | None:
+    """The onnxruntime-genai settings a causal LM graph carries (runtime.onnxruntime_genai), or None; a
+    marked graph onnxruntime-genai cannot load (or cannot be run: not installed) is BadInput saying why."""
+    from studio.checkpoints.onnx_graph import read_metadata
+    from studio.evaluation.openvino_runner import installed
+    from studio.evaluation.ortgenai_runner import genai_problem, recorded_runtime
+
+    settings = recorded_runtime(read_metadata(Path(path)))
+    if settings is None:
+        return None
+    problem = genai_problem(Path(path)) or (
+        None if installed("onnxruntime_genai") else "onnxruntime-genai is not installed"
+    )
+    if problem:
+        raise BadInput(f"runtime.onnxruntime_genai: {problem}", path=Path(path))
+    return settings
 
 
 # ------------------------------------------------------------------------------------------------ timing
 
 
 def _decode_samples(
-    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop, prompts: Any, new_tokens: int, policy: TimingPolicy
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop,
+    prompts: Any,
+    new_tokens: int,
+    policy: TimingPolicy,
 ) -> list[float]:
     """Milliseconds of every decode step of complete greedy runs: one warm-up run, then runs until the
     policy has enough steps and time (a run is never cut short, so late steps count as often as early)."""
@@ -354,7 +384,7 @@ def _percentiles(stats: dict[str, Any]) -> dict[str, Any]:
 
 
 def _peak_memory_mb(
-    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop, prompts: Any, new_tokens: int
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop, prompts: Any, new_tokens: int
 ) -> float:
     import torch
 
@@ -410,7 +440,7 @@ def options_set(spec: Any) -> bool:
 
 
 def _options_used(
-    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop, log: Callable[[str, str], None]
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop, log: Callable[[str, str], None]
 ) -> dict[str, Any]:
     if isinstance(loop, GreedyLoop):
         return {"attention": loop.attention, "cache": loop.cache_kind}
@@ -419,7 +449,7 @@ def _options_used(
 
 
 def _timed(
-    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop,
+    loop: GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop,
     model: LoadedModel,
     examples: Sequence[Example],
     spec: Any,
@@ -453,7 +483,10 @@ def _timed(
             f"({out[str(b)]['decode_tokens_per_s']:.0f} tokens/s)",
         )
     _, state = loop.generate(generation_prompts(model, examples, 1, p), n)
-    out["kv_cache_bytes"] = cache_bytes(state["cache"]) if state["cache"] is not None else 0
+    if hasattr(loop, "cache_bytes"):  # onnxruntime-genai's Generator holds its own cache
+        out["kv_cache_bytes"] = loop.cache_bytes(state)
+    else:
+        out["kv_cache_bytes"] = cache_bytes(state["cache"]) if state["cache"] is not None else 0
     out["kv_cache_bytes_per_token"] = out["kv_cache_bytes"] / (p + n)
     largest = max(spec.batch_sizes)
     out["peak_memory_mb"] = _peak_memory_mb(loop, generation_prompts(model, examples, largest, p), n)

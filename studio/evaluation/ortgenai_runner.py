@@ -1,4 +1,8 @@
-"""onnxruntime-genai as a peer: its own builder makes the model, its own Generator decodes it.
+"""onnxruntime-genai: its builder makes a causal LM's graph, its Generator decodes it.
+
+Two uses. The studio's own: export.onnx_genai runs the builder, and a graph after runtime.onnxruntime_genai
+(its metadata, RUNTIME_KEY) is decoded by the Generator instead of the studio's Python loop: the C++ loop
+keeps one key/value buffer for the whole run and has no per-token Python cost. And the peer's:
 
 The LLM bench compares the studio's variants with what a person gets from onnxruntime-genai out of the
 box: `python -m onnxruntime_genai.models.builder -i <hf folder> -o <out> -p int4 -e cpu` (run as a
@@ -11,6 +15,7 @@ studio's loops are timed, rather than read from the library:
 - every later `generate_next_token()` is one decode step (the previous token through the model, then the
   greedy pick).
 
+Threads are set as a `Config.overlay`, so the folder's genai_config.json is never rewritten.
 `OrtGenaiLoop` has the studio loops' interface (`prefill`, `step`, `sync`, `generate`, `device`), so the
 bench times all of them with one function.
 """
@@ -23,6 +28,8 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from studio.errors import BadInput
 
 if TYPE_CHECKING:
     import torch
@@ -66,23 +73,56 @@ def build_model(hf_folder: Path, out: Path, *, precision: str = "int4", timeout_
     return out
 
 
-# Session config entries the peer runs with, as every ONNX Runtime session the studio times does
+# Session config entries the Generator runs with, as every ONNX Runtime session the studio times does
 # (studio/evaluation/runners.py): no idle spinning, whose busy-waiting after a run steals the cores from the
 # variant timed next in an interleaved round (seen: torch FP32's prefill right after this peer 48 ms, 12 ms
 # when it came first). genai_config.json passes unknown session_options keys on as config entries.
 NO_SPINNING = {"session.intra_op.allow_spinning": "0", "session.inter_op.allow_spinning": "0"}
 
+# The graph metadata runtime.onnxruntime_genai records (JSON: intra_op_threads, null for the evaluation's):
+# the studio's greedy loops then decode the graph with onnxruntime-genai's Generator.
+RUNTIME_KEY = "studio.onnxruntime_genai"
+GENAI_CONFIG = "genai_config.json"
 
-def set_threads(folder: Path, threads: int) -> None:
-    """Pin the session's intra-op threads in genai_config.json (the library reads them only from there),
-    so the peer runs on the same threads as every other variant, and without idle spinning."""
-    path = Path(folder) / "genai_config.json"
-    config = json.loads(path.read_text())
-    options = config["model"]["decoder"].setdefault("session_options", {})
-    options["intra_op_num_threads"] = int(threads)
-    options["inter_op_num_threads"] = 1
-    options.update(NO_SPINNING)
-    path.write_text(json.dumps(config, indent=4))
+
+def thread_overlay(threads: int) -> str:
+    """genai_config.json settings that run the session on `threads` intra-op threads without idle
+    spinning, as a JSON overlay (`onnxruntime_genai.Config.overlay`): the folder's file stays as written."""
+    options = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1, **NO_SPINNING}
+    return json.dumps({"model": {"decoder": {"session_options": options}}})
+
+
+def recorded_runtime(metadata: dict[str, str]) -> dict[str, Any] | None:
+    """The settings runtime.onnxruntime_genai recorded in a graph's metadata, or None without the step."""
+    raw = metadata.get(RUNTIME_KEY)
+    if raw is None:
+        return None
+    try:
+        settings = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise BadInput(f"the graph's {RUNTIME_KEY} metadata is not JSON: {exc}") from None
+    if not isinstance(settings, dict):
+        raise BadInput(f"the graph's {RUNTIME_KEY} metadata is not a mapping")
+    return settings
+
+
+def genai_problem(graph: Path) -> str | None:
+    """Why onnxruntime-genai cannot load `graph`, or None: it needs genai_config.json beside the graph
+    naming that file (export.onnx_genai writes it, and every later ONNX step carries it)."""
+    config = Path(graph).with_name(GENAI_CONFIG)
+    if not config.is_file():
+        return (
+            f"onnxruntime-genai loads a graph described by {GENAI_CONFIG} beside it, and {config.parent} has "
+            "none: export the model with export.onnx_genai"
+        )
+    try:
+        decoder = json.loads(config.read_text())["model"]["decoder"]
+        filename = decoder["filename"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        return f"{config} does not describe a decoder graph ({type(exc).__name__}: {exc})"
+    if filename != Path(graph).name:
+        return f"{config} describes {filename}, not {Path(graph).name}"
+    return None
 
 
 def weight_bytes(folder: Path) -> int:
@@ -94,23 +134,28 @@ class OrtGenaiLoop:
     """Greedy decoding with an onnxruntime-genai model: `prefill` then `step`, one token at a time.
 
     The generator's buffers are sized at prefill for `max_new_tokens` (plus the last token fed, as the
-    studio's loops feed it), so one loop serves every run of up to that many tokens.
+    studio's loops feed it), so one loop serves every run of up to that many tokens; without it, for the
+    model's whole context (genai_config.json's context_length).
     """
 
-    def __init__(self, folder: Path, *, threads: int, max_new_tokens: int) -> None:
+    def __init__(self, folder: Path, *, threads: int, max_new_tokens: int | None = None) -> None:
         import onnxruntime_genai as og
         import torch
 
         self.folder = Path(folder)
-        set_threads(self.folder, threads)
-        self.og = og
-        self.model = og.Model(str(self.folder))
-        self.max_new_tokens = max_new_tokens
-        self.device = torch.device("cpu")
-        decoder = json.loads((self.folder / "genai_config.json").read_text())["model"]["decoder"]
+        config = json.loads((self.folder / GENAI_CONFIG).read_text())
+        decoder = config["model"]["decoder"]
+        self.path = self.folder / decoder["filename"]  # the graph: perplexity runs it in a plain session
+        self.context_length = int(config["model"]["context_length"])
         self.layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
         self.head_size = int(decoder["head_size"])
+        self.og = og
+        settings = og.Config(str(self.folder))
+        settings.overlay(thread_overlay(threads))
+        self.model = og.Model(settings)
+        self.max_new_tokens = max_new_tokens
+        self.device = torch.device("cpu")
 
     def _generator(self, batch: int, length: int) -> Any:
         params = self.og.GeneratorParams(self.model)
@@ -124,11 +169,17 @@ class OrtGenaiLoop:
         import torch
 
         ids = prompts.cpu().numpy().astype(np.int32)
-        generator = self._generator(len(ids), ids.shape[1] + self.max_new_tokens + 1)
+        if self.max_new_tokens is None:
+            length = self.context_length
+        else:
+            length = min(ids.shape[1] + self.max_new_tokens + 1, self.context_length)
+        generator = self._generator(len(ids), length)
         generator.append_tokens(ids)
         generator.generate_next_token()  # the greedy pick from the prompt's logits: the first token
         token = torch.from_numpy(np.asarray(generator.get_next_tokens(), dtype=np.int64).copy())
-        return token, {"generator": generator, "length": ids.shape[1], "batch": len(ids)}
+        # no "cache" of the studio's loops: the generator holds it; cache_bytes(state) counts it
+        state = {"generator": generator, "length": ids.shape[1], "batch": len(ids), "cache": None}
+        return token, state
 
     def step(self, token: torch.Tensor, state: dict[str, Any]) -> torch.Tensor:
         """One decode step: the generator feeds the token it picked last (the same greedy token)."""

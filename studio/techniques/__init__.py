@@ -26,4 +26,5 @@ from studio.techniques.onnx import (  # noqa: F401  (imported to register)
     quantize_dynamic,
     quantize_static,
     runtime,
+    runtime_genai,
 )
