@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from studio.evaluation.int4_kernel_limit import block_size_of, int4_decode_limit
 from studio.evaluation.latency import summarise
 from studio.resources import resource
 
@@ -91,6 +92,7 @@ class LlmEntry:
     kv_cache_bytes: int | None = None
     perplexity: float | None = None
     build_seconds: float = 0.0
+    block_size: int | None = None  # of its MatMulNBits nodes: an INT4 ONNX graph's
     ttft: dict[int, list[float]] = field(default_factory=dict)
     tpot: dict[int, list[float]] = field(default_factory=dict)
     error: str | None = None
@@ -236,6 +238,7 @@ def build_recipe(
         graph = artifact / state.path.name
         entry.loop = greedy_loop(state.kind, graph, FAMILY, max_new_tokens=new_tokens)
         entry.bytes_per_token = onnx_bytes_per_token(graph)
+        entry.block_size = block_size_of(graph)
 
 
 def build_peer(entry: LlmEntry, hf_folder: Path, workdir: Path, threads: int, new_tokens: int) -> None:
@@ -248,6 +251,7 @@ def build_peer(entry: LlmEntry, hf_folder: Path, workdir: Path, threads: int, ne
     entry.build_seconds = time.perf_counter() - started
     entry.size_bytes = weight_bytes(out)
     entry.bytes_per_token = onnx_bytes_per_token(out / "model.onnx")
+    entry.block_size = block_size_of(out / "model.onnx")
     entry.loop = OrtGenaiLoop(out, threads=threads, max_new_tokens=new_tokens)
 
 
@@ -335,6 +339,7 @@ def bench_model(
     report: Callable[[float, str], None],
     skip: tuple[str, ...] = (),
     perplexity_tokens: int | None = None,
+    kernel_repeats: int = 20,
 ) -> dict[str, Any]:
     from studio.evaluation.data import load_examples
     from studio.evaluation.generation import generation_prompts
@@ -383,8 +388,17 @@ def bench_model(
                 e.perplexity = None
                 e.error = f"perplexity: {type(exc).__name__}: {exc}"
     rows = {e.name: entry_row(e, batch_sizes, bandwidth_gb_s) for e in entries}
+    report(0.95, f"{label}: the INT4 kernel limit")
+    kernel = kernel_limit(model, live, threads, repeats=kernel_repeats)
+    for e in live:
+        block = (kernel.get("blocks") or {}).get(str(e.block_size))
+        rate = (rows[e.name].get("decode_tokens_per_s") or {}).get(str(min(batch_sizes)))
+        if block and rate and min(batch_sizes) == 1:
+            rows[e.name]["kernel_limit_tokens_per_s"] = block["tokens_per_s"]
+            rows[e.name]["kernel_share"] = rate / block["tokens_per_s"]
     return {
         "model": label,
+        "int4_kernel_limit": kernel,
         "parameters": sum(int(p.numel()) for p in model.module.parameters()),
         "config": {k: getattr(model.module.config, k, None) for k in SYNTHETIC_CONFIG},
         "perplexity_measured": perplexity,
@@ -393,9 +407,23 @@ def bench_model(
     }
 
 
+def kernel_limit(model: Any, entries: list[LlmEntry], threads: int, repeats: int) -> dict[str, Any]:
+    """ONNX Runtime's INT4 kernel on the model's linear layers alone, at the block sizes the INT4 graphs
+    use (studio/evaluation/int4_kernel_limit.py); {} without such graphs, an `error` if it cannot run."""
+    blocks = tuple(sorted({e.block_size for e in entries if e.block_size}))
+    if not blocks:
+        return {}
+    config = model.module.config.to_dict()
+    try:
+        return int4_decode_limit(config, threads, blocks, repeats=repeats)
+    except Exception as exc:  # e.g. a config without a Llama's fields: the rows keep their numbers
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def entry_row(e: LlmEntry, batch_sizes: tuple[int, ...], bandwidth_gb_s: float) -> dict[str, Any]:
     row: dict[str, Any] = {
         "recipe": e.recipe_path.name if e.recipe_path else None,
+        "int4_block_size": e.block_size,
         "peer": e.peer,
         "kind": e.kind,
         "precision": e.precision,
@@ -540,6 +568,7 @@ def run_llm_bench(
                     report=sub,
                     skip=TOY_SKIP.get(label, ()) if toy else (),
                     perplexity_tokens=512 if toy else None,
+                    kernel_repeats=3 if toy else 20,
                     **settings,
                 )
             )
@@ -559,6 +588,28 @@ def run_llm_bench(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "models": models,
     }
+
+
+def kernel_lines(m: dict[str, Any]) -> list[str]:
+    """The INT4 kernel limit under a model's table, and each INT4 graph's decode as a share of it."""
+    kernel = m.get("int4_kernel_limit") or {}
+    if kernel.get("error"):
+        return [f"  INT4 kernel limit: not measured ({kernel['error'][:100]})"]
+    if not kernel.get("blocks"):
+        return []
+    limits = ", ".join(
+        f"blocks of {b}: {v['ms_per_token']:.2f} ms = {v['tokens_per_s']:.1f} tok/s ({v['gb_per_s']:.1f} GB/s)"
+        for b, v in kernel["blocks"].items()
+    )
+    shares = ", ".join(
+        f"{name} {row['kernel_share'] * 100:.0f}%"
+        for name, row in m["variants"].items()
+        if row.get("kernel_share") is not None
+    )
+    return [
+        f"  INT4 kernel limit (the linear layers alone on {kernel['kernel']}, b1): {limits}",
+        f"  decode b1 as a share of its block size's kernel limit: {shares or '-'}",
+    ]
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -597,6 +648,7 @@ def format_table(result: dict[str, Any]) -> str:
                 f" {cell(row['perplexity'], '.2f'):>8}"
                 + (f"  ({row['error'][:60]})" if row.get("error") else "")
             )
+        lines += kernel_lines(m)
         for t in m["targets"]:
             mark = "MET" if t["met"] else "MISSED"
             lines.append(

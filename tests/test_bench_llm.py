@@ -120,6 +120,18 @@ def test_bench_causal_lm_toy_prints_the_table_and_writes_every_field(tmp_path, c
         int4 = rows["07-onnx-cache-int4"]["weight_bytes_per_token"]
         assert int4 < 0.5 * fp32["weight_bytes_per_token"]
         assert rows["04-torch-int4-weight-only"]["weight_bytes_per_token"] < fp32["weight_bytes_per_token"]
+        # the INT4 kernel limit at the block sizes the INT4 graphs use, and each graph's share of its own
+        kernel = m["int4_kernel_limit"]
+        assert kernel["linear_layers"] == 5 * cfg["num_hidden_layers"] + 1
+        blocks = {r["int4_block_size"] for r in rows.values() if r["int4_block_size"]}
+        assert blocks == {32, 128} and set(kernel["blocks"]) == {"32", "128"}  # 07, 08 and the peer; 10
+        for row in rows.values():
+            if row["int4_block_size"] and "tpot_ms" in row:
+                limit = kernel["blocks"][str(row["int4_block_size"])]
+                assert row["kernel_share"] == pytest.approx(
+                    row["decode_tokens_per_s"]["1"] / limit["tokens_per_s"]
+                )
+        assert "INT4 kernel limit" in table
         targets = {t["target"]: t for t in m["targets"]}
         assert set(targets) == {"bandwidth", "vs onnxruntime-genai", "perplexity"}
         best = rows[targets["bandwidth"]["variant"]]
@@ -225,3 +237,23 @@ def test_bytes_per_token_leave_out_a_table_only_looked_up_even_through_a_transpo
     graph = helper.make_graph(nodes, "g", graph.input, graph.output, [table, weight])
     onnx.save(helper.make_model(graph), str(tmp_path / "m.onnx"))
     assert onnx_bytes_per_token(tmp_path / "m.onnx") == (4 * 10 + 4 * 4) * 4
+
+
+def test_the_int4_kernel_limit_multiplies_by_every_linear_weight_of_a_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from studio.evaluation.int4_kernel_limit import int4_decode_limit, linear_shapes
+
+    config = dict(TOY_CONFIG, num_attention_heads=4, num_key_value_heads=1)
+    with torch.device("meta"):
+        module = LlamaForCausalLM(LlamaConfig(**config))
+    linears = [m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear)]
+    shapes = linear_shapes(module.config.to_dict())
+    assert sum(k * n for _, k, n in shapes) == sum(linears)  # q, k, v packed into one: the same weights
+    assert len(shapes) == len(linears) - 2 * config["num_hidden_layers"]
+    limit = int4_decode_limit(config, threads=1, block_sizes=(32,), repeats=1)
+    block = limit["blocks"]["32"]
+    # codes at half a byte per weight plus one float32 scale per 32 weights
+    assert block["weight_bytes"] == sum(n * (-(-k // 32)) * (16 + 4) for _, k, n in shapes)
+    assert block["tokens_per_s"] == pytest.approx(1000.0 / block["ms_per_token"]) and block["gb_per_s"] > 0
