@@ -133,6 +133,9 @@ def _compute_layout(model: LoadedModel) -> ModelLayout:
 # ------------------------------------------------------------------------------------------------ checks
 
 
+GENAI_RUNTIME, GENAI_EXPORT = "runtime.onnxruntime_genai", "export.onnx_genai"
+
+
 def _label(index: int, technique: str) -> str:
     return f"step {index + 1} ({technique})"
 
@@ -247,4 +250,15 @@ def check_recipe(recipe: Recipe, model: LoadedModel, layout: ModelLayout | None 
             problems.extend(_heads_problems(step.index, technique, step.params, layout))
         if "exclude" in type(step.params).model_fields:
             problems.extend(_exclude_problems(step.index, technique, step.params, layout))
+        if technique == GENAI_RUNTIME and stage_of(model) == "torch":
+            exported = any(s.technique.id == GENAI_EXPORT for s in planned if s.index < step.index)
+            if not exported:
+                problems.append(
+                    Problem(
+                        step.index,
+                        None,
+                        f"{_label(step.index, technique)}: onnxruntime-genai's Generator loads the graph "
+                        f"{GENAI_EXPORT} writes (with its genai_config.json): put {GENAI_EXPORT} before it",
+                    )
+                )
     return sorted(problems, key=lambda p: p.step if p.step is not None else -1)

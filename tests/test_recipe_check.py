@@ -132,3 +132,11 @@ def test_run_refuses_heads_the_model_lacks_before_a_worker_starts(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and "no head 15" in proc.stderr, proc.stderr
+
+
+def test_the_generator_runtime_needs_the_builder_export_before_it():
+    tinylm = open_checkpoint("builtin:tinylm")
+    runtime = {"technique": "runtime.onnxruntime_genai"}
+    (p,) = check_recipe(recipe({"technique": "export.onnx", "params": {"with_cache": True}}, runtime), tinylm)
+    assert p.step == 1 and "put export.onnx_genai before it" in p.message
+    assert check_recipe(recipe({"technique": "export.onnx_genai"}, runtime), tinylm) == []
