@@ -157,6 +157,9 @@ def test_runtime_onnxruntime_genai_decodes_the_graph_in_the_generator(built, tmp
     assert "unavailable" not in metrics, metrics
     assert metrics["1"]["decode_tokens_per_s"] > 0
     assert metrics["kv_cache_bytes"] == loop.cache_bytes({**state, "length": PROMPT + 4})
+    # tokens compared with the original's come from the studio's loop on the same graph (the Generator
+    # never picks the end token before its length), so generation_match is the variant's, not the runtime's
+    assert greedy_tokens(marked.path, "causal-lm", prompts, NEW, "onnx").tolist() == studio_tokens.tolist()
 
 
 def test_runtime_onnxruntime_genai_refuses_a_graph_the_generator_cannot_load(built, tmp_path):

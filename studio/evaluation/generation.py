@@ -279,17 +279,26 @@ def greedy_tokens(
     module: Any, family: str, prompts: torch.Tensor, new_tokens: int, kind: str = "torch"
 ) -> torch.Tensor:
     """The greedy new tokens of `module` (an ONNX file with kind "onnx") after each prompt ([batch,
-    new_tokens])."""
-    return greedy_loop(kind, module, family).generate(prompts, new_tokens)[0]
+    new_tokens]). A graph marked for onnxruntime-genai's Generator is decoded by the studio's loop here: the
+    Generator holds the end token back until its length is reached, so its tokens would differ from the
+    original's wherever that stops, and the comparison would measure the runtime's rule, not the variant."""
+    return greedy_loop(kind, module, family, generator=False).generate(prompts, new_tokens)[0]
 
 
 def greedy_loop(
-    kind: str, target: Any, family: str, spec: Any = None, *, max_new_tokens: int | None = None
+    kind: str,
+    target: Any,
+    family: str,
+    spec: Any = None,
+    *,
+    max_new_tokens: int | None = None,
+    generator: bool = True,
 ) -> GreedyLoop | OnnxGreedyLoop | OnnxSeq2SeqLoop | OrtGenaiLoop:
     """The greedy loop of a runnable: a torch module, or an ONNX graph with a KV cache (any other kind, or
     a graph without the cache, raises BadInput saying why); a graph runtime.onnxruntime_genai marked runs in
     onnxruntime-genai's Generator. `spec` (GenerationSpec) gives a torch loop its attention and cache
-    options; its new_tokens (or `max_new_tokens`) size the Generator's buffers."""
+    options; its new_tokens (or `max_new_tokens`) size the Generator's buffers; `generator=False` keeps the
+    studio's loop for a marked graph too."""
     if kind == "torch":
         if spec is None:
             return GreedyLoop(target, family)
@@ -311,7 +320,7 @@ def greedy_loop(
 
     if family == "seq2seq":
         return OnnxSeq2SeqLoop(target, threads=torch.get_num_threads())
-    settings = genai_runtime(target)
+    settings = genai_runtime(target) if generator else None
     if settings is not None:
         from studio.evaluation.ortgenai_runner import OrtGenaiLoop
 
