@@ -76,7 +76,10 @@ def test_a_search_on_a_local_ray_lands_in_the_workspace(bert_classifier, tmp_pat
     result = json.loads(captured.out)
     assert not ray.is_initialized()  # the search shut its private Ray down
     slots = usable_cores()  # the private Ray gets this process's cores, one per trial
-    assert f"up to {slots} trials at a time on the Ray cluster at local" in captured.err
+    if slots > 1:  # with one slot the search says nothing about parallel trials
+        assert f"up to {slots} trials at a time on the Ray cluster at local" in captured.err
+    else:
+        assert "trials at a time" not in captured.err
     assert [t["state"] for t in result["trials"]] == ["COMPLETE", "COMPLETE"], result["trials"]
     variants = {r["id"]: r for r in Workspace(ws).list()}
     assert {t["variant"] for t in result["trials"]} <= set(variants)
