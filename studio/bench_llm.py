@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from studio.evaluation.int4_kernel_limit import block_size_of, int4_decode_limit
+from studio.evaluation.int4_kernel_limit import block_size_of, kernel_limit, kernel_lines
 from studio.evaluation.latency import summarise
 from studio.resources import resource
 
@@ -389,7 +389,8 @@ def bench_model(
                 e.error = f"perplexity: {type(exc).__name__}: {exc}"
     rows = {e.name: entry_row(e, batch_sizes, bandwidth_gb_s) for e in entries}
     report(0.95, f"{label}: the INT4 kernel limit")
-    kernel = kernel_limit(model, live, threads, repeats=kernel_repeats)
+    blocks = {e.block_size for e in live if e.block_size}
+    kernel = kernel_limit(model.module.config.to_dict(), blocks, threads, kernel_repeats)
     for e in live:
         block = (kernel.get("blocks") or {}).get(str(e.block_size))
         rate = (rows[e.name].get("decode_tokens_per_s") or {}).get(str(min(batch_sizes)))
@@ -405,19 +406,6 @@ def bench_model(
         "variants": rows,
         "targets": check_targets(rows),
     }
-
-
-def kernel_limit(model: Any, entries: list[LlmEntry], threads: int, repeats: int) -> dict[str, Any]:
-    """ONNX Runtime's INT4 kernel on the model's linear layers alone, at the block sizes the INT4 graphs
-    use (studio/evaluation/int4_kernel_limit.py); {} without such graphs, an `error` if it cannot run."""
-    blocks = tuple(sorted({e.block_size for e in entries if e.block_size}))
-    if not blocks:
-        return {}
-    config = model.module.config.to_dict()
-    try:
-        return int4_decode_limit(config, threads, blocks, repeats=repeats)
-    except Exception as exc:  # e.g. a config without a Llama's fields: the rows keep their numbers
-        return {"error": f"{type(exc).__name__}: {exc}"}
 
 
 def entry_row(e: LlmEntry, batch_sizes: tuple[int, ...], bandwidth_gb_s: float) -> dict[str, Any]:
@@ -588,28 +576,6 @@ def run_llm_bench(
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "models": models,
     }
-
-
-def kernel_lines(m: dict[str, Any]) -> list[str]:
-    """The INT4 kernel limit under a model's table, and each INT4 graph's decode as a share of it."""
-    kernel = m.get("int4_kernel_limit") or {}
-    if kernel.get("error"):
-        return [f"  INT4 kernel limit: not measured ({kernel['error'][:100]})"]
-    if not kernel.get("blocks"):
-        return []
-    limits = ", ".join(
-        f"blocks of {b}: {v['ms_per_token']:.2f} ms = {v['tokens_per_s']:.1f} tok/s ({v['gb_per_s']:.1f} GB/s)"
-        for b, v in kernel["blocks"].items()
-    )
-    shares = ", ".join(
-        f"{name} {row['kernel_share'] * 100:.0f}%"
-        for name, row in m["variants"].items()
-        if row.get("kernel_share") is not None
-    )
-    return [
-        f"  INT4 kernel limit (the linear layers alone on {kernel['kernel']}, b1): {limits}",
-        f"  decode b1 as a share of its block size's kernel limit: {shares or '-'}",
-    ]
 
 
 def format_table(result: dict[str, Any]) -> str:

@@ -335,11 +335,13 @@ def genai_runtime(path: Any) -> dict[str, Any] | None:
     marked graph onnxruntime-genai cannot load (or cannot be run: not installed) is BadInput saying why."""
     from studio.checkpoints.onnx_graph import read_metadata
     from studio.evaluation.openvino_runner import installed
-    from studio.evaluation.ortgenai_runner import genai_problem, recorded_runtime
+    from studio.evaluation.ort_settings import recorded
+    from studio.evaluation.ortgenai_runner import RUNTIME_KEY, genai_problem
 
-    settings = recorded_runtime(read_metadata(Path(path)))
-    if settings is None:
+    metadata = read_metadata(Path(path))
+    if RUNTIME_KEY not in metadata:
         return None
+    settings = recorded(metadata, RUNTIME_KEY)
     problem = genai_problem(Path(path)) or (
         None if installed("onnxruntime_genai") else "onnxruntime-genai is not installed"
     )

@@ -131,3 +131,36 @@ def block_size_of(graph_path: Any) -> int | None:
         if node.op_type == "MatMulNBits":
             return next((int(a.i) for a in node.attribute if a.name == "block_size"), None)
     return None
+
+
+def kernel_limit(config: dict[str, Any], blocks: set[int], threads: int, repeats: int) -> dict[str, Any]:
+    """`int4_decode_limit` at the block sizes a bench's INT4 graphs use: {} without such graphs, an `error`
+    if it cannot run (the bench's rows keep their numbers)."""
+    if not blocks:
+        return {}
+    try:
+        return int4_decode_limit(config, threads, tuple(sorted(blocks)), repeats=repeats)
+    except Exception as exc:  # e.g. a config without a Llama's fields
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def kernel_lines(m: dict[str, Any]) -> list[str]:
+    """The INT4 kernel limit under a model's table, and each INT4 graph's decode as a share of it."""
+    kernel = m.get("int4_kernel_limit") or {}
+    if kernel.get("error"):
+        return [f"  INT4 kernel limit: not measured ({kernel['error'][:100]})"]
+    if not kernel.get("blocks"):
+        return []
+    limits = ", ".join(
+        f"blocks of {b}: {v['ms_per_token']:.2f} ms = {v['tokens_per_s']:.1f} tok/s ({v['gb_per_s']:.1f} GB/s)"
+        for b, v in kernel["blocks"].items()
+    )
+    shares = ", ".join(
+        f"{name} {row['kernel_share'] * 100:.0f}%"
+        for name, row in m["variants"].items()
+        if row.get("kernel_share") is not None
+    )
+    return [
+        f"  INT4 kernel limit (the linear layers alone on {kernel['kernel']}, b1): {limits}",
+        f"  decode b1 as a share of its block size's kernel limit: {shares or '-'}",
+    ]

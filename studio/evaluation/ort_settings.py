@@ -23,17 +23,18 @@ OPT_LEVELS = {  # the step's names -> onnxruntime.GraphOptimizationLevel members
 EXECUTION_MODES = {"sequential": "ORT_SEQUENTIAL", "parallel": "ORT_PARALLEL"}
 
 
-def recorded(metadata: dict[str, str]) -> dict[str, Any]:
-    """The settings a graph's metadata carries ({} when none); a damaged entry is BadInput."""
-    raw = metadata.get(SETTINGS_KEY)
+def recorded(metadata: dict[str, str], key: str = SETTINGS_KEY) -> dict[str, Any]:
+    """The settings a graph's metadata carries under `key` ({} when none; runtime.onnxruntime_genai's are
+    under its own key); a damaged entry is BadInput."""
+    raw = metadata.get(key)
     if not raw:
         return {}
     try:
         settings = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise BadInput(f"the graph's {SETTINGS_KEY} metadata is not JSON: {exc}") from None
+        raise BadInput(f"the graph's {key} metadata is not JSON: {exc}") from None
     if not isinstance(settings, dict):
-        raise BadInput(f"the graph's {SETTINGS_KEY} metadata is not a mapping")
+        raise BadInput(f"the graph's {key} metadata is not a mapping")
     return settings
 
 

@@ -29,8 +29,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from studio.errors import BadInput
-
 if TYPE_CHECKING:
     import torch
 
@@ -90,20 +88,6 @@ def thread_overlay(threads: int) -> str:
     spinning, as a JSON overlay (`onnxruntime_genai.Config.overlay`): the folder's file stays as written."""
     options = {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1, **NO_SPINNING}
     return json.dumps({"model": {"decoder": {"session_options": options}}})
-
-
-def recorded_runtime(metadata: dict[str, str]) -> dict[str, Any] | None:
-    """The settings runtime.onnxruntime_genai recorded in a graph's metadata, or None without the step."""
-    raw = metadata.get(RUNTIME_KEY)
-    if raw is None:
-        return None
-    try:
-        settings = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise BadInput(f"the graph's {RUNTIME_KEY} metadata is not JSON: {exc}") from None
-    if not isinstance(settings, dict):
-        raise BadInput(f"the graph's {RUNTIME_KEY} metadata is not a mapping")
-    return settings
 
 
 def genai_problem(graph: Path) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -84,6 +85,14 @@ class GraphPass:
                 yield
             except Exception as exc:
                 raise BadInput(f"{name} failed: {exc}", path=self.src) from exc
+
+    def copy_input(self) -> None:
+        """The input graph copied unchanged to `out`, its external weights beside it under the same relative
+        name: for steps that only record how the graph is run (the runtime steps)."""
+        shutil.copyfile(self.src, self.out)
+        data = self.src.with_name(self.src.name + ".data")
+        if data.is_file():
+            shutil.copyfile(data, self.out.with_name(self.out.name + ".data"))
 
     def finish(self, extra: dict[str, str] | None = None) -> None:
         finish_pass(self.src, self.out, self.ctx, extra)

@@ -9,7 +9,6 @@ explore the settings like any step parameter.
 from __future__ import annotations
 
 import json
-import shutil
 from typing import Literal
 
 from pydantic import Field
@@ -54,10 +53,7 @@ class OrtSession(Technique[OrtSessionParams]):
     def run(self, state: StageState, params: OrtSessionParams, ctx: RunContext) -> StageState:
         frame = GraphPass.open(state, ctx, "onnxruntime", technique=self.id)
         ctx.progress(0.2, "copying the graph")
-        shutil.copyfile(frame.src, frame.out)
-        data = frame.src.with_name(frame.src.name + ".data")
-        if data.is_file():  # external weights: the copy refers to them by this same relative name
-            shutil.copyfile(data, frame.out.with_name(frame.out.name + ".data"))
+        frame.copy_input()
         settings = params.model_dump(mode="json")
         frame.finish({SETTINGS_KEY: json.dumps(settings, sort_keys=True)})
         threads = settings["intra_op_threads"] or "the evaluation's"

@@ -12,7 +12,6 @@ export.onnx_genai and its quantization. Quality (perplexity) still runs the same
 from __future__ import annotations
 
 import json
-import shutil
 
 from pydantic import Field
 
@@ -56,10 +55,7 @@ class OrtGenaiRuntime(Technique[OrtGenaiParams]):
         if problem:
             raise BadInput(f"{self.id}: {problem}", path=frame.src)
         ctx.progress(0.2, "copying the graph")
-        shutil.copyfile(frame.src, frame.out)
-        data = frame.src.with_name(frame.src.name + ".data")
-        if data.is_file():  # external weights: the copy refers to them by this same relative name
-            shutil.copyfile(data, frame.out.with_name(frame.out.name + ".data"))
+        frame.copy_input()
         settings = params.model_dump(mode="json")
         frame.finish({RUNTIME_KEY: json.dumps(settings, sort_keys=True)})
         threads = settings["intra_op_threads"] or "the evaluation's"
