@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -341,3 +342,20 @@ def test_smoke_start_on_a_pickled_module_does_not_wait_for_the_trust_question(tm
     )
     assert "model open: False" in proc.stdout, (proc.stdout, proc.stderr)
     assert proc.returncode == 1
+
+
+def test_builtin_python_docs_is_tinylm_training_text_without_the_held_out_modules():
+    import importlib
+    import inspect
+
+    from studio.checkpoints import builtin_tinylm_path
+    from studio.evaluation.data import load_examples
+
+    examples = load_examples("builtin:python-docs")
+    assert len(examples) == 2000 and all(e.text.strip() for e in examples)
+    assert len({e.text for e in examples}) == len(examples)
+    record = json.loads((builtin_tinylm_path() / "training.json").read_text())
+    held = [inspect.getdoc(importlib.import_module(m)) or "" for m in record["held_out_modules"]]
+    paragraphs = {p.strip() for d in held for p in d.split("\n\n") if len(p.strip()) >= 60}
+    assert paragraphs  # the bench's held-out perplexity text: never in the recovery data
+    assert not any(p in e.text for e in examples for p in paragraphs)

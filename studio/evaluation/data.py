@@ -22,6 +22,7 @@ BUILTIN_DATA = {
     "builtin:sentence-pairs": "sentence_pairs.jsonl",
     "builtin:sentiment": "sentiment.jsonl",
     "builtin:translation-en-de": "translation_en_de.jsonl",
+    "builtin:python-docs": "python_docs.jsonl",
 }
 
 DATA_FILE = "data file"
